@@ -1,0 +1,294 @@
+"""Profiled REML/ML from the statistics, the bounded optimizer, and ML-EM steps.
+
+Everything is computed in the shifted coordinates of :class:`~streamlmm.stats.GroupStats`
+(DESIGN §4) from the blocked cross-products alone; :func:`unshift` maps the estimates
+back to the user's columns. The deviance is DESIGN §2::
+
+    RX'RX = XX − Σ RZX_g'RZX_g,   cβ = RX'⁻¹(Xy − Σ RZX_g'cu_g),   β̂ = RX⁻¹cβ
+    r²    = yy − Σ‖cu_g‖² − ‖cβ‖²
+    ML:   d(θ) = Σ 2 log|L_g| + n (1 + log(2π r²/n))
+    REML: d(θ) = Σ 2 log|L_g| + 2 log|RX| + (n−p)(1 + log(2π r²/(n−p)))
+
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+from scipy import optimize
+
+from streamlmm import kernels
+from streamlmm.stats import GroupStats
+
+__all__ = [
+    "Profile",
+    "lam_of",
+    "theta_of",
+    "theta_lower",
+    "theta_start",
+    "profile",
+    "fit_theta",
+    "loglik",
+    "em_step",
+    "unshift",
+    "SINGULAR_TOL",
+]
+
+SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of Λ
+_LOG2PI = math.log(2.0 * math.pi)
+
+
+# -- θ ↔ Λ ------------------------------------------------------------------------------
+def _tril(q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lower-triangle positions in lme4's order for θ (column by column)."""
+    cols, rows = np.triu_indices(q)  # (j, i) with i ≥ j, ordered by j then i
+    return rows, cols
+
+
+def lam_of(theta: np.ndarray, q: int) -> np.ndarray:
+    """Λ from θ, lme4's order (``getME(m, "theta")``).
+
+    >>> lam_of(np.array([1.0, 0.5, 2.0]), 2)
+    array([[1. , 0. ],
+           [0.5, 2. ]])
+
+    """
+    lam = np.zeros((q, q))
+    lam[_tril(q)] = theta
+    return lam
+
+
+def theta_of(lam: np.ndarray) -> np.ndarray:
+    """θ from Λ (inverse of :func:`lam_of`)."""
+    return lam[_tril(lam.shape[0])].copy()
+
+
+def theta_lower(q: int) -> np.ndarray:
+    """Lower bounds of θ: 0 on the diagonal of Λ, −∞ elsewhere."""
+    rows, cols = _tril(q)
+    return np.where(rows == cols, 0.0, -np.inf)
+
+
+def theta_start(q: int) -> np.ndarray:
+    """lme4's starting point: Λ = I."""
+    rows, cols = _tril(q)
+    return (rows == cols).astype(float)
+
+
+# -- profiled deviance --------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """The profiled quantities at one θ (shifted coordinates)."""
+
+    theta: np.ndarray
+    criterion: float
+    beta: np.ndarray
+    sigma2: float
+    RX: np.ndarray  # upper triangular, RX'RX = XX − Σ RZX'RZX
+    logdet_L: float
+    n: float
+    reml: bool
+
+
+def _sums(stats: GroupStats, lam: np.ndarray):
+    f = stats.formula
+    return kernels.pls_sums(stats.S, stats.n_groups, stats.P, f.zi, f.xi, stats.yi, lam)
+
+
+def profile(stats: GroupStats, theta: np.ndarray, reml: bool) -> Profile | None:
+    """Evaluate the profiled REML/ML criterion at θ; ``None`` where it is undefined.
+
+    It is undefined when ``RX'RX`` is not positive definite (too few events or
+    collinear fixed columns) or the penalised residual sum of squares is not positive.
+    """
+    q = stats.formula.q
+    p = stats.formula.p
+    lam = lam_of(np.asarray(theta, dtype=float), q)
+    logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
+    dof = n - p if reml else n
+    if not dof > 0:
+        return None
+    try:
+        Lx = np.linalg.cholesky(XX - A)  # Lx = RX'
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.diag(Lx) > 1e-10 * np.sqrt(np.maximum(np.diag(XX), 1e-300))):
+        return None
+    cbeta = np.linalg.solve(Lx, Xy - c)
+    beta = np.linalg.solve(Lx.T, cbeta)
+    r2 = yy - s - cbeta @ cbeta
+    if not (r2 > 0 and math.isfinite(r2)):
+        return None
+    d = 2.0 * logdet + dof * (1.0 + _LOG2PI + math.log(r2 / dof))
+    if reml:
+        d += 2.0 * float(np.log(np.diag(Lx)).sum())
+    return Profile(
+        theta=np.array(theta, dtype=float),
+        criterion=float(d),
+        beta=beta,
+        sigma2=float(r2 / dof),
+        RX=Lx.T.copy(),
+        logdet_L=float(logdet),
+        n=float(n),
+        reml=reml,
+    )
+
+
+def _objective(stats: GroupStats, reml: bool):
+    def d(theta: np.ndarray) -> float:
+        pr = profile(stats, theta, reml)
+        return pr.criterion if pr is not None else math.inf
+
+    return d
+
+
+def fit_theta(
+    stats: GroupStats,
+    reml: bool,
+    theta0: np.ndarray | None = None,
+    *,
+    rtol: float = 1e-12,
+    max_evals: int = 5000,
+) -> tuple[Profile | None, int]:
+    """Minimise d(θ) subject to diag(Λ) ≥ 0, warm-started from ``theta0``.
+
+    A bounded quasi-Newton search (L-BFGS-B, central differences) followed by a
+    derivative-free polish (bounded Powell) that lands on the boundary exactly when the
+    optimum is singular. Returns the profile at the optimum (``None`` when the criterion
+    is undefined everywhere tried) and the number of criterion evaluations.
+
+    """
+    q = stats.formula.q
+    lower = theta_lower(q)
+    bounds = optimize.Bounds(lower, np.full_like(lower, np.inf))
+    d = _objective(stats, reml)
+    evals = 0
+
+    def f(theta):
+        nonlocal evals
+        evals += 1
+        return d(theta)
+
+    starts = [theta_start(q)] if theta0 is None else [np.asarray(theta0, float), theta_start(q)]
+    best = None
+    for x0 in starts:
+        x0 = np.maximum(x0, lower)
+        if not math.isfinite(f(x0)):
+            continue
+        best = x0
+        break
+    if best is None:
+        return None, evals
+    res = optimize.minimize(
+        f,
+        best,
+        method="L-BFGS-B",
+        jac="3-point",
+        bounds=bounds,
+        options={"ftol": rtol, "gtol": 1e-9, "maxfun": max_evals},
+    )
+    x = res.x if res.fun <= f(best) else best
+    # polish: derivative-free, exact on the boundary
+    res2 = optimize.minimize(
+        f,
+        x,
+        method="Powell",
+        bounds=[(lo if math.isfinite(lo) else None, None) for lo in lower],
+        options={"xtol": 1e-10, "ftol": rtol, "maxfev": max_evals},
+    )
+    if res2.fun < f(x):
+        x = res2.x
+    x = np.where(np.abs(x) < 1e-14, 0.0, x)
+    return profile(stats, x, reml), evals
+
+
+# -- ML log-likelihood at given parameters and EM -----------------------------------------
+def loglik(stats: GroupStats, theta: np.ndarray, beta: np.ndarray, sigma2: float) -> float:
+    """ML log-likelihood at (β, θ, σ²), not profiled (shifted coordinates).
+
+    ``−2 log L = Σ 2 log|L_g| + n log(2πσ²) + Q(β)/σ²`` with
+    ``Q(β) = yy − 2β'Xy + β'XXβ − (Σ‖cu‖² − 2β'ΣRZX'cu + β'ΣRZX'RZX β)``.
+    """
+    lam = lam_of(theta, stats.formula.q)
+    logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
+    Q = yy - 2 * beta @ Xy + beta @ XX @ beta - (s - 2 * beta @ c + beta @ A @ beta)
+    return float(-0.5 * (2 * logdet + n * (_LOG2PI + math.log(sigma2)) + Q / sigma2))
+
+
+def _lower_factor(F: np.ndarray) -> np.ndarray:
+    """Lower-triangular Λ with ΛΛ' = FF' and diag(Λ) ≥ 0, by QR of F' (F may be singular)."""
+    _, R = np.linalg.qr(F.T)
+    lam = R.T
+    return lam * np.where(np.diag(lam) < 0, -1.0, 1.0)
+
+
+def _chol_psd(M: np.ndarray) -> np.ndarray:
+    """Lower-triangular Λ with ΛΛ' = M for a positive semi-definite M."""
+    M = (M + M.T) / 2
+    try:
+        return np.linalg.cholesky(M)
+    except np.linalg.LinAlgError:
+        w, U = np.linalg.eigh(M)
+        return _lower_factor(U * np.sqrt(np.clip(w, 0.0, None)))
+
+
+def ols_start(stats: GroupStats) -> tuple[np.ndarray, float]:
+    """OLS β and σ² = RSS/n from the global sums: EM's usual starting point."""
+    _, _, _, _, XX, Xy, yy, n = _sums(stats, np.zeros((stats.formula.q,) * 2))
+    beta = np.linalg.lstsq(XX, Xy, rcond=None)[0]
+    return beta, float(max(yy - beta @ Xy, 1e-300) / n)
+
+
+def em_step(
+    stats: GroupStats, theta: np.ndarray, beta: np.ndarray, sigma2: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """One ML-EM step (DESIGN §3) in the Λ form, so a singular D is fine.
+
+    Returns the new ``(θ, β, σ²)``; ``D = σ²ΛΛ'``.
+    """
+    f = stats.formula
+    lam = lam_of(theta, f.q)
+    Sbb, SK, rss_b, trK, T = kernels.em_sums(
+        stats.S, stats.n_groups, stats.P, f.zi, f.xi, stats.yi, lam, beta
+    )
+    _, _, _, _, XX, Xy, yy, n = _sums(stats, lam)
+    D = (Sbb + sigma2 * SK) / stats.n_groups
+    rss = (yy - 2 * beta @ Xy + beta @ XX @ beta) + rss_b + sigma2 * trK
+    sigma2_new = float(rss / n)
+    beta_new = np.linalg.solve(XX, Xy - T)
+    theta_new = theta_of(_chol_psd(D / sigma2_new))
+    return theta_new, beta_new, sigma2_new
+
+
+# -- back to the user's columns -----------------------------------------------------------
+def unshift(stats: GroupStats, beta, vcov_beta, theta, b, condvar):
+    """Map shifted-coordinate estimates to the user's columns (DESIGN §4).
+
+    With ``c`` the shift, ``β = T_x β̃ + c_y e₀`` and ``b = T_z b̃`` where
+    ``T = I − e₀ c'`` moves the shift into the intercept; covariances map as ``T V T'``
+    and Λ is re-triangularised so that ``ΛΛ' = T_z Λ̃Λ̃' T_z'``.
+    """
+    f = stats.formula
+    c = stats.shift if stats.shift is not None else np.zeros(f.k + 1)
+    cx, cz, cy = c[f.xi], c[f.zi], c[-1]
+
+    def T(cv: np.ndarray) -> np.ndarray:
+        M = np.eye(cv.shape[0])
+        if cv.any():  # shiftable columns imply an intercept at position 0
+            M[0] -= cv
+        return M
+
+    Tx, Tz = T(cx), T(cz)
+    beta_u = Tx @ beta
+    if cy:
+        beta_u[0] += cy
+    lam_u = _lower_factor(Tz @ lam_of(theta, f.q))
+    return (
+        beta_u,
+        Tx @ vcov_beta @ Tx.T,
+        theta_of(lam_u),
+        b @ Tz.T,
+        np.einsum("ij,gjk,lk->gil", Tz, condvar, Tz),
+    )

@@ -1,0 +1,347 @@
+"""numba kernels: accumulate, per-group Cholesky/BLUP, deviance sums, EM sums.
+
+Every per-group quantity comes from one packed row ``S[r]``: ``S[r, 0] = n_g = Σ w`` and
+``S[r, P[i, j]] = Σ w v_i v_j`` for the augmented vector ``v = [a, y]`` (union columns,
+then the response). ``P`` maps a pair of positions in ``v`` to a column of ``S``; the
+blocks ``ZZ_g``, ``ZX_g``, ``Zy_g``, ``XX_g``, ``Xy_g``, ``yy_g`` are read through
+``P[zi]``, ``P[xi]`` and ``P[yi]``.
+
+The one per-group step all kernels share is :func:`group_factor` (DESIGN §2)::
+
+    L_g L_g' = Λ'ZZ_gΛ + I,   RZX_g = L_g⁻¹ Λ'ZX_g,   cu_g = L_g⁻¹ Λ'Zy_g
+
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "packed_index",
+    "accumulate",
+    "decay_all",
+    "pls_sums",
+    "blups",
+    "em_sums",
+    "predict_rows",
+]
+
+
+def packed_index(m: int) -> np.ndarray:
+    """Symmetric map ``P[i, j]`` from a pair of positions in ``v`` to a column of ``S``.
+
+    Column 0 of ``S`` holds ``n_g``; the ``m(m+1)/2`` packed products follow.
+
+    Examples
+    --------
+    >>> packed_index(3)
+    array([[1, 2, 3],
+           [2, 4, 5],
+           [3, 5, 6]])
+
+    """
+    P = np.empty((m, m), dtype=np.int64)
+    col = 1
+    for i in range(m):
+        for j in range(i, m):
+            P[i, j] = P[j, i] = col
+            col += 1
+    return P
+
+
+@njit(cache=True, nogil=True)
+def accumulate(S, tg, rows, V, w, t, inv_half_life, P):  # pragma: no cover - numba
+    """Scatter-add events into their groups' rows, in event order.
+
+    ``V[e]`` is the shifted augmented vector of event ``e``, ``w[e]`` its frequency
+    weight and ``t[e]`` its event time. With forgetting (``inv_half_life > 0``) a group
+    is first decayed to the event's time when the event is newer than the group's last
+    update ``tg[r]``; an older event is added with its weight decayed to ``tg[r]``.
+    """
+    m = V.shape[1]
+    for e in range(rows.shape[0]):
+        r = rows[e]
+        we = w[e]
+        if inv_half_life > 0.0:
+            dt = t[e] - tg[r]
+            if dt > 0.0:
+                f = 2.0 ** (-dt * inv_half_life)
+                for c in range(S.shape[1]):
+                    S[r, c] *= f
+                tg[r] = t[e]
+            elif dt < 0.0:
+                we = we * 2.0 ** (dt * inv_half_life)
+        S[r, 0] += we
+        for i in range(m):
+            wvi = we * V[e, i]
+            for j in range(i, m):
+                S[r, P[i, j]] += wvi * V[e, j]
+
+
+@njit(cache=True, nogil=True)
+def decay_all(S, tg, G, now, inv_half_life):  # pragma: no cover - numba
+    """Decay every group's statistics to time ``now`` (DESIGN §5)."""
+    for r in range(G):
+        dt = now - tg[r]
+        if dt > 0.0:
+            f = 2.0 ** (-dt * inv_half_life)
+            for c in range(S.shape[1]):
+                S[r, c] *= f
+            tg[r] = now
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _chol_logdet(A, q):  # pragma: no cover - numba
+    """In-place lower Cholesky of ``A[:q, :q]``; returns ``log|L|``."""
+    logdet = 0.0
+    for j in range(q):
+        s = A[j, j]
+        for k in range(j):
+            s -= A[j, k] * A[j, k]
+        d = math.sqrt(s)
+        A[j, j] = d
+        logdet += math.log(d)
+        for i in range(j + 1, q):
+            s = A[i, j]
+            for k in range(j):
+                s -= A[i, k] * A[j, k]
+            A[i, j] = s / d
+        for i in range(j):
+            A[i, j] = 0.0
+    return logdet
+
+
+@njit(cache=True, nogil=True)
+def group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W):  # pragma: no cover - numba
+    """Fill ``L_g``, ``RZX_g`` and ``cu_g`` for group row ``r``; return ``log|L_g|``.
+
+    ``W`` is q×q scratch. All arrays are preallocated by the caller.
+    """
+    q = zi.shape[0]
+    p = xi.shape[0]
+    # W = ZZ Λ
+    for a in range(q):
+        for b in range(q):
+            s = 0.0
+            for c in range(b, q):  # Λ is lower triangular
+                s += S[r, P[zi[a], zi[c]]] * lam[c, b]
+            W[a, b] = s
+    # L = Λ'W + I
+    for a in range(q):
+        for b in range(a + 1):
+            s = 0.0
+            for c in range(a, q):
+                s += lam[c, a] * W[c, b]
+            L[a, b] = s
+        L[a, a] += 1.0
+    for a in range(q):
+        for b in range(a + 1, q):
+            L[a, b] = L[b, a]
+    logdet = _chol_logdet(L, q)
+    # RZX = L⁻¹ Λ'ZX,  cu = L⁻¹ Λ'Zy  (forward substitution, column by column)
+    for a in range(q):
+        for j in range(p):
+            s = 0.0
+            for c in range(a, q):
+                s += lam[c, a] * S[r, P[zi[c], xi[j]]]
+            for c in range(a):
+                s -= L[a, c] * RZX[c, j]
+            RZX[a, j] = s / L[a, a]
+        s = 0.0
+        for c in range(a, q):
+            s += lam[c, a] * S[r, P[zi[c], yi]]
+        for c in range(a):
+            s -= L[a, c] * cu[c]
+        cu[a] = s / L[a, a]
+    return logdet
+
+
+@njit(cache=True, nogil=True)
+def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
+    """Sums over groups that the profiled deviance needs (DESIGN §2).
+
+    Returns ``(Σ log|L_g|, Σ RZX'RZX, Σ RZX'cu, Σ‖cu‖², XX, Xy, yy, n)``.
+    """
+    q = zi.shape[0]
+    p = xi.shape[0]
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    A = np.zeros((p, p))
+    c = np.zeros(p)
+    XX = np.zeros((p, p))
+    Xy = np.zeros(p)
+    logdet = 0.0
+    s = 0.0
+    yy = 0.0
+    n = 0.0
+    for r in range(G):
+        logdet += group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+        for i in range(p):
+            for j in range(i, p):
+                t = 0.0
+                for a in range(q):
+                    t += RZX[a, i] * RZX[a, j]
+                A[i, j] += t
+                XX[i, j] += S[r, P[xi[i], xi[j]]]
+            t = 0.0
+            for a in range(q):
+                t += RZX[a, i] * cu[a]
+            c[i] += t
+            Xy[i] += S[r, P[xi[i], yi]]
+        for a in range(q):
+            s += cu[a] * cu[a]
+        yy += S[r, P[yi, yi]]
+        n += S[r, 0]
+    for i in range(p):
+        for j in range(i):
+            A[i, j] = A[j, i]
+            XX[i, j] = XX[j, i]
+    return logdet, A, c, s, XX, Xy, yy, n
+
+
+@njit(cache=True, nogil=True)
+def _blup_into(L, RZX, cu, lam, beta, u, b):  # pragma: no cover - numba
+    """``u = L'⁻¹(cu − RZX β)`` and ``b = Λ u`` for one group."""
+    q = L.shape[0]
+    p = beta.shape[0]
+    for a in range(q):
+        t = cu[a]
+        for j in range(p):
+            t -= RZX[a, j] * beta[j]
+        u[a] = t
+    for a in range(q - 1, -1, -1):
+        t = u[a]
+        for c in range(a + 1, q):
+            t -= L[c, a] * u[c]
+        u[a] = t / L[a, a]
+    for a in range(q):
+        t = 0.0
+        for c in range(a + 1):
+            t += lam[a, c] * u[c]
+        b[a] = t
+
+
+@njit(cache=True, nogil=True)
+def _cond_cov_into(L, lam, Linv, out):  # pragma: no cover - numba
+    """``out = Λ (L L')⁻¹ Λ'`` (to be scaled by σ²): the conditional covariance."""
+    q = L.shape[0]
+    # Linv = L⁻¹ (lower)
+    for j in range(q):
+        for i in range(q):
+            Linv[i, j] = 0.0
+        Linv[j, j] = 1.0 / L[j, j]
+        for i in range(j + 1, q):
+            t = 0.0
+            for c in range(j, i):
+                t -= L[i, c] * Linv[c, j]
+            Linv[i, j] = t / L[i, i]
+    # M = L⁻¹ Λ'  → out = M'M
+    for a in range(q):
+        for b in range(a + 1):
+            t = 0.0
+            for c in range(q):
+                # (L⁻¹Λ')[c, a] = Σ_d Linv[c, d] Λ[a, d]
+                mca = 0.0
+                mcb = 0.0
+                for d in range(c + 1):
+                    mca += Linv[c, d] * lam[a, d]
+                    mcb += Linv[c, d] * lam[b, d]
+                t += mca * mcb
+            out[a, b] = t
+            out[b, a] = t
+
+
+@njit(cache=True, nogil=True)
+def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
+    """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    B = np.empty((G, q))
+    V = np.empty((G, q, q))
+    for r in range(G):
+        group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+        _blup_into(L, RZX, cu, lam, beta, u, B[r])
+        _cond_cov_into(L, lam, W, V[r])
+    return B, V
+
+
+@njit(cache=True, nogil=True)
+def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
+    """Sums over groups for one ML-EM step in the Λ form (DESIGN §3).
+
+    With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
+    ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
+    """
+    q = zi.shape[0]
+    p = xi.shape[0]
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    b = np.empty(q)
+    K = np.empty((q, q))
+    Sbb = np.zeros((q, q))
+    SK = np.zeros((q, q))
+    T = np.zeros(p)
+    rss = 0.0
+    trK = 0.0
+    for r in range(G):
+        group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+        _blup_into(L, RZX, cu, lam, beta, u, b)
+        _cond_cov_into(L, lam, W, K)
+        for a in range(q):
+            ra = S[r, P[zi[a], yi]]
+            for j in range(p):
+                ra -= S[r, P[zi[a], xi[j]]] * beta[j]
+            rss -= 2.0 * b[a] * ra
+            for c in range(q):
+                Sbb[a, c] += b[a] * b[c]
+                SK[a, c] += K[a, c]
+                zz = S[r, P[zi[a], zi[c]]]
+                rss += zz * b[a] * b[c]
+                trK += zz * K[c, a]
+        for j in range(p):
+            t = 0.0
+            for a in range(q):
+                t += S[r, P[zi[a], xi[j]]] * b[a]
+            T[j] += t
+    return Sbb, SK, rss, trK, T
+
+
+@njit(cache=True, nogil=True)
+def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma: no cover
+    """``out[e] = shift_y + x̃_e'β + z̃_e'b_g`` with the group's BLUP at the current Λ, β.
+
+    ``A[e]`` is the shifted union vector of event ``e``; ``rows[e] < 0`` marks an unseen
+    group, whose prediction is the fixed part alone.
+    """
+    q = zi.shape[0]
+    p = xi.shape[0]
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    b = np.empty(q)
+    for e in range(rows.shape[0]):
+        yhat = shift_y
+        for j in range(p):
+            yhat += A[e, xi[j]] * beta[j]
+        r = rows[e]
+        if r >= 0:
+            group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+            _blup_into(L, RZX, cu, lam, beta, u, b)
+            for a in range(q):
+                yhat += A[e, zi[a]] * b[a]
+        out[e] = yhat

@@ -1,0 +1,239 @@
+"""Validation of input rows: dicts (one event) and columns (a batch).
+
+Every path into the statistics, ``learn_one``, ``learn_many`` and the stream decoder,
+goes through :class:`RowReader`, so all of them accept and reject the same things and
+name the offending field the same way.
+
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from streamlmm.formula import INTERCEPT, Formula
+from streamlmm.stats import check_key
+
+__all__ = ["RowReader", "MISSING_POLICIES", "MAX_BATCH"]
+
+MISSING_POLICIES = ("raise", "skip")
+MAX_BATCH = 50_000_000  # rows per learn_many call
+
+
+class Missing(ValueError):
+    """A field is absent, None or NaN (``missing="skip"`` drops such rows)."""
+
+
+def number(name: str, v: Any, *, allow_nan: bool = False) -> float:
+    """A finite float from ``v``, or ``ValueError`` naming the field.
+
+    >>> number("x", 2)
+    2.0
+    >>> number("x", "2")
+    Traceback (most recent call last):
+    ...
+    ValueError: field 'x': expected a number, got str
+
+    """
+    if v is None:
+        raise Missing(f"field {name!r}: missing")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
+        raise ValueError(f"field {name!r}: expected a number, got {type(v).__name__}")
+    f = float(v)
+    if not math.isfinite(f):
+        if math.isnan(f):
+            raise Missing(f"field {name!r}: NaN")
+        raise ValueError(f"field {name!r}: not finite ({f})")
+    return f
+
+
+class RowReader:
+    """Reads validated events for a formula into preallocated buffers.
+
+    Parameters
+    ----------
+    formula
+        The parsed formula.
+    time_key
+        Field holding the event time, or ``None`` (time is then the event count).
+    missing
+        ``"raise"``: a missing field is a ``ValueError``; ``"skip"``: the row is dropped
+        (lme4's ``na.omit``) and :meth:`read` returns ``None``.
+
+    Examples
+    --------
+    >>> from streamlmm.formula import parse_formula
+    >>> rr = RowReader(parse_formula("y ~ x + (1 | g)"))
+    >>> a = np.empty(2)
+    >>> rr.read({"g": "a", "x": 2.5}, 1.0, a), a.tolist()
+    ('a', [1.0, 2.5])
+    >>> rr.read({"g": "a"}, 1.0, a)
+    Traceback (most recent call last):
+    ...
+    ValueError: field 'x': missing
+
+    """
+
+    def __init__(self, formula: Formula, time_key: str | None = None, missing: str = "raise"):
+        if missing not in MISSING_POLICIES:
+            raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
+        self.formula = formula
+        self.time_key = time_key
+        self.skip = missing == "skip"
+        self.features = [(i, c) for i, c in enumerate(formula.columns) if c != INTERCEPT]
+        self.ones = [i for i, c in enumerate(formula.columns) if c == INTERCEPT]
+
+    # -- one event ----------------------------------------------------------------------
+    def features_into(self, x: Mapping[str, Any], a: np.ndarray, *, impute: bool) -> None:
+        """Fill union values ``a`` from ``x``; with ``impute``, a missing feature is NaN."""
+        for i in self.ones:
+            a[i] = 1.0
+        for i, c in self.features:
+            try:
+                a[i] = number(c, x.get(c))
+            except Missing:
+                if not impute:
+                    raise
+                a[i] = math.nan
+
+    def read(self, x: Mapping[str, Any], y: Any, a: np.ndarray):
+        """Validate one event into ``a``; returns the group key (``None``: row skipped)."""
+        if not isinstance(x, Mapping):
+            raise ValueError(f"features must be a mapping, got {type(x).__name__}")
+        try:
+            key = x.get(self.formula.group)
+            if key is None:
+                raise Missing(f"field {self.formula.group!r}: group key is missing")
+            key = check_key(key, self.formula.group)
+            self.features_into(x, a, impute=False)
+            number(self.formula.response, y)
+        except Missing:
+            if self.skip:
+                return None
+            raise
+        return key
+
+    def weight(self, w: Any) -> float:
+        """A frequency weight: a finite number ≥ 0 (``None`` means 1)."""
+        if w is None:
+            return 1.0
+        f = number("w", w)
+        if f < 0:
+            raise ValueError(f"field 'w': weight must be >= 0, got {f}")
+        return f
+
+    def time(self, x: Mapping[str, Any]) -> float:
+        """The event time from ``x[time_key]``."""
+        return number(self.time_key, x.get(self.time_key))
+
+    # -- a batch ------------------------------------------------------------------------
+    def read_columns(self, cols: Mapping[str, Any], y, w, t_default: np.ndarray):
+        """Validate a batch given as columns; nothing is changed anywhere.
+
+        Returns ``(codes, uniques, A, y, w, t, kept)`` for the kept rows: each kept row's
+        group is ``uniques[codes[e]]`` and ``kept`` is its index in the batch. Raises ``ValueError`` naming the first bad
+        row and field; with ``missing="skip"`` rows with a missing value are dropped.
+        """
+        y = self._column(self.formula.response, y)
+        n = y.shape[0]
+        if n > MAX_BATCH:
+            raise ValueError(f"batch of {n} rows exceeds the limit of {MAX_BATCH}")
+        f = self.formula
+        A = np.empty((n, f.k))
+        miss = np.isnan(y)
+        for i in self.ones:
+            A[:, i] = 1.0
+        for i, c in self.features:
+            if c not in cols:
+                if not self.skip:
+                    raise ValueError(f"field {c!r}: missing (no such column)")
+                A[:, i] = math.nan
+            else:
+                A[:, i] = self._column(c, cols[c], n)
+            miss |= np.isnan(A[:, i])
+        wv = np.ones(n) if w is None else self._column("w", w, n)
+        if np.isnan(wv).any():
+            raise ValueError(f"field 'w': NaN in row {int(np.argmax(np.isnan(wv)))}")
+        if (wv < 0).any():
+            raise ValueError(f"field 'w': negative weight in row {int(np.argmax(wv < 0))}")
+        if self.time_key is not None:
+            if self.time_key not in cols:
+                raise ValueError(f"field {self.time_key!r}: missing (no such column)")
+            t = self._column(self.time_key, cols[self.time_key], n)
+            miss |= np.isnan(t)
+        else:
+            t = t_default
+        if f.group in cols:
+            codes, uniques = self._keys(cols[f.group], n)
+        elif self.skip:
+            codes, uniques = np.full(n, -1, dtype=np.int64), []
+        else:
+            raise ValueError(f"field {f.group!r}: missing (no such column)")
+        key_miss = codes < 0
+        miss |= key_miss
+        if miss.any():
+            if not self.skip:
+                r = int(np.argmax(miss))
+                raise ValueError(f"row {r}: {self._why_missing(r, A, y, t, key_miss)}")
+            kept = np.flatnonzero(~miss)
+        else:
+            kept = np.arange(n)
+        if kept.shape[0] < n:
+            codes = codes[kept]
+            A, y, wv, t = A[kept], y[kept], wv[kept], t[kept]
+        return codes, uniques, A, y, wv, t, kept
+
+    def _why_missing(self, r, A, y, t, key_miss) -> str:
+        if key_miss[r]:
+            return f"field {self.formula.group!r}: group key is missing"
+        if np.isnan(y[r]):
+            return f"field {self.formula.response!r}: missing or NaN"
+        for i, c in self.features:
+            if np.isnan(A[r, i]):
+                return f"field {c!r}: missing or NaN"
+        return f"field {self.time_key!r}: missing or NaN"
+
+    @staticmethod
+    def _column(name: str, col, n: int | None = None) -> np.ndarray:
+        arr = np.asarray(col)
+        if n is not None and arr.shape != (n,):
+            raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
+        if arr.dtype.kind in "iuf":
+            out = arr.astype(np.float64, copy=True)
+        elif arr.dtype.kind == "O":
+            out = np.empty(arr.shape[0])
+            for r, v in enumerate(arr):
+                try:
+                    out[r] = number(name, v)
+                except Missing:
+                    out[r] = math.nan
+                except ValueError as e:
+                    raise ValueError(f"row {r}: {e}") from None
+        else:
+            raise ValueError(f"field {name!r}: expected numbers, got dtype {arr.dtype}")
+        bad = np.isinf(out)
+        if bad.any():
+            r = int(np.argmax(bad))
+            raise ValueError(f"row {r}: field {name!r}: not finite ({out[r]})")
+        return out
+
+    def _keys(self, col, n: int) -> tuple[np.ndarray, list]:
+        """Factorize, then validate each distinct key once; code -1 marks a missing key."""
+        import pandas as pd
+
+        name = self.formula.group
+        arr = np.asarray(col)
+        if arr.shape != (n,):
+            raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
+        codes, uniques = pd.factorize(arr, use_na_sentinel=True)
+        checked = []
+        for j, u in enumerate(uniques):
+            try:
+                checked.append(check_key(u, name))
+            except ValueError as e:
+                bad = int(np.argmax(codes == j))
+                raise ValueError(f"row {bad}: {e}") from None
+        return codes, checked

@@ -1,0 +1,313 @@
+"""Snapshot: immutable results of a fit, and their (de)serialisation.
+
+A snapshot holds everything a reader needs to answer lookups (fixed effects, variance
+components, every group's BLUP and conditional covariance) and, optionally, the exact
+state that produced it (the packed statistics and θ), so that an engine can resume
+from it. It also records the source offsets its statistics include.
+
+The byte format is self-describing and checksummed; it contains no pickle::
+
+    b"SLMMSNAP" | u32 version | u64 header length | header (JSON) | arrays | sha256
+
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+import numpy as np
+
+from streamlmm.formula import INTERCEPT, parse_formula
+from streamlmm.stats import check_key
+
+__all__ = ["Snapshot", "SnapshotError", "FORMAT_VERSION"]
+
+MAGIC = b"SLMMSNAP"
+FORMAT_VERSION = 1
+_PREFIX = struct.Struct("<8sIQ")
+_MAX_HEADER = 1 << 31
+
+
+class SnapshotError(ValueError):
+    """A snapshot's bytes are corrupt, truncated or of an unknown format."""
+
+
+def _frozen(a: Any) -> np.ndarray:
+    a = np.array(a, dtype=np.float64)
+    a.setflags(write=False)
+    return a
+
+
+class Snapshot:
+    """Immutable estimates of a mixed model at one moment of a stream.
+
+    The attribute names follow lme4: ``fixef``, ``fixef_se`` (``summary()``'s standard
+    errors), ``re_cov`` (``VarCorr``: σ²ΛΛ'), ``sigma``, ``theta``
+    (``getME(m, "theta")``), ``criterion`` (``REMLcrit()`` or ``deviance()``).
+
+    Examples
+    --------
+    >>> from streamlmm import MixedLM
+    >>> m = MixedLM("y ~ x + (1 | g)")
+    >>> for i in range(40):
+    ...     m.learn_one({"g": i % 4, "x": float(i % 7)}, 2.0 * (i % 7) + (i % 4) + 0.1 * (i % 3))
+    >>> s = m.fit().snapshot()
+    >>> round(s.fixef["x"], 3), s.n_groups, s.n_obs
+    (2.0, 4, 40.0)
+    >>> s.ranef(99)  # an unseen group
+    {'(Intercept)': 0.0}
+    >>> Snapshot.from_bytes(s.to_bytes()).fixef == s.fixef
+    True
+
+    """
+
+    __slots__ = (
+        "formula",
+        "method",
+        "fixef",
+        "fixef_se",
+        "re_names",
+        "re_cov",
+        "sigma",
+        "theta",
+        "criterion",
+        "n_obs",
+        "n_groups",
+        "singular",
+        "converged",
+        "n_events",
+        "offsets",
+        "meta",
+        "keys",
+        "b",
+        "condvar",
+        "state",
+        "_index",
+        "_formula",
+    )
+
+    def __init__(
+        self,
+        *,
+        formula: str,
+        method: str,
+        fixef: Mapping[str, float],
+        fixef_se: Mapping[str, float],
+        re_cov,
+        sigma: float,
+        theta,
+        criterion: float,
+        n_obs: float,
+        singular: bool,
+        converged: bool,
+        n_events: int,
+        keys,
+        b,
+        condvar,
+        offsets: Mapping[str, int] | None = None,
+        meta: Mapping[str, Any] | None = None,
+        state: Mapping[str, Any] | None = None,
+    ):
+        f = parse_formula(formula)
+        put = object.__setattr__
+        put(self, "_formula", f)
+        put(self, "formula", formula)
+        put(self, "method", method)
+        put(self, "fixef", MappingProxyType({k: float(v) for k, v in fixef.items()}))
+        put(self, "fixef_se", MappingProxyType({k: float(v) for k, v in fixef_se.items()}))
+        put(self, "re_names", f.random)
+        put(self, "re_cov", _frozen(re_cov).reshape(f.q, f.q))
+        put(self, "sigma", float(sigma))
+        put(self, "theta", _frozen(theta).reshape(-1))
+        put(self, "criterion", float(criterion))
+        put(self, "n_obs", float(n_obs))
+        put(self, "singular", bool(singular))
+        put(self, "converged", bool(converged))
+        put(self, "n_events", int(n_events))
+        put(self, "keys", tuple(keys))
+        put(self, "n_groups", len(self.keys))
+        put(self, "b", _frozen(b).reshape(len(self.keys), f.q))
+        put(self, "condvar", _frozen(condvar).reshape(len(self.keys), f.q, f.q))
+        put(self, "offsets", MappingProxyType(dict(offsets or {})))
+        put(self, "meta", MappingProxyType(dict(meta or {})))
+        frozen_state = None
+        if state is not None:
+            frozen_state = MappingProxyType(
+                {k: _frozen(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
+            )
+        put(self, "state", frozen_state)
+        put(self, "_index", {k: i for i, k in enumerate(self.keys)})
+
+    def __setattr__(self, name, value):
+        raise AttributeError("Snapshot is immutable")
+
+    def __repr__(self) -> str:
+        fx = ", ".join(f"{k}={v:.6g}" for k, v in self.fixef.items())
+        return (
+            f"Snapshot({self.formula!r}, {self.method}, n_obs={self.n_obs:g}, "
+            f"n_groups={self.n_groups}, sigma={self.sigma:.6g}, fixef: {fx})"
+        )
+
+    # -- lookups ------------------------------------------------------------------------
+    def _row(self, key) -> int:
+        try:
+            return self._index.get(check_key(key), -1)
+        except ValueError:
+            return -1
+
+    def ranef(self, key) -> dict[str, float]:
+        """The group's BLUP ``b̂_g`` by random-effect name; zeros for an unseen group."""
+        r = self._row(key)
+        vals = self.b[r] if r >= 0 else np.zeros(len(self.re_names))
+        return dict(zip(self.re_names, map(float, vals)))
+
+    def ranef_cov(self, key) -> np.ndarray:
+        """The group's conditional covariance (lme4 ``condVar``); ``re_cov`` if unseen."""
+        r = self._row(key)
+        return self.condvar[r] if r >= 0 else self.re_cov
+
+    def predict(self, x: Mapping[str, Any]) -> float:
+        """Fixed part plus the group's BLUP (the fixed part alone for an unseen group).
+
+        Features missing from ``x`` raise ``ValueError`` naming them.
+        """
+        f = self._formula
+
+        def col(name: str) -> float:
+            if name == INTERCEPT:
+                return 1.0
+            v = x.get(name)
+            if v is None or isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
+                raise ValueError(f"field {name!r}: missing or not a number")
+            return float(v)
+
+        yhat = sum(self.fixef[c] * col(c) for c in f.fixed)
+        r = self._row(x.get(f.group))
+        if r >= 0:
+            yhat += sum(self.b[r, i] * col(c) for i, c in enumerate(f.random))
+        return float(yhat)
+
+    def to_dict(self, *, groups: bool = False) -> dict[str, Any]:
+        """JSON-ready global estimates (and every group's effects when ``groups``)."""
+        out: dict[str, Any] = {
+            "formula": self.formula,
+            "method": self.method,
+            "fixef": dict(self.fixef),
+            "fixef_se": dict(self.fixef_se),
+            "re_names": list(self.re_names),
+            "re_cov": self.re_cov.tolist(),
+            "sigma": self.sigma,
+            "theta": self.theta.tolist(),
+            "criterion": self.criterion,
+            "n_obs": self.n_obs,
+            "n_groups": self.n_groups,
+            "n_events": self.n_events,
+            "singular": self.singular,
+            "converged": self.converged,
+            "offsets": dict(self.offsets),
+            "meta": dict(self.meta),
+        }
+        if groups:
+            out["ranef"] = {str(k): self.b[i].tolist() for i, k in enumerate(self.keys)}
+        return out
+
+    # -- bytes --------------------------------------------------------------------------
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays = {"b": self.b, "condvar": self.condvar}
+        for k, v in (self.state or {}).items():
+            if isinstance(v, np.ndarray):
+                arrays[f"state.{k}"] = v
+        return arrays
+
+    def to_bytes(self) -> bytes:
+        """Serialise to the checksummed snapshot format (no pickle)."""
+        header = self.to_dict()
+        header["keys"] = list(self.keys)
+        header["state"] = {
+            k: v for k, v in (self.state or {}).items() if not isinstance(v, np.ndarray)
+        }
+        header["has_state"] = self.state is not None
+        layout, blobs, offset = [], [], 0
+        for name, a in self._arrays().items():
+            data = np.ascontiguousarray(a, dtype="<f8").tobytes()
+            layout.append({"name": name, "shape": list(a.shape), "offset": offset})
+            blobs.append(data)
+            offset += len(data)
+        header["arrays"] = layout
+        hbytes = json.dumps(header, allow_nan=True, separators=(",", ":")).encode()
+        body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes)) + hbytes + b"".join(blobs)
+        return body + hashlib.sha256(body).digest()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Snapshot:
+        """Parse and verify bytes from :meth:`to_bytes`; ``SnapshotError`` if invalid."""
+        if len(data) < _PREFIX.size + 32:
+            raise SnapshotError("snapshot truncated")
+        body, digest = data[:-32], data[-32:]
+        if hashlib.sha256(body).digest() != digest:
+            raise SnapshotError("snapshot checksum mismatch (corrupt or partial file)")
+        magic, version, hlen = _PREFIX.unpack_from(body)
+        if magic != MAGIC:
+            raise SnapshotError("not a streamlmm snapshot")
+        if version != FORMAT_VERSION:
+            raise SnapshotError(f"snapshot format version {version} is not {FORMAT_VERSION}")
+        if hlen > _MAX_HEADER or _PREFIX.size + hlen > len(body):
+            raise SnapshotError("snapshot header length out of range")
+        try:
+            h = json.loads(body[_PREFIX.size : _PREFIX.size + hlen])
+            base = _PREFIX.size + hlen
+            arrays = {}
+            for a in h["arrays"]:
+                count = math.prod(a["shape"])
+                arrays[a["name"]] = np.frombuffer(
+                    body, dtype="<f8", count=count, offset=base + a["offset"]
+                ).reshape(a["shape"])
+            state = None
+            if h["has_state"]:
+                state = dict(h["state"])
+                state.update({k[6:]: v for k, v in arrays.items() if k.startswith("state.")})
+            return cls(
+                formula=h["formula"],
+                method=h["method"],
+                fixef=h["fixef"],
+                fixef_se=h["fixef_se"],
+                re_cov=h["re_cov"],
+                sigma=h["sigma"],
+                theta=h["theta"],
+                criterion=h["criterion"],
+                n_obs=h["n_obs"],
+                singular=h["singular"],
+                converged=h["converged"],
+                n_events=h["n_events"],
+                keys=h["keys"],
+                b=arrays["b"],
+                condvar=arrays["condvar"],
+                offsets=h["offsets"],
+                meta=h["meta"],
+                state=state,
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise SnapshotError(f"snapshot header is malformed: {e}") from e
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, directory) -> str:
+        """Write atomically into a snapshot directory; returns the file's path."""
+        from streamlmm.store import LocalStore
+
+        return str(LocalStore(directory).write(self))
+
+    @classmethod
+    def load(cls, directory) -> Snapshot:
+        """The newest valid snapshot in ``directory`` (corrupt newer files are skipped)."""
+        from streamlmm.store import LocalStore
+
+        snap = LocalStore(directory).latest()
+        if snap is None:
+            raise FileNotFoundError(f"no valid snapshot in {directory}")
+        return snap

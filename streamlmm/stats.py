@@ -1,0 +1,214 @@
+"""GroupStats: per-group sufficient statistics in contiguous arrays.
+
+One row per group holds ``n_g`` and the packed cross-product of ``v = [a − c, y − c_y]``
+(DESIGN §2), where ``c`` is a fixed reference shift chosen from the first events
+(DESIGN §4). With q = 2 and p = 3 a row is 11 floats. A dict maps each group key to its
+row; no raw event is kept.
+
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+
+from streamlmm import kernels
+from streamlmm.formula import Formula
+
+__all__ = ["GroupStats", "check_key"]
+
+_MAX_KEY_LEN = 256
+
+
+def check_key(key: object, field: str = "group") -> str | int:
+    """Validate a group key: a string or an integer (bool is not a group key).
+
+    Integer-valued keys (``3``, ``np.int64(3)``, ``3.0``) are normalised to ``int``:
+    they are equal as Python values, so they name the same group.
+
+    >>> check_key("a"), check_key(3), check_key(3.0)
+    ('a', 3, 3)
+    >>> check_key(None)
+    Traceback (most recent call last):
+    ...
+    ValueError: field 'group': group key is missing
+    >>> check_key(1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: field 'group': group key must be a str or an int, got float
+
+    """
+    if key is None:
+        raise ValueError(f"field {field!r}: group key is missing")
+    if isinstance(key, str):
+        if len(key) > _MAX_KEY_LEN:
+            raise ValueError(f"field {field!r}: group key longer than {_MAX_KEY_LEN} characters")
+        return key
+    if isinstance(key, (bool, np.bool_)):
+        raise ValueError(f"field {field!r}: group key must be a str or an int, got bool")
+    if isinstance(key, (int, np.integer)):
+        return int(key)
+    if isinstance(key, (float, np.floating)) and math.isfinite(key) and float(key).is_integer():
+        return int(key)  # 3.0 == 3 in Python, so both name the same group
+    raise ValueError(
+        f"field {field!r}: group key must be a str or an int, got {type(key).__name__}"
+    )
+
+
+class GroupStats:
+    """Sufficient statistics of a mixed model, grouped, shifted and (optionally) decayed.
+
+    Parameters
+    ----------
+    formula
+        The parsed formula; fixes the union columns and the blocks.
+    half_life
+        Forgetting half-life in event-time units, or ``None`` for no forgetting.
+    capacity
+        Initial number of group rows; the arrays grow by doubling.
+
+    Examples
+    --------
+    >>> from streamlmm.formula import parse_formula
+    >>> st = GroupStats(parse_formula("y ~ x + (1 | g)"))
+    >>> A = np.array([[1.0, 2.0], [1.0, 4.0]]); y = np.array([1.0, 3.0])
+    >>> st.add(st.rows(["a", "b"]), A, y, np.ones(2), np.zeros(2))
+    >>> st.n_groups, st.n_obs, st.shift.tolist()
+    (2, 2.0, [0.0, 2.0, 1.0])
+
+    """
+
+    def __init__(self, formula: Formula, half_life: float | None = None, capacity: int = 64):
+        if half_life is not None and not (math.isfinite(half_life) and half_life > 0):
+            raise ValueError(f"half_life must be a positive finite number, got {half_life!r}")
+        self.formula = formula
+        self.half_life = half_life
+        self.m = formula.k + 1
+        self.P = kernels.packed_index(self.m)
+        self.width = 1 + self.m * (self.m + 1) // 2
+        self.S = np.zeros((capacity, self.width))
+        self.tg = np.full(capacity, -np.inf) if half_life else np.zeros(0)
+        self.index: dict[str | int, int] = {}
+        self.keys: list[str | int] = []
+        self.shift: np.ndarray | None = None
+        self.now = -math.inf
+        self.xi = formula.xi
+        self.zi = formula.zi
+        self.yi = formula.k
+
+    # -- sizes ------------------------------------------------------------------------
+    @property
+    def n_groups(self) -> int:
+        """Number of groups seen."""
+        return len(self.keys)
+
+    @property
+    def n_obs(self) -> float:
+        """Total frequency weight Σ n_g (decayed to the latest update under forgetting)."""
+        return float(self.S[: self.n_groups, 0].sum())
+
+    @property
+    def inv_half_life(self) -> float:
+        """``1 / half_life``, or 0 without forgetting."""
+        return 1.0 / self.half_life if self.half_life else 0.0
+
+    # -- key index --------------------------------------------------------------------
+    def row(self, key: str | int) -> int:
+        """Row of ``key``, or -1 for an unseen group (no row is created)."""
+        return self.index.get(key, -1)
+
+    def rows(self, keys) -> np.ndarray:
+        """Rows of ``keys`` (already validated), creating rows for new groups."""
+        index = self.index
+        out = np.empty(len(keys), dtype=np.int64)
+        for e, key in enumerate(keys):
+            r = index.get(key)
+            if r is None:
+                r = self._new_row(key)
+            out[e] = r
+        return out
+
+    def _new_row(self, key: str | int) -> int:
+        r = len(self.keys)
+        if r == self.S.shape[0]:
+            self._grow(max(2 * r, 64))
+        self.index[key] = r
+        self.keys.append(key)
+        return r
+
+    def _grow(self, capacity: int) -> None:
+        S = np.zeros((capacity, self.width))
+        S[: self.S.shape[0]] = self.S
+        self.S = S
+        if self.half_life:
+            tg = np.full(capacity, -np.inf)
+            tg[: self.tg.shape[0]] = self.tg
+            self.tg = tg
+
+    # -- updates ----------------------------------------------------------------------
+    def choose_shift(self, A: np.ndarray, y: np.ndarray) -> None:
+        """Fix the reference shift from the first event, once.
+
+        The first event (rather than, say, the first batch's means) makes ``learn_many``
+        accumulate exactly what a ``learn_one`` loop does, bit for bit.
+        """
+        if self.shift is not None or A.shape[0] == 0:
+            return
+        mask = self.formula.shiftable
+        c = np.concatenate([A[0], y[:1]])
+        self.shift = np.where(mask, c, 0.0)
+
+    def add(self, rows: np.ndarray, A: np.ndarray, y: np.ndarray, w: np.ndarray, t: np.ndarray):
+        """Accumulate validated events: union values ``A`` (N×k), targets, weights, times.
+
+        Rows must come from :meth:`rows` on the same keys. The caller has validated
+        every value, so this cannot fail half-way.
+        """
+        self.choose_shift(A, y)
+        V = np.empty((A.shape[0], self.m))
+        np.subtract(A, self.shift[:-1], out=V[:, :-1])
+        np.subtract(y, self.shift[-1], out=V[:, -1])
+        if self.half_life and t.shape[0]:
+            self.now = max(self.now, float(t.max()))
+        kernels.accumulate(self.S, self.tg, rows, V, w, t, self.inv_half_life, self.P)
+
+    def add_one(self, key: str | int, a: np.ndarray, y: float, w: float, t: float) -> None:
+        """Accumulate one validated event (the ``learn_one`` path)."""
+        self.add(self.rows((key,)), a[None, :], np.array([y]), np.array([w]), np.array([t]))
+
+    def decay_to_now(self) -> None:
+        """Bring every group to the latest event time (before a refit or a snapshot)."""
+        if self.half_life and self.n_groups:
+            kernels.decay_all(self.S, self.tg, self.n_groups, self.now, self.inv_half_life)
+
+    # -- views ------------------------------------------------------------------------
+    @property
+    def active(self) -> np.ndarray:
+        """The filled rows of ``S`` (a view)."""
+        return self.S[: self.n_groups]
+
+    def shifted(self, A: np.ndarray) -> np.ndarray:
+        """Union values ``A`` minus the reference shift (zeros before the first event)."""
+        if self.shift is None:
+            return np.asarray(A, dtype=float)
+        return A - self.shift[:-1]
+
+    def copy(self) -> GroupStats:
+        """An independent copy (for snapshots that carry the state)."""
+        other = GroupStats.__new__(GroupStats)
+        other.__dict__.update(self.__dict__)
+        other.S = self.S[: self.n_groups].copy()
+        other.tg = self.tg[: self.n_groups].copy() if self.half_life else self.tg
+        other.index = dict(self.index)
+        other.keys = list(self.keys)
+        other.shift = None if self.shift is None else self.shift.copy()
+        return other
+
+    def nbytes(self) -> int:
+        """Approximate memory held: arrays, key index and key objects."""
+        total = self.S.nbytes + self.tg.nbytes + sys.getsizeof(self.index)
+        total += sys.getsizeof(self.keys)
+        total += sum(sys.getsizeof(k) + sys.getsizeof(r) for k, r in self.index.items())
+        return total
