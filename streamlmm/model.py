@@ -147,9 +147,7 @@ class MixedLM(base.MiniBatchRegressor):
         if key is None:
             self.n_skipped += 1
             return
-        t = float(self.n_events + 1)
-        if self.half_life and self.time_key is not None:
-            t = reader.time(x)
+        t = reader.time(x) if self.time_key is not None else float(self.n_events + 1)
         if wt == 0.0:
             return
         st = self._stats
@@ -172,23 +170,38 @@ class MixedLM(base.MiniBatchRegressor):
         yv = y.to_numpy() if hasattr(y, "to_numpy") else y
         wv = w.to_numpy() if hasattr(w, "to_numpy") else w
         n = len(yv)
-        t_default = np.arange(self.n_events + 1, self.n_events + n + 1, dtype=float)
-        codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv, t_default)
+        codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv)
         self.n_skipped += n - kept.shape[0]
-        nz = wk > 0
-        if not nz.all():
-            codes, A, yk, wk, tk = codes[nz], A[nz], yk[nz], wk[nz], tk[nz]
-        if self.half_life and self.time_key is None:
-            tk = float(self.n_events) + 1.0 + np.arange(codes.shape[0], dtype=float)
-        if codes.shape[0] == 0:
-            return
         present = np.zeros(len(uniques), dtype=bool)
-        present[codes] = True
+        present[codes[wk > 0]] = True
         urows = np.full(len(uniques), -1, dtype=np.int64)
         idx = np.flatnonzero(present)
         urows[idx] = self._stats.rows([uniques[j] for j in idx])
-        self._stats.add(urows[codes], A, yk, wk, tk)
-        self.n_events += codes.shape[0]
+        self._accumulate(urows[codes], A, yk, wk, tk)
+
+    def learn_batch(self, keys, A, y, w, t=None) -> None:
+        """Accumulate a batch that is already validated (the stream engine's path).
+
+        ``keys`` are checked group keys, ``A`` the union columns (``formula.columns``),
+        ``t`` the event times (``None`` without ``time_key``).
+        """
+        keep = w > 0
+        rows = np.full(len(keys), -1, dtype=np.int64)
+        rows[keep] = self._stats.rows([k for k, ok in zip(keys, keep) if ok])
+        self._accumulate(rows, A, y, w, t)
+
+    def _accumulate(self, rows, A, y, w, t) -> None:
+        keep = w > 0
+        if not keep.all():
+            rows, A, y, w = rows[keep], A[keep], y[keep], w[keep]
+            t = None if t is None else t[keep]
+        n = rows.shape[0]
+        if n == 0:
+            return
+        if t is None:  # time = event count
+            t = float(self.n_events) + 1.0 + np.arange(n, dtype=float)
+        self._stats.add(rows, A, y, w, t)
+        self.n_events += n
 
     # -- parameters -----------------------------------------------------------------------
     @property

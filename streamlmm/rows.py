@@ -130,7 +130,7 @@ class RowReader:
         return number(self.time_key, x.get(self.time_key))
 
     # -- a batch ------------------------------------------------------------------------
-    def read_columns(self, cols: Mapping[str, Any], y, w, t_default: np.ndarray):
+    def read_columns(self, cols: Mapping[str, Any], y, w):
         """Validate a batch given as columns; nothing is changed anywhere.
 
         Returns ``(codes, uniques, A, y, w, t, kept)`` for the kept rows: each kept row's
@@ -165,7 +165,7 @@ class RowReader:
             t = self._column(self.time_key, cols[self.time_key], n)
             miss |= np.isnan(t)
         else:
-            t = t_default
+            t = None
         if f.group in cols:
             codes, uniques = self._keys(cols[f.group], n)
         elif self.skip:
@@ -183,7 +183,8 @@ class RowReader:
             kept = np.arange(n)
         if kept.shape[0] < n:
             codes = codes[kept]
-            A, y, wv, t = A[kept], y[kept], wv[kept], t[kept]
+            A, y, wv = A[kept], y[kept], wv[kept]
+            t = None if t is None else t[kept]
         return codes, uniques, A, y, wv, t, kept
 
     def _why_missing(self, r, A, y, t, key_miss) -> str:

@@ -1,0 +1,157 @@
+"""Bytes → validated columns, or a dead letter with a reason.
+
+A message is one JSON object whose fields are named by the formula (group key,
+features, response), with an optional frequency weight ``w`` and event time ``ts``.
+Validation is :class:`~streamlmm.rows.RowReader`'s, the same as ``learn_one``'s.
+
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+from streamlmm.formula import Formula
+from streamlmm.rows import RowReader
+
+__all__ = ["Record", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
+
+MAX_MESSAGE_BYTES = 64 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class Record:
+    """One message from a source: where it came from and its raw bytes."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclasses.dataclass(frozen=True)
+class DeadLetter:
+    """A message that could not be learned from, with the reason."""
+
+    record: Record
+    reason: str
+
+    def to_json(self, max_bytes: int = MAX_MESSAGE_BYTES) -> bytes:
+        """JSON envelope: reason, origin, and the original bytes (base64, truncated at
+        ``max_bytes`` with the full length and sha256 recorded)."""
+        value = self.record.value or b""
+        out: dict[str, Any] = {
+            "reason": self.reason,
+            "topic": self.record.topic,
+            "partition": self.record.partition,
+            "offset": self.record.offset,
+            "key_b64": base64.b64encode(self.record.key).decode() if self.record.key else None,
+            "value_b64": base64.b64encode(value[:max_bytes]).decode(),
+            "value_len": len(value),
+            "value_sha256": hashlib.sha256(value).hexdigest(),
+            "truncated": len(value) > max_bytes,
+        }
+        return json.dumps(out, separators=(",", ":")).encode()
+
+
+@dataclasses.dataclass
+class Batch:
+    """Validated events of one poll, as columns, plus the dead letters."""
+
+    keys: list
+    A: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    t: np.ndarray | None
+    dead: list[DeadLetter]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+class Decoder:
+    """Decode and validate JSON events for a formula.
+
+    Parameters
+    ----------
+    formula
+        The parsed formula.
+    time_key
+        Field holding the event time (``ts``), required in every event when given.
+    missing
+        ``"raise"`` sends an event with a missing field to the dead letters;
+        ``"skip"`` drops it silently (counted), as lme4's ``na.omit``.
+    max_bytes
+        Larger messages are dead letters.
+
+    Examples
+    --------
+    >>> from streamlmm.formula import parse_formula
+    >>> dec = Decoder(parse_formula("y ~ x + (1 | g)"))
+    >>> recs = [Record("t", 0, i, None, v) for i, v in enumerate(
+    ...     [b'{"g": "a", "x": 1, "y": 2.5}', b'{"g": "a", "x": "one", "y": 2}', b"{"])]
+    >>> b = dec.decode(recs)
+    >>> b.keys, b.A.tolist(), [d.reason for d in b.dead]
+    (['a'], [[1.0, 1.0]], ["field 'x': expected a number, got str", 'invalid JSON: ...'])
+
+    """
+
+    def __init__(
+        self,
+        formula: Formula,
+        time_key: str | None = None,
+        missing: str = "raise",
+        max_bytes: int = MAX_MESSAGE_BYTES,
+    ):
+        self.formula = formula
+        self.reader = RowReader(formula, time_key, missing)
+        self.time_key = time_key
+        self.max_bytes = max_bytes
+        self.n_skipped = 0
+
+    def _one(self, value: bytes | None, a: np.ndarray):
+        if value is None:
+            raise ValueError("empty message (tombstone)")
+        if len(value) > self.max_bytes:
+            raise ValueError(f"message of {len(value)} bytes exceeds {self.max_bytes}")
+        try:
+            x = json.loads(value)
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"invalid JSON: {str(e)[:120]}") from None
+        if not isinstance(x, dict):
+            raise ValueError(f"event must be a JSON object, got {type(x).__name__}")
+        y = x.get(self.formula.response)
+        key = self.reader.read(x, y, a)
+        if key is None:
+            return None
+        w = self.reader.weight(x.get("w"))
+        t = self.reader.time(x) if self.time_key is not None else 0.0
+        return key, float(y), w, t
+
+    def decode(self, records: list[Record]) -> Batch:
+        """Decode a poll's records; never raises for bad content."""
+        n = len(records)
+        A = np.empty((n, self.formula.k))
+        y, w, t = np.empty(n), np.empty(n), np.empty(n)
+        keys: list = []
+        dead: list[DeadLetter] = []
+        for rec in records:
+            i = len(keys)
+            try:
+                got = self._one(rec.value, A[i])
+            except ValueError as e:
+                dead.append(DeadLetter(rec, str(e)))
+                continue
+            if got is None:
+                self.n_skipped += 1
+                continue
+            keys.append(got[0])
+            y[i], w[i], t[i] = got[1], got[2], got[3]
+        m = len(keys)
+        return Batch(keys, A[:m], y[:m], w[:m], t[:m] if self.time_key is not None else None, dead)

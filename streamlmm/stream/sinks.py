@@ -1,0 +1,130 @@
+"""Where the engine writes: dead letters (Kafka topic or JSON-lines file) and the
+compacted effects topic that other services follow.
+
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from streamlmm.snapshot import Snapshot
+from streamlmm.stream.decode import DeadLetter
+
+__all__ = ["DeadLetterSink", "EffectsPublisher", "make_producer", "MODEL_KEY"]
+
+log = logging.getLogger(__name__)
+MODEL_KEY = "__model__"
+
+
+def make_producer(bootstrap: str, client_config: Mapping[str, Any] | None = None):
+    """A kafka-python producer that waits for the broker's acknowledgement."""
+    from kafka import KafkaProducer
+
+    return KafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks="all",
+        retries=2**31 - 1,
+        max_in_flight_requests_per_connection=1,
+        linger_ms=5,
+        **dict(client_config or {}),
+    )
+
+
+def ensure_topic(bootstrap: str, topic: str, client_config=None, **configs: str) -> None:
+    """Create ``topic`` (1 partition, replication 1 unless it exists) with ``configs``."""
+    from kafka.admin import KafkaAdminClient, NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
+    try:
+        admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
+    except TopicAlreadyExistsError:
+        pass
+    finally:
+        admin.close()
+
+
+class DeadLetterSink:
+    """Dead letters to ``kafka-topic`` (with a Kafka source) or to a JSON-lines file.
+
+    ``spec`` is a file path, or a topic name when a producer is given. Kafka dead
+    letters are keyed by the original key, carry the JSON envelope as value and the
+    reason and origin in headers.
+    """
+
+    def __init__(self, spec: str | None, producer=None):
+        self.spec = spec
+        self.producer = producer if spec else None
+        self._fh = None
+        if spec and producer is None:
+            self._fh = open(spec, "ab")  # noqa: SIM115
+        self.count = 0
+
+    def send(self, letters: list[DeadLetter]) -> None:
+        for d in letters:
+            self.count += 1
+            if not self.spec:
+                log.warning(
+                    "dead letter %s:%s@%s: %s",
+                    d.record.topic,
+                    d.record.partition,
+                    d.record.offset,
+                    d.reason,
+                )
+                continue
+            env = d.to_json()
+            if self._fh is not None:
+                self._fh.write(env + b"\n")
+            else:
+                origin = f"{d.record.topic}:{d.record.partition}:{d.record.offset}".encode()
+                self.producer.send(
+                    self.spec,
+                    key=d.record.key,
+                    value=env,
+                    headers=[("reason", d.reason.encode()[:1000]), ("origin", origin)],
+                )
+
+    def flush(self, timeout_s: float = 30.0) -> None:
+        """Make every dead letter durable (before the snapshot that skips them)."""
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        elif self.producer is not None:
+            self.producer.flush(timeout=timeout_s)
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+
+
+class EffectsPublisher:
+    """Each snapshot's effects to a compacted topic keyed by group, plus ``__model__``."""
+
+    def __init__(self, topic: str, producer, bootstrap: str, client_config=None):
+        self.topic = topic
+        self.producer = producer
+        ensure_topic(bootstrap, topic, client_config, **{"cleanup.policy": "compact"})
+
+    def publish(self, snap: Snapshot, timeout_s: float = 30.0) -> None:
+        seq = snap.n_events
+        model = snap.to_dict()
+        self.producer.send(self.topic, key=MODEL_KEY.encode(), value=_dumps(model))
+        n_g = snap.state["S"][:, 0] if snap.state is not None else None
+        for i, key in enumerate(snap.keys):
+            rec = {
+                "group": key,
+                "ranef": dict(zip(snap.re_names, snap.b[i].tolist())),
+                "cond_cov": snap.condvar[i].tolist(),
+                "n": float(n_g[i]) if n_g is not None else None,
+                "n_events": seq,
+            }
+            self.producer.send(self.topic, key=str(key).encode(), value=_dumps(rec))
+        self.producer.flush(timeout=timeout_s)
+
+
+def _dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
