@@ -151,12 +151,13 @@ def fit_theta(
     *,
     rtol: float = 1e-12,
     max_evals: int = 5000,
+    polish: bool = False,
 ) -> tuple[Profile | None, int]:
     """Minimise d(θ) subject to diag(Λ) ≥ 0, warm-started from ``theta0``.
 
-    A bounded quasi-Newton search (L-BFGS-B, central differences) followed by a
-    derivative-free polish (bounded Powell) that lands on the boundary exactly when the
-    optimum is singular. Returns the profile at the optimum (``None`` when the criterion
+    A bounded quasi-Newton search (L-BFGS-B, central differences). When a diagonal
+    entry of Λ ends near its bound (a possibly singular fit), or ``polish`` is set, a
+    derivative-free bounded Powell search follows, which lands on the boundary exactly. Returns the profile at the optimum (``None`` when the criterion
     is undefined everywhere tried) and the number of criterion evaluations.
 
     """
@@ -190,6 +191,9 @@ def fit_theta(
         options={"ftol": rtol, "gtol": 1e-9, "maxfun": max_evals},
     )
     x = res.x if res.fun <= f(best) else best
+    near_bound = np.any((lower == 0) & (x < 1e-3))
+    if not (polish or near_bound):
+        return profile(stats, x, reml), evals
     # polish: derivative-free, exact on the boundary
     res2 = optimize.minimize(
         f,

@@ -97,8 +97,8 @@ class Formula:
         """Which union columns may be centred without changing the model (DESIGN §4).
 
         A column may be shifted when every part it belongs to (fixed, random) has an
-        intercept that absorbs the shift. The response is shiftable when the fixed part has an intercept.
-        The returned mask has ``k + 1`` entries, the last for the response.
+        intercept that absorbs the shift. The response is shiftable when the fixed part
+        has an intercept. The returned mask has ``k + 1`` entries, the last for the response.
         """
         fixed_int = INTERCEPT in self.fixed
         random_int = INTERCEPT in self.random
@@ -114,7 +114,9 @@ class Formula:
 
 
 def _split_terms(rhs: str) -> list[str]:
-    return [t.strip() for t in rhs.replace("-", "+-").split("+") if t.strip()]
+    # "x - 1" splits into "x" and "- 1": drop the space after the sign so it reads "-1"
+    terms = (t.strip() for t in rhs.replace("-", "+-").split("+"))
+    return [re.sub(r"^-\s+", "-", t) for t in terms if t]
 
 
 def _columns(terms: list[str], where: str) -> list[str]:

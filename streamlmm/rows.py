@@ -89,6 +89,12 @@ class RowReader:
     # -- one event ----------------------------------------------------------------------
     def features_into(self, x: Mapping[str, Any], a: np.ndarray, *, impute: bool) -> None:
         """Fill union values ``a`` from ``x``; with ``impute``, a missing feature is NaN."""
+        try:
+            self._features(x, a, impute)
+        except Missing as e:
+            raise ValueError(str(e)) from None
+
+    def _features(self, x: Mapping[str, Any], a: np.ndarray, impute: bool) -> None:
         for i in self.ones:
             a[i] = 1.0
         for i, c in self.features:
@@ -108,12 +114,12 @@ class RowReader:
             if key is None:
                 raise Missing(f"field {self.formula.group!r}: group key is missing")
             key = check_key(key, self.formula.group)
-            self.features_into(x, a, impute=False)
+            self._features(x, a, impute=False)
             number(self.formula.response, y)
-        except Missing:
+        except Missing as e:
             if self.skip:
                 return None
-            raise
+            raise ValueError(str(e)) from None
         return key
 
     def weight(self, w: Any) -> float:
@@ -134,8 +140,9 @@ class RowReader:
         """Validate a batch given as columns; nothing is changed anywhere.
 
         Returns ``(codes, uniques, A, y, w, t, kept)`` for the kept rows: each kept row's
-        group is ``uniques[codes[e]]`` and ``kept`` is its index in the batch. Raises ``ValueError`` naming the first bad
-        row and field; with ``missing="skip"`` rows with a missing value are dropped.
+        group is ``uniques[codes[e]]`` and ``kept`` is its index in the batch. Raises
+        ``ValueError`` naming the first bad row and field; with ``missing="skip"`` rows
+        with a missing value are dropped.
         """
         y = self._column(self.formula.response, y)
         n = y.shape[0]

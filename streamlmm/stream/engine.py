@@ -206,7 +206,8 @@ class Engine:
                 if cfg.until_end and not records and self._caught_up(targets):
                     break
         finally:
-            self.checkpoint()
+            if since_events or self.last_snapshot is None:
+                self.checkpoint()
             self.source.close()
             self.dead.close()
             if self.producer is not None:

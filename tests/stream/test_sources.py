@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import pytest
+
+from streamlmm.stream.sources import MAX_LINE_BYTES, JsonlSource, open_source
+
+
+def test_jsonl_offsets_are_line_numbers_and_seek_resumes(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_text("".join(f'{{"i": {i}}}\n' for i in range(10)))
+    src = JsonlSource(str(p))
+    first = src.poll(4, 0)
+    assert [r.offset for r in first] == [0, 1, 2, 3]
+    src2 = JsonlSource(str(p))
+    src2.seek({"jsonl:0": 4})
+    rest = src2.poll(100, 0)
+    assert [r.offset for r in rest] == list(range(4, 10)) and src2.exhausted
+    assert rest[0].value == b'{"i": 4}'
+
+
+def test_overlong_line_is_one_record_and_the_next_line_survives(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_bytes(b"x" * (3 * MAX_LINE_BYTES) + b"\n" + b'{"ok": 1}\n')
+    recs = JsonlSource(str(p)).poll(10, 0)
+    assert len(recs) == 2 and recs[1].value == b'{"ok": 1}' and recs[1].offset == 1
+
+
+@pytest.mark.parametrize("spec", ["kafka://", "kafka://host:1", "mqtt://x", "file.jsonl"])
+def test_bad_source_specs_are_clear_errors(spec):
+    with pytest.raises(ValueError):
+        open_source(spec, "g")
