@@ -157,8 +157,9 @@ def fit_theta(
 
     A bounded quasi-Newton search (L-BFGS-B, central differences). When a diagonal
     entry of Λ ends near its bound (a possibly singular fit), or ``polish`` is set, a
-    derivative-free bounded Powell search follows, which lands on the boundary exactly. Returns the profile at the optimum (``None`` when the criterion
-    is undefined everywhere tried) and the number of criterion evaluations.
+    derivative-free bounded Powell search follows, which lands on the boundary exactly.
+    Returns the profile at the optimum (``None`` when the criterion is undefined
+    everywhere tried) and the number of criterion evaluations.
 
     """
     q = stats.formula.q
