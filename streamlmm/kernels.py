@@ -27,6 +27,8 @@ __all__ = [
     "blups",
     "em_sums",
     "predict_rows",
+    "accumulate_one",
+    "predict_one",
 ]
 
 
@@ -345,3 +347,59 @@ def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma:
             for a in range(q):
                 yhat += A[e, zi[a]] * b[a]
         out[e] = yhat
+
+
+@njit(cache=True, nogil=True)
+def accumulate_one(S, tg, r, a, y, shift, w, t, inv_half_life, P):  # pragma: no cover
+    """One event into row ``r`` (the ``learn_one`` path): shift inline, no allocation."""
+    k = a.shape[0]
+    m = k + 1
+    if inv_half_life > 0.0:
+        dt = t - tg[r]
+        if dt > 0.0:
+            f = 2.0 ** (-dt * inv_half_life)
+            for c in range(S.shape[1]):
+                S[r, c] *= f
+            tg[r] = t
+        elif dt < 0.0:
+            w = w * 2.0 ** (dt * inv_half_life)
+    S[r, 0] += w
+    for i in range(m):
+        vi = (a[i] if i < k else y) - shift[i]
+        wvi = w * vi
+        for j in range(i, m):
+            vj = (a[j] if j < k else y) - shift[j]
+            S[r, P[i, j]] += wvi * vj
+
+
+@njit(cache=True, nogil=True)
+def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
+    """``shift_y + x̃'β + z̃'b_g`` for one event; ``f`` scales the group's statistics
+    (its forgetting factor), ``r < 0`` is an unseen group. NaN features count as the
+    reference value (x̃ = 0)."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    yhat = shift[yi]
+    for j in range(p):
+        v = a[xi[j]] - shift[xi[j]]
+        if v == v:
+            yhat += v * beta[j]
+    if r < 0:
+        return yhat
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    b = np.empty(q)
+    Sr = S[r : r + 1].copy()
+    if f != 1.0:
+        for c in range(Sr.shape[1]):
+            Sr[0, c] *= f
+    group_factor(Sr, 0, P, zi, xi, yi, lam, L, RZX, cu, W)
+    _blup_into(L, RZX, cu, lam, beta, u, b)
+    for i in range(q):
+        v = a[zi[i]] - shift[zi[i]]
+        if v == v:
+            yhat += v * b[i]
+    return yhat

@@ -110,11 +110,6 @@ class MixedLM(base.MiniBatchRegressor):
         self._refreshed_at = -1
         k = self._formula.k
         self._A1 = np.empty((1, k))  # no views between buffers: they must survive pickling
-        self._row1 = np.empty(1, dtype=np.int64)
-        self._y1 = np.empty(1)
-        self._w1 = np.empty(1)
-        self._t1 = np.zeros(1)
-        self._out1 = np.empty(1)
 
     @classmethod
     def _unit_test_params(cls):
@@ -150,13 +145,7 @@ class MixedLM(base.MiniBatchRegressor):
         t = reader.time(x) if self.time_key is not None else float(self.n_events + 1)
         if wt == 0.0:
             return
-        st = self._stats
-        self._y1[0] = float(y)
-        self._w1[0] = wt
-        self._t1[0] = t
-        r = st.index.get(key)
-        self._row1[0] = r if r is not None else st.rows((key,))[0]
-        st.add(self._row1, self._A1, self._y1, self._w1, self._t1)
+        self._stats.add_one(key, self._A1[0], float(y), wt, t)
         self.n_events += 1
 
     def learn_many(self, X, y, w=None) -> None:
@@ -301,9 +290,22 @@ class MixedLM(base.MiniBatchRegressor):
 
     def predict_one(self, x: Mapping[str, Any]) -> float:
         """Fixed part plus the group's current BLUP (fixed part only for an unseen group)."""
-        self._reader.features_into(x, self._A1[0], impute=self._reader.skip)
-        self._row1[0] = self._group_row(x)
-        return float(self._predict(self._row1, self._A1, self._out1)[0])
+        a = self._A1[0]
+        self._reader.features_into(x, a, impute=self._reader.skip)
+        r = self._group_row(x)
+        self.refresh()
+        st = self._stats
+        if st.shift is None:
+            return 0.0
+        if self._profile is None:
+            return float(st.shift[-1])
+        f = 1.0
+        if st.half_life and r >= 0:
+            f = 2.0 ** (-max(st.now - st.tg[r], 0.0) * st.inv_half_life)
+        fm = self._formula
+        return kernels.predict_one(
+            st.S, r, a, st.shift, f, st.P, fm.zi, fm.xi, st.yi, self._lam, self._beta
+        )
 
     def predict_many(self, X):
         """Predictions for a DataFrame, equal to ``predict_one`` row by row."""

@@ -176,7 +176,16 @@ class GroupStats:
 
     def add_one(self, key: str | int, a: np.ndarray, y: float, w: float, t: float) -> None:
         """Accumulate one validated event (the ``learn_one`` path)."""
-        self.add(self.rows((key,)), a[None, :], np.array([y]), np.array([w]), np.array([t]))
+        if self.shift is None:
+            self.choose_shift(a[None, :], np.array([y]))
+        r = self.index.get(key)
+        if r is None:
+            r = self._new_row(key)
+        if self.half_life and t > self.now:
+            self.now = t
+        kernels.accumulate_one(
+            self.S, self.tg, r, a, y, self.shift, w, t, self.inv_half_life, self.P
+        )
 
     def decay_to_now(self) -> None:
         """Bring every group to the latest event time (before a refit or a snapshot)."""
