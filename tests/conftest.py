@@ -1,0 +1,367 @@
+"""Shared fixtures for the core test suite.
+
+The helpers are exposed as (session-scoped) fixtures rather than imported from this
+module, so that the suite works under any pytest import mode and next to other
+``conftest.py`` files (``tests/stream/``).
+
+Reference data (lme4 1.1.31 fits, DESIGN §7) is read from ``../shared/reference``
+next to the repository, or from ``$STREAMLMM_REFERENCE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import pickle
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from streamlmm import estimate, kernels
+from streamlmm.formula import INTERCEPT, Formula, parse_formula
+from streamlmm.stats import GroupStats
+
+
+def reference_dir() -> pathlib.Path:
+    """Where the lme4 reference cases live (``$STREAMLMM_REFERENCE`` overrides)."""
+    env = os.environ.get("STREAMLMM_REFERENCE")
+    if env:
+        return pathlib.Path(env)
+    return pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+REFERENCE_NAMES = sorted(p.stem for p in reference_dir().glob("*.json"))
+
+
+# -- reference cases ------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True, eq=False)
+class ReferenceCase:
+    """One lme4 reference fit and its data, read with string group keys."""
+
+    name: str
+    ref: dict[str, Any]
+    data: pd.DataFrame
+
+    @property
+    def formula(self) -> Formula:
+        return parse_formula(self.ref["formula"])
+
+    @property
+    def method(self) -> str:
+        return self.ref["method"]
+
+    @property
+    def reml(self) -> bool:
+        return self.method == "REML"
+
+    @property
+    def q(self) -> int:
+        return self.formula.q
+
+    @property
+    def features(self) -> pd.DataFrame:
+        """Feature columns (the group key included), without ``y`` and ``w``."""
+        return self.data.drop(columns=[c for c in ("y", "w") if c in self.data.columns])
+
+    @property
+    def y(self) -> pd.Series:
+        return self.data["y"]
+
+    @property
+    def w(self) -> pd.Series | None:
+        return self.data["w"] if "w" in self.data.columns else None
+
+    @property
+    def theta(self) -> np.ndarray:
+        return np.atleast_1d(np.asarray(self.ref["theta"], dtype=float))
+
+    @property
+    def fixef(self) -> dict[str, float]:
+        return dict(self.ref["fixef"])
+
+    @property
+    def re_cov(self) -> np.ndarray:
+        """lme4's VarCorr as a q×q matrix (the JSON is column-major, or a scalar)."""
+        return np.asarray(self.ref["re_cov"], dtype=float).reshape((self.q, self.q), order="F")
+
+    def ranef(self, key: str) -> np.ndarray:
+        return np.atleast_1d(np.asarray(self.ref["ranef"][key], dtype=float))
+
+    def condvar(self, key: str) -> np.ndarray:
+        return np.asarray(self.ref["condvar"][key], dtype=float).reshape(
+            (self.q, self.q), order="F"
+        )
+
+    @property
+    def group_keys(self) -> list[str]:
+        return list(self.ref["ranef"])
+
+    def records(self) -> list[dict[str, Any]]:
+        return self.features.to_dict("records")
+
+    def stream_one(self, model) -> None:
+        """``learn_one`` over every row, in file order (y and w passed separately)."""
+        ys = self.y.to_numpy(dtype=float)
+        ws = None if self.w is None else self.w.to_numpy(dtype=float)
+        for i, x in enumerate(self.records()):
+            if ws is None:
+                model.learn_one(x, float(ys[i]))
+            else:
+                model.learn_one(x, float(ys[i]), w=float(ws[i]))
+
+    def stream_many(self, model, chunk: int = 1000) -> None:
+        """``learn_many`` over chunks of ``chunk`` rows, in file order."""
+        X, y, w = self.features, self.y, self.w
+        for start in range(0, len(y), chunk):
+            sl = slice(start, start + chunk)
+            model.learn_many(X.iloc[sl], y.iloc[sl], None if w is None else w.iloc[sl])
+
+    def design(self) -> np.ndarray:
+        """The union columns ``a`` of every row (intercept = 1), unshifted."""
+        return union_matrix(self.formula, self.data)
+
+    def unshifted_stats(self) -> GroupStats:
+        """Statistics in the user's coordinates (shift zero), as lme4 sees the data."""
+        f = self.formula
+        st = GroupStats(f)
+        st.shift = np.zeros(f.k + 1)
+        n = len(self.data)
+        w = np.ones(n) if self.w is None else self.w.to_numpy(dtype=float)
+        st.add(st.rows(list(self.data["g"])), self.design(), self.y.to_numpy(float), w, np.zeros(n))
+        return st
+
+    def dense(self) -> DenseLMM:
+        """The dense independent computation on this case's data (weights repeated)."""
+        f = self.formula
+        w = None if self.w is None else self.w.to_numpy()
+        return DenseLMM.from_frame(f, self.data, w)
+
+
+@functools.lru_cache(maxsize=None)
+def load_reference(name: str) -> ReferenceCase:
+    """Load ``<name>.json`` and its CSV; ``g`` is read as strings, like the JSON keys."""
+    ref = json.loads((reference_dir() / f"{name}.json").read_text())
+    data = pd.read_csv(reference_dir() / ref["data"], dtype={"g": str})
+    return ReferenceCase(name=name, ref=ref, data=data)
+
+
+def union_matrix(f: Formula, frame: pd.DataFrame) -> np.ndarray:
+    """Union columns of a formula from a data frame (intercept column = 1)."""
+    n = len(frame)
+    return np.column_stack(
+        [np.ones(n) if c == INTERCEPT else frame[c].to_numpy(dtype=float) for c in f.columns]
+    )
+
+
+# -- an independent dense implementation ------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class DenseFit:
+    """Profiled quantities from :class:`DenseLMM` at one θ (user coordinates)."""
+
+    criterion: float
+    beta: np.ndarray
+    sigma2: float
+    vcov_beta: np.ndarray
+    b: dict[Any, np.ndarray]
+    condvar: dict[Any, np.ndarray]
+
+
+class DenseLMM:
+    """The marginal model written out densely, one group at a time.
+
+    ``y_g ~ N(X_g β, σ² V_g)`` with ``V_g = I + Z_g ΛΛ' Z_g'``. Nothing here uses the
+    sufficient statistics or the PLS formulation of DESIGN §2, so it is an independent
+    check of both. Integer frequency weights are handled by repeating rows.
+    """
+
+    def __init__(self, X, Z, y, groups: Iterable[Any], w=None):
+        X, Z, y = np.asarray(X, float), np.asarray(Z, float), np.asarray(y, float)
+        groups = list(groups)
+        if w is not None:
+            w = np.asarray(w)
+            if not np.all(w == np.round(w)) or np.any(w < 0):
+                raise ValueError("DenseLMM takes integer frequency weights only")
+            rep = np.repeat(np.arange(len(y)), w.astype(int))
+            X, Z, y = X[rep], Z[rep], y[rep]
+            groups = [groups[i] for i in rep]
+        self.X, self.Z, self.y = X, Z, y
+        self.n, self.p = X.shape
+        self.q = Z.shape[1]
+        index: dict[Any, list[int]] = {}
+        for i, g in enumerate(groups):
+            index.setdefault(g, []).append(i)
+        self.groups = {g: np.array(ix) for g, ix in index.items()}
+
+    @classmethod
+    def from_frame(cls, f: Formula, frame: pd.DataFrame, w=None, y="y") -> DenseLMM:
+        A = union_matrix(f, frame)
+        return cls(A[:, f.xi], A[:, f.zi], frame[y].to_numpy(float), frame[f.group], w)
+
+    def _blocks(self, theta):
+        lam = estimate.lam_of(np.asarray(theta, float), self.q)
+        D = lam @ lam.T
+        for g, ix in self.groups.items():
+            Xg, Zg, yg = self.X[ix], self.Z[ix], self.y[ix]
+            V = np.eye(len(ix)) + Zg @ D @ Zg.T
+            yield g, Xg, Zg, yg, V, D
+
+    def at(self, theta, reml: bool) -> DenseFit:
+        """Profiled REML/ML criterion, β̂, σ̂², Var(β̂), BLUPs and condVar at θ."""
+        logdet = 0.0
+        XVX = np.zeros((self.p, self.p))
+        XVy = np.zeros(self.p)
+        yVy = 0.0
+        parts = []
+        for g, Xg, Zg, yg, V, D in self._blocks(theta):
+            logdet += np.linalg.slogdet(V)[1]
+            VX = np.linalg.solve(V, Xg)
+            Vy = np.linalg.solve(V, yg)
+            XVX += Xg.T @ VX
+            XVy += Xg.T @ Vy
+            yVy += yg @ Vy
+            parts.append((g, Xg, Zg, yg, V, D))
+        beta = np.linalg.solve(XVX, XVy)
+        r2 = yVy - 2 * beta @ XVy + beta @ XVX @ beta
+        dof = self.n - self.p if reml else self.n
+        crit = logdet + dof * (1 + math.log(2 * math.pi * r2 / dof))
+        if reml:
+            crit += np.linalg.slogdet(XVX)[1]
+        sigma2 = r2 / dof
+        b, condvar = {}, {}
+        for g, Xg, Zg, yg, V, D in parts:
+            DZ = D @ Zg.T
+            b[g] = DZ @ np.linalg.solve(V, yg - Xg @ beta)
+            condvar[g] = sigma2 * (D - DZ @ np.linalg.solve(V, DZ.T))
+        return DenseFit(
+            criterion=float(crit),
+            beta=beta,
+            sigma2=float(sigma2),
+            vcov_beta=sigma2 * np.linalg.inv(XVX),
+            b=b,
+            condvar=condvar,
+        )
+
+    def loglik(self, theta, beta, sigma2: float) -> float:
+        """ML log-likelihood at (θ, β, σ²), not profiled."""
+        total = self.n * math.log(2 * math.pi * sigma2)
+        for _, Xg, _, yg, V, _ in self._blocks(theta):
+            r = yg - Xg @ beta
+            total += np.linalg.slogdet(V)[1] + r @ np.linalg.solve(V, r) / sigma2
+        return -0.5 * total
+
+
+# -- estimates of a model at a given θ --------------------------------------------------------
+def lower_factor(F: np.ndarray) -> np.ndarray:
+    """Lower-triangular L with LL' = FF' and diag(L) ≥ 0 (F may be singular)."""
+    _, R = np.linalg.qr(F.T)
+    L = R.T
+    return L * np.where(np.diag(L) < 0, -1.0, 1.0)
+
+
+def estimates_at(model, theta_user) -> dict[str, Any]:
+    """Profiled estimates of ``model``'s statistics at a θ in the user's coordinates.
+
+    The model keeps its statistics around its own reference shift ``c`` (DESIGN §4); in
+    those coordinates ``b̃ = T_z⁻¹ b`` with ``T_z = I − e₀ c_z'``, so the user's Λ maps
+    to a lower-triangular factor of ``T_z⁻¹ ΛΛ' T_z⁻ᵀ``. Returns the criterion and the
+    estimates mapped back to the user's columns.
+    """
+    st = model._stats
+    st.decay_to_now()
+    f = st.formula
+    c = st.shift if st.shift is not None else np.zeros(f.k + 1)
+    Tz = np.eye(f.q)
+    if c[f.zi].any():
+        Tz[0] -= c[f.zi]
+    lam_s = lower_factor(np.linalg.solve(Tz, estimate.lam_of(np.asarray(theta_user, float), f.q)))
+    theta_s = estimate.theta_of(lam_s)
+    pr = estimate.profile(st, theta_s, model.reml)
+    assert pr is not None, "criterion undefined at this θ"
+    B, K = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam_s, pr.beta)
+    RXinv = np.linalg.inv(pr.RX)
+    beta, vcov, theta_u, b, condvar = estimate.unshift(
+        st, pr.beta, pr.sigma2 * RXinv @ RXinv.T, pr.theta, B, pr.sigma2 * K
+    )
+    return {
+        "criterion": pr.criterion,
+        "fixef": beta,
+        "vcov": vcov,
+        "sigma": math.sqrt(pr.sigma2),
+        "theta": theta_u,
+        "b": {k: b[i] for i, k in enumerate(st.keys)},
+        "condvar": {k: condvar[i] for i, k in enumerate(st.keys)},
+    }
+
+
+# -- state comparison -------------------------------------------------------------------------
+_SCRATCH = {"_A1", "_row1", "_y1", "_w1", "_t1", "_out1"}  # per-call buffers, not state
+
+
+def model_state(model) -> bytes:
+    """Pickled bytes of everything a model holds except its per-call scratch buffers."""
+    return pickle.dumps({k: v for k, v in vars(model).items() if k not in _SCRATCH})
+
+
+def active_stats(model) -> tuple[np.ndarray, list, np.ndarray | None]:
+    """The filled statistics rows, the keys in row order and the shift."""
+    st = model._stats
+    return st.active.copy(), list(st.keys), None if st.shift is None else st.shift.copy()
+
+
+def stats_by_key(model) -> dict[Any, np.ndarray]:
+    st = model._stats
+    return {k: st.active[i] for i, k in enumerate(st.keys)}
+
+
+def rel_err(a, b) -> float:
+    """Largest relative difference |a − b| / |b| (b nonzero)."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.max(np.abs(a - b) / np.abs(b)))
+
+
+# -- fixtures -----------------------------------------------------------------------------------
+def pytest_generate_tests(metafunc):
+    if "reference_name" in metafunc.fixturenames:
+        metafunc.parametrize("reference_name", REFERENCE_NAMES)
+
+
+@pytest.fixture(scope="session")
+def reference() -> Callable[[str], ReferenceCase]:
+    """Loader of a reference case by name (e.g. ``"sleepstudy_slopes_reml"``)."""
+    if not REFERENCE_NAMES:
+        pytest.skip(f"no reference cases in {reference_dir()}")
+    return load_reference
+
+
+@pytest.fixture
+def case(reference, reference_name) -> ReferenceCase:
+    """Each reference case in turn (parametrized over every ``*.json``)."""
+    return reference(reference_name)
+
+
+@pytest.fixture(scope="session")
+def dense_lmm() -> type[DenseLMM]:
+    return DenseLMM
+
+
+@pytest.fixture(scope="session")
+def helpers():
+    """Small helper functions shared by the test modules."""
+    import types
+
+    return types.SimpleNamespace(
+        estimates_at=estimates_at,
+        lower_factor=lower_factor,
+        model_state=model_state,
+        active_stats=active_stats,
+        stats_by_key=stats_by_key,
+        rel_err=rel_err,
+        union_matrix=union_matrix,
+    )
