@@ -18,7 +18,8 @@ Sections:
 4. Memory per group with 1M groups, key index included.
 5. river ``ChickWeights`` progressive validation (MAE) vs river baselines.
 
-statsmodels runs in a child process (so it can be timed out); lme4 runs through
+statsmodels runs in a child process (so it can be timed out; ``--sm-rows N`` measures it
+and streamlmm on a smaller sample instead of the full data); lme4 runs through
 ``Rscript`` when it and lme4 are installed (nothing is installed by this script).
 Timings are the best of a few repeats (the median is shown in brackets).
 """
@@ -59,15 +60,12 @@ def simulate(n: int, G: int, seed: int) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     cov = np.diag(RE_SD) @ np.array([[1.0, RE_CORR], [RE_CORR, 1.0]]) @ np.diag(RE_SD)
     b = rng.multivariate_normal(np.zeros(2), cov, size=G)
-    g = rng.permutation(np.concatenate([np.arange(G), rng.integers(0, G, n - G)]))  # every group seen
+    g = rng.permutation(
+        np.concatenate([np.arange(G), rng.integers(0, G, n - G)])
+    )  # every group seen
     x1 = rng.normal(0.0, 1.0, n)
     x2 = rng.normal(2.0, 1.5, n)
-    y = (
-        BETA[0] + b[g, 0]
-        + (BETA[1] + b[g, 1]) * x1
-        + BETA[2] * x2
-        + rng.normal(0.0, SIGMA, n)
-    )
+    y = BETA[0] + b[g, 0] + (BETA[1] + b[g, 1]) * x1 + BETA[2] * x2 + rng.normal(0.0, SIGMA, n)
     return pd.DataFrame({"g": g.astype(np.int64), "x1": x1, "x2": x2, "y": y})
 
 
@@ -113,8 +111,17 @@ def fmt(v, unit="", digits=3):
 
 def row(section, what, ours, peer_name, peer, ratio, target, ok, note=""):
     ROWS.append(
-        dict(section=section, what=what, ours=ours, peer_name=peer_name, peer=peer,
-             ratio=ratio, target=target, ok=ok, note=note)
+        dict(
+            section=section,
+            what=what,
+            ours=ours,
+            peer_name=peer_name,
+            peer=peer,
+            ratio=ratio,
+            target=target,
+            ok=ok,
+            note=note,
+        )
     )
 
 
@@ -176,15 +183,21 @@ def environment(args, rinfo):
         pass
     print("## Environment\n")
     print(f"- mode: {'quick' if args.quick else 'full'}, seed {args.seed}, repeats {args.repeats}")
-    print(f"- CPU: {cpu}; os.cpu_count() = {os.cpu_count()}; "
-          f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(
+        f"- CPU: {cpu}; os.cpu_count() = {os.cpu_count()}; "
+        f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+    )
     print(f"- Python {platform.python_version()} ({platform.platform()})")
-    print(f"- streamlmm {streamlmm.__version__}, numpy {np.__version__}, numba {numba.__version__}, "
-          f"scipy {scipy.__version__}, pandas {pd.__version__}, river {river.__version__}, "
-          f"statsmodels {smv or 'not installed'}")
+    print(
+        f"- streamlmm {streamlmm.__version__}, numpy {np.__version__}, numba {numba.__version__}, "
+        f"scipy {scipy.__version__}, pandas {pd.__version__}, river {river.__version__}, "
+        f"statsmodels {smv or 'not installed'}"
+    )
     rs, rver, lme4 = rinfo
-    print(f"- R: {rver or 'not found'}; lme4 {lme4 or 'not installed'}"
-          + ("" if rs else " (Rscript not on PATH: the lme4 column is skipped)"))
+    print(
+        f"- R: {rver or 'not found'}; lme4 {lme4 or 'not installed'}"
+        + ("" if rs else " (Rscript not on PATH: the lme4 column is skipped)")
+    )
     print()
 
 
@@ -233,8 +246,11 @@ def bench_one(args):
     R = args.repeats
     # ours and the peer alternate repeat by repeat, so load on a shared machine hits both
     ours_l, peer_l = paired(
-        lambda m: learn_all(m, ev), lambda: MixedLM(FORMULA),
-        lambda m: learn_all(m, evr), linear_model.LinearRegression, R,
+        lambda m: learn_all(m, ev),
+        lambda: MixedLM(FORMULA),
+        lambda m: learn_all(m, evr),
+        linear_model.LinearRegression,
+        R,
     )
 
     m = MixedLM(FORMULA)
@@ -253,8 +269,11 @@ def bench_one(args):
         return holder["m"]
 
     ours_pv, peer_pv = paired(
-        lambda mm: progressive(mm, ev), mk,
-        lambda mm: progressive(mm, evr), linear_model.LinearRegression, R,
+        lambda mm: progressive(mm, ev),
+        mk,
+        lambda mm: progressive(mm, evr),
+        linear_model.LinearRegression,
+        R,
     )
     pm = holder["m"]
 
@@ -267,9 +286,11 @@ def bench_one(args):
     ):
         ratio = o[0] / p[0]
         row(
-            sec, what + " µs/event",
+            sec,
+            what + " µs/event",
             f"{o[0] * us:.2f} [{o[1] * us:.2f}]",
-            "river LinearRegression", f"{p[0] * us:.2f} [{p[1] * us:.2f}]",
+            "river LinearRegression",
+            f"{p[0] * us:.2f} [{p[1] * us:.2f}]",
             f"{ratio:.2f}× river",
             f"≤ {tgt}× river" if tgt else "—",
             (ratio <= tgt) if tgt else None,
@@ -278,7 +299,9 @@ def bench_one(args):
     NOTES.append(
         f"§1 progressive loop: MixedLM ran {pm.n_refits} exact refits and {pm.n_em_steps} "
         f"EM steps over {n:,} events (last refit {refit_s * 1e3:.1f} ms, "
-        f"{pm.last_refit.get('evals')} criterion evaluations); they are included in its time. "
+        f"{pm.last_refit.get('evals')} criterion evaluations); they are included in its time: "
+        f"progressive − predict_one − learn_one ≈ "
+        f"{(ours_pv[0] - ours_p[0] - ours_l[0]) * us:.1f} µs/event of scheduled refreshes. "
         "river LinearRegression gets x1, x2 only (no group); MixedLM gets g, x1, x2."
     )
 
@@ -300,16 +323,32 @@ def bench_many(args):
     R = args.repeats
     sec = f"2. learn_many ({n:,} events, {G:,} groups, q=2, p=3)"
     for label, XX in (("int keys", X), ('str keys ("g123")', Xs)):
-        t = best_of(lambda m: m.learn_many(XX, Y), R, lambda: MixedLM(FORMULA))
-        row(sec, f"learn_many events/s, {label}", fmt(n / t[0]) + f" [{fmt(n / t[1])}]",
-            "—", "—", "—", "≥ 10M ev/s", n / t[0] >= 10e6)
+        t = best_of(lambda m, XX=XX: m.learn_many(XX, Y), R, lambda: MixedLM(FORMULA))
+        row(
+            sec,
+            f"learn_many events/s, {label}",
+            fmt(n / t[0]) + f" [{fmt(n / t[1])}]",
+            "—",
+            "—",
+            "—",
+            "≥ 10M ev/s",
+            n / t[0] >= 10e6,
+        )
     # reference point: river's own mini-batch path on the same rows (no groups)
     Xr = df[["x1", "x2"]]
     lr = linear_model.LinearRegression()
     lr.learn_many(Xr.iloc[:1000], Y.iloc[:1000])
     t = best_of(lambda m: m.learn_many(Xr, Y), R, linear_model.LinearRegression)
-    row(sec, "reference: river LinearRegression.learn_many events/s (one batch)",
-        "—", "river LinearRegression", fmt(n / t[0]) + f" [{fmt(n / t[1])}]", "—", "—", None)
+    row(
+        sec,
+        "reference: river LinearRegression.learn_many events/s (one batch)",
+        "—",
+        "river LinearRegression",
+        fmt(n / t[0]) + f" [{fmt(n / t[1])}]",
+        "—",
+        "—",
+        None,
+    )
 
 
 # -- 3. fit() vs statsmodels and lme4 -----------------------------------------------------
@@ -395,7 +434,9 @@ def run_statsmodels(df: pd.DataFrame, tmp: str, timeout: float):
     try:
         p = subprocess.run(
             [sys.executable, os.path.abspath(__file__), "--_sm-worker", path, out],
-            capture_output=True, text=True, timeout=timeout,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     except subprocess.TimeoutExpired:
         return {"timeout": timeout}
@@ -444,8 +485,12 @@ def run_lme4(df: pd.DataFrame, tmp: str, rinfo, reps: int, timeout: float):
         fh.write(R_SCRIPT)
     t0 = time.perf_counter()
     try:
-        p = subprocess.run([rs, "--vanilla", script, csv, str(reps)],
-                           capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(
+            [rs, "--vanilla", script, csv, str(reps)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {"timeout": timeout}
     wall = time.perf_counter() - t0
@@ -475,42 +520,86 @@ def bench_fit(args, rinfo, tmp):
     snap = ours["snap"]
     sec = f"3. REML fit ({n:,} events, {G:,} groups)"
     fe = np.array([snap.fixef[k] for k in ("(Intercept)", "x1", "x2")])
-    row(sec, "streamlmm fit() s (learn_many + fit() s)",
-        f"{ours['fit'][0]:.3f} ({ours['total'][0]:.3f})", "—", "—", "—", "—", None,
-        f"{ours['evals']} criterion evals")
+    row(
+        sec,
+        "streamlmm fit() s (learn_many + fit() s)",
+        f"{ours['fit'][0]:.3f} ({ours['total'][0]:.3f})",
+        "—",
+        "—",
+        "—",
+        "—",
+        None,
+        f"{ours['evals']} criterion evals",
+    )
     diag = fit_one_blas_thread(df, args.fit_repeats)
     if diag is not None:
-        row(sec, "diagnostic: streamlmm fit() s with BLAS limited to 1 thread",
-            f"{diag[0]:.3f} [{diag[1]:.3f}]", "—", "—", "—", "—", None,
-            "threadpoolctl.threadpool_limits(1, 'blas') around fit(); not used in the ratios")
+        row(
+            sec,
+            "diagnostic: streamlmm fit() s with BLAS limited to 1 thread",
+            f"{diag[0]:.3f} [{diag[1]:.3f}]",
+            "—",
+            "—",
+            "—",
+            "—",
+            None,
+            "threadpoolctl.threadpool_limits(1, 'blas') around fit(); not used in the ratios",
+        )
 
     # lme4
     log("§3 lme4 (Rscript)")
     lm = run_lme4(df, tmp, rinfo, args.lme4_repeats, args.r_timeout)
     if "elapsed" in lm:
         t = lm["elapsed"][0]
-        row(sec, "vs lme4 lmer(REML): s, ratio = lme4 / streamlmm fit()",
-            f"{ours['fit'][0]:.3f}", f"lme4 {lm.get('version', '')} ({lm.get('optimizer', '')})",
-            f"{t:.2f} (Rscript wall {lm['wall']:.1f})", f"{t / ours['fit'][0]:.1f}×",
-            "≥ 40×", t / ours["fit"][0] >= 40, f"lmer {int(lm['feval'][0])} evals")
-        row(sec, "vs lme4 lmer(REML): ratio = lme4 / (streamlmm learn_many + fit())",
-            f"{ours['total'][0]:.3f}", "lme4", f"{t:.2f}", f"{t / ours['total'][0]:.1f}×",
-            "≥ 40×", t / ours["total"][0] >= 40)
-        AGREE.append({
-            "peer": "lme4",
-            "data": f"{n:,} / {G:,}",
-            "fixef": rel(fe, lm["fixef"]),
-            "sigma": rel(snap.sigma, lm["sigma"][0]),
-            "theta": rel(snap.theta, lm["theta"]),
-            "re_cov": rel(snap.re_cov.ravel(order="F"), lm["re_cov"]),
-            "crit": rel(snap.criterion, lm["remlcrit"][0]),
-            "crit_diff": snap.criterion - lm["remlcrit"][0],
-        })
+        row(
+            sec,
+            "vs lme4 lmer(REML): s, ratio = lme4 / streamlmm fit()",
+            f"{ours['fit'][0]:.3f}",
+            f"lme4 {lm.get('version', '')} ({lm.get('optimizer', '')})",
+            f"{t:.2f} (Rscript wall {lm['wall']:.1f})",
+            f"{t / ours['fit'][0]:.1f}×",
+            "≥ 40×",
+            t / ours["fit"][0] >= 40,
+            f"lmer {int(lm['feval'][0])} evals",
+        )
+        row(
+            sec,
+            "vs lme4 lmer(REML): ratio = lme4 / (streamlmm learn_many + fit())",
+            f"{ours['total'][0]:.3f}",
+            "lme4",
+            f"{t:.2f}",
+            f"{t / ours['total'][0]:.1f}×",
+            "≥ 40×",
+            t / ours["total"][0] >= 40,
+        )
+        AGREE.append(
+            {
+                "peer": "lme4",
+                "data": f"{n:,} / {G:,}",
+                "fixef": rel(fe, lm["fixef"]),
+                "sigma": rel(snap.sigma, lm["sigma"][0]),
+                "theta": rel(snap.theta, lm["theta"]),
+                "re_cov": rel(snap.re_cov.ravel(order="F"), lm["re_cov"]),
+                "crit": rel(snap.criterion, lm["remlcrit"][0]),
+                "crit_diff": snap.criterion - lm["remlcrit"][0],
+            }
+        )
     else:
-        why = lm.get("missing") or (f"timed out after {lm['timeout']:.0f} s" if "timeout" in lm
-                                    else f"failed: {lm.get('error')}")
-        row(sec, "vs lme4 lmer(REML)", f"{ours['fit'][0]:.3f}", "lme4", "skipped", "n/a",
-            "≥ 40×", None, why)
+        why = lm.get("missing") or (
+            f"timed out after {lm['timeout']:.0f} s"
+            if "timeout" in lm
+            else f"failed: {lm.get('error')}"
+        )
+        row(
+            sec,
+            "vs lme4 lmer(REML)",
+            f"{ours['fit'][0]:.3f}",
+            "lme4",
+            "skipped",
+            "n/a",
+            "≥ 40×",
+            None,
+            why,
+        )
         NOTES.append(f"§3 lme4 column skipped: {why}.")
 
     # statsmodels, on the same data or a subset of the same model
@@ -520,8 +609,17 @@ def bench_fit(args, rinfo, tmp):
     try:
         import statsmodels  # noqa: F401
     except ImportError:
-        row(sec, "vs statsmodels MixedLM", "—", "statsmodels", "skipped", "n/a", "≥ 100×", None,
-            "statsmodels not installed")
+        row(
+            sec,
+            "vs statsmodels MixedLM",
+            "—",
+            "statsmodels",
+            "skipped",
+            "n/a",
+            "≥ 100×",
+            None,
+            "statsmodels not installed",
+        )
         return
     sm_n = args.sm_rows if args.sm_rows > 0 else n
     if sm_n >= n:
@@ -533,30 +631,55 @@ def bench_fit(args, rinfo, tmp):
         sours = slmm_fit(sdf, args.fit_repeats)
     log(f"§3 statsmodels on {sm_n:,} events / {sm_G:,} groups (timeout {args.sm_timeout:.0f} s)")
     sm = run_statsmodels(sdf, tmp, args.sm_timeout)
-    ssec = sec if sm_n == n else f"3b. REML fit, statsmodels-sized ({sm_n:,} events, {sm_G:,} groups)"
+    ssec = (
+        sec if sm_n == n else f"3b. REML fit, statsmodels-sized ({sm_n:,} events, {sm_G:,} groups)"
+    )
     if "fit" in sm:
         t = sm["build"] + sm["fit"]
         if sm_n != n:
-            row(ssec, "streamlmm fit() s (learn_many + fit() s)",
-                f"{sours['fit'][0]:.3f} ({sours['total'][0]:.3f})", "—", "—", "—", "—", None,
-                f"{sours['evals']} criterion evals")
-        row(ssec, "vs statsmodels MixedLM(REML): s, ratio = sm / streamlmm fit()",
-            f"{sours['fit'][0]:.3f}", f"statsmodels {sm['version']}",
+            row(
+                ssec,
+                "streamlmm fit() s (learn_many + fit() s)",
+                f"{sours['fit'][0]:.3f} ({sours['total'][0]:.3f})",
+                "—",
+                "—",
+                "—",
+                "—",
+                None,
+                f"{sours['evals']} criterion evals",
+            )
+        row(
+            ssec,
+            "vs statsmodels MixedLM(REML): s, ratio = sm / streamlmm fit()",
+            f"{sours['fit'][0]:.3f}",
+            f"statsmodels {sm['version']}",
             f"{t:.1f} (from_formula {sm['build']:.1f} + fit {sm['fit']:.1f})",
-            f"{t / sours['fit'][0]:.0f}×", "≥ 100×", t / sours["fit"][0] >= 100,
-            "" if sm["converged"] else "statsmodels: not converged")
-        row(ssec, "vs statsmodels: ratio = sm / (streamlmm learn_many + fit())",
-            f"{sours['total'][0]:.3f}", "statsmodels", f"{t:.1f}",
-            f"{t / sours['total'][0]:.0f}×", "≥ 100×", t / sours["total"][0] >= 100)
+            f"{t / sours['fit'][0]:.0f}×",
+            "≥ 100×",
+            t / sours["fit"][0] >= 100,
+            "" if sm["converged"] else "statsmodels: not converged",
+        )
+        row(
+            ssec,
+            "vs statsmodels: ratio = sm / (streamlmm learn_many + fit())",
+            f"{sours['total'][0]:.3f}",
+            "statsmodels",
+            f"{t:.1f}",
+            f"{t / sours['total'][0]:.0f}×",
+            "≥ 100×",
+            t / sours["total"][0] >= 100,
+        )
         s2 = sours["snap"]
         fe2 = np.array([s2.fixef[k] for k in ("(Intercept)", "x1", "x2")])
-        AGREE.append({
-            "peer": "statsmodels",
-            "data": f"{sm_n:,} / {sm_G:,}",
-            "fixef": rel(fe2, sm["fixef"]),
-            "sigma": rel(s2.sigma ** 2, sm["scale"]),
-            "re_cov": rel(s2.re_cov, sm["cov_re"]),
-        })
+        AGREE.append(
+            {
+                "peer": "statsmodels",
+                "data": f"{sm_n:,} / {sm_G:,}",
+                "fixef": rel(fe2, sm["fixef"]),
+                "sigma": rel(s2.sigma**2, sm["scale"]),
+                "re_cov": rel(s2.re_cov, sm["cov_re"]),
+            }
+        )
         for w in sm["warnings"]:
             NOTES.append(f"§3 statsmodels warning: {w}")
         if sm_n != n:
@@ -566,13 +689,22 @@ def bench_fit(args, rinfo, tmp):
                 "re-measured on exactly that sample for the ratio."
             )
     else:
-        why = (f"timed out after {sm['timeout']:.0f} s" if "timeout" in sm
-               else f"failed: {sm.get('error')}")
-        row(ssec, "vs statsmodels MixedLM(REML)", f"{sours['fit'][0]:.3f}", "statsmodels",
+        why = (
+            f"timed out after {sm['timeout']:.0f} s"
+            if "timeout" in sm
+            else f"failed: {sm.get('error')}"
+        )
+        row(
+            ssec,
+            "vs statsmodels MixedLM(REML)",
+            f"{sours['fit'][0]:.3f}",
+            "statsmodels",
             f"> {args.sm_timeout:.0f}" if "timeout" in sm else "error",
             f"> {args.sm_timeout / sours['fit'][0]:.0f}×" if "timeout" in sm else "n/a",
-            "≥ 100×", True if "timeout" in sm and args.sm_timeout / sours["fit"][0] >= 100 else None,
-            why)
+            "≥ 100×",
+            True if "timeout" in sm and args.sm_timeout / sours["fit"][0] >= 100 else None,
+            why,
+        )
 
 
 # -- 4. memory per group ------------------------------------------------------------------
@@ -599,10 +731,17 @@ def bench_memory(args):
         traced = (cur - base) / G
         acc = m._stats.nbytes() / G
         cap = m._stats.S.shape[0]  # capacity (rows), grown by doubling
-        row(sec, f"bytes/group, {label} (tracemalloc; stats.nbytes())",
-            f"{traced:.0f} ({acc:.0f})", "—", "—", "—", "≤ 400 B", traced <= 400,
-            f"S: {cap:,} rows × {m._stats.S.shape[1]} floats = "
-            f"{m._stats.S.nbytes / G:.0f} B/group")
+        row(
+            sec,
+            f"bytes/group, {label} (tracemalloc; stats.nbytes())",
+            f"{traced:.0f} ({acc:.0f})",
+            "—",
+            "—",
+            "—",
+            "≤ 400 B",
+            traced <= 400,
+            f"S: {cap:,} rows × {m._stats.S.shape[1]} floats = {m._stats.S.nbytes / G:.0f} B/group",
+        )
         del m
     NOTES.append(
         "§4 tracemalloc counts everything allocated after the model was created and still "
@@ -613,8 +752,16 @@ def bench_memory(args):
 
 # -- 5. ChickWeights ----------------------------------------------------------------------
 def bench_chick(args):
-    from river import compose, datasets, evaluate, feature_extraction, linear_model, metrics, \
-        preprocessing, stats
+    from river import (
+        compose,
+        datasets,
+        evaluate,
+        feature_extraction,
+        linear_model,
+        metrics,
+        preprocessing,
+        stats,
+    )
 
     from streamlmm import MixedLM
 
@@ -628,17 +775,21 @@ def bench_chick(args):
         return compose.Select("time")
 
     models = {
-        'MixedLM("weight ~ time + (1 + time | chick)")':
-            MixedLM("weight ~ time + (1 + time | chick)"),
+        'MixedLM("weight ~ time + (1 + time | chick)")': MixedLM(
+            "weight ~ time + (1 + time | chick)"
+        ),
         "LinearRegression() on time": sel() | linear_model.LinearRegression(),
-        "StandardScaler | LinearRegression() on time":
-            sel() | preprocessing.StandardScaler() | linear_model.LinearRegression(),
-        "(time + TargetAgg(chick, Mean)) | LinearRegression()":
-            (sel() + agg()) | linear_model.LinearRegression(),
-        "(time + TargetAgg(chick, Mean)) | StandardScaler | LinearRegression()":
-            (sel() + agg()) | preprocessing.StandardScaler() | linear_model.LinearRegression(),
-        "LinearRegression() on all raw features (time, chick, diet)":
-            linear_model.LinearRegression(),
+        "StandardScaler | LinearRegression() on time": sel()
+        | preprocessing.StandardScaler()
+        | linear_model.LinearRegression(),
+        "(time + TargetAgg(chick, Mean)) | LinearRegression()": (sel() + agg())
+        | linear_model.LinearRegression(),
+        "(time + TargetAgg(chick, Mean)) | StandardScaler | LinearRegression()": (sel() + agg())
+        | preprocessing.StandardScaler()
+        | linear_model.LinearRegression(),
+        "LinearRegression() on all raw features (time, chick, diet)": (
+            linear_model.LinearRegression()
+        ),
     }
     res = {}
     for name, model in models.items():
@@ -647,40 +798,90 @@ def bench_chick(args):
         res[name] = (mae.get(), time.perf_counter() - t0)
     ours_name = next(iter(models))
     ours = res[ours_name][0]
-    row(sec, "MixedLM MAE", f"{ours:.3f}", "—", "—", "—", "—", None,
-        f"{res[ours_name][1] * 1e3:.0f} ms")
+    row(
+        sec,
+        "MixedLM MAE",
+        f"{ours:.3f}",
+        "—",
+        "—",
+        "—",
+        "—",
+        None,
+        f"{res[ours_name][1] * 1e3:.0f} ms",
+    )
     for name, (mae, dt) in list(res.items())[1:]:
-        row(sec, "MAE vs river baseline", f"{ours:.3f}", name, fmt(mae, digits=4),
-            fmt(mae / ours) + "× MixedLM's error", "MixedLM better",
-            ours < mae if math.isfinite(mae) else True, f"{dt * 1e3:.0f} ms")
+        row(
+            sec,
+            "MAE vs river baseline",
+            f"{ours:.3f}",
+            name,
+            fmt(mae, digits=4),
+            fmt(mae / ours) + "× MixedLM's error",
+            "MixedLM better",
+            ours < mae if math.isfinite(mae) else True,
+            f"{dt * 1e3:.0f} ms",
+        )
 
 
 # -- output -------------------------------------------------------------------------------
 def print_table():
     print("## Results\n")
     print("Times are best of the repeats, medians in [brackets]. ratio = as stated per row.\n")
-    hdr = ["section", "measurement", "streamlmm", "peer", "peer value", "ratio", "target",
-           "status", "note"]
+    hdr = [
+        "section",
+        "measurement",
+        "streamlmm",
+        "peer",
+        "peer value",
+        "ratio",
+        "target",
+        "status",
+        "note",
+    ]
     print("| " + " | ".join(hdr) + " |")
     print("|" + "---|" * len(hdr))
     last = None
     for r in ROWS:
         sec = r["section"] if r["section"] != last else ""
         last = r["section"]
-        cells = [sec, r["what"], r["ours"], r["peer_name"], r["peer"], r["ratio"], r["target"],
-                 status(r["ok"]), r["note"]]
+        cells = [
+            sec,
+            r["what"],
+            r["ours"],
+            r["peer_name"],
+            r["peer"],
+            r["ratio"],
+            r["target"],
+            status(r["ok"]),
+            r["note"],
+        ]
         print("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     print()
     if AGREE:
         print("## Agreement of the estimates (max relative difference, streamlmm vs peer)\n")
-        print("| peer | data (events / groups) | fixef | sigma (sm: scale σ²) | theta | "
-              "re_cov | REML criterion | criterion diff (ours − peer) |")
+        print(
+            "| peer | data (events / groups) | fixef | sigma (sm: scale σ²) | theta | "
+            "re_cov | REML criterion | criterion diff (ours − peer) |"
+        )
         print("|---|---|---|---|---|---|---|---|")
         for a in AGREE:
-            cells = [a["peer"], a["data"], a["fixef"], a["sigma"], a.get("theta"),
-                     a["re_cov"], a.get("crit"), a.get("crit_diff")]
-            print("| " + " | ".join(c if isinstance(c, str) else
-                                     ("—" if c is None else f"{c:.2e}") for c in cells) + " |")
+            cells = [
+                a["peer"],
+                a["data"],
+                a["fixef"],
+                a["sigma"],
+                a.get("theta"),
+                a["re_cov"],
+                a.get("crit"),
+                a.get("crit_diff"),
+            ]
+            print(
+                "| "
+                + " | ".join(
+                    c if isinstance(c, str) else ("—" if c is None else f"{c:.2e}") for c in cells
+                )
+                + " |"
+            )
         print()
     if NOTES:
         print("## Notes\n")
@@ -694,14 +895,22 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small sizes: a smoke test under a minute")
     ap.add_argument("--seed", type=int, default=20240611)
     ap.add_argument("--repeats", type=int, default=None, help="timing repeats (default 5; quick 3)")
-    ap.add_argument("--sm-rows", type=int, default=0,
-                    help="rows for the statsmodels comparison (default 0 = the full data, "
-                         "~1-2 min at 1M rows); with a smaller value statsmodels and "
-                         "streamlmm are both measured on a separate sample of that size "
-                         "from the same model, groups scaled in proportion")
-    ap.add_argument("--sm-timeout", type=float, default=900.0, help="seconds before statsmodels is abandoned")
+    ap.add_argument(
+        "--sm-rows",
+        type=int,
+        default=0,
+        help="rows for the statsmodels comparison (default 0 = the full data, "
+        "~1-2 min at 1M rows); with a smaller value statsmodels and "
+        "streamlmm are both measured on a separate sample of that size "
+        "from the same model, groups scaled in proportion",
+    )
+    ap.add_argument(
+        "--sm-timeout", type=float, default=900.0, help="seconds before statsmodels is abandoned"
+    )
     ap.add_argument("--no-sm", action="store_true", help="skip statsmodels")
-    ap.add_argument("--r-timeout", type=float, default=1800.0, help="seconds before Rscript is abandoned")
+    ap.add_argument(
+        "--r-timeout", type=float, default=1800.0, help="seconds before Rscript is abandoned"
+    )
     ap.add_argument("--lme4-repeats", type=int, default=1, help="lmer timing repeats inside R")
     ap.add_argument("--only", default="12345", help="sections to run, e.g. 13")
     ap.add_argument("--_sm-worker", nargs=2, help=argparse.SUPPRESS)
@@ -721,8 +930,13 @@ def main(argv=None):
     environment(args, rinfo)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench_core_") as tmp:
-        steps = [("1", bench_one, ()), ("2", bench_many, ()), ("3", bench_fit, (rinfo, tmp)),
-                 ("4", bench_memory, ()), ("5", bench_chick, ())]
+        steps = [
+            ("1", bench_one, ()),
+            ("2", bench_many, ()),
+            ("3", bench_fit, (rinfo, tmp)),
+            ("4", bench_memory, ()),
+            ("5", bench_chick, ()),
+        ]
         for key, fn, extra in steps:
             if key in args.only:
                 log(f"section {key}: {fn.__name__}")

@@ -101,12 +101,18 @@ def profile(stats: GroupStats, theta: np.ndarray, reml: bool) -> Profile | None:
     """Evaluate the profiled REML/ML criterion at θ; ``None`` where it is undefined.
 
     It is undefined when ``RX'RX`` is not positive definite (too few events or
-    collinear fixed columns) or the penalised residual sum of squares is not positive.
+    collinear fixed columns) or the penalised residual sum of squares is not positive
+    (within rounding of the total sum of squares: data that the model fits exactly).
     """
     q = stats.formula.q
     p = stats.formula.p
     lam = lam_of(np.asarray(theta, dtype=float), q)
-    logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
+    try:
+        logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
+    except ZeroDivisionError:  # huge θ: Λ'ZZΛ + I lost its positive definiteness to rounding
+        return None
+    if not math.isfinite(logdet):
+        return None
     dof = n - p if reml else n
     if not dof > 0:
         return None
@@ -119,7 +125,8 @@ def profile(stats: GroupStats, theta: np.ndarray, reml: bool) -> Profile | None:
     cbeta = np.linalg.solve(Lx, Xy - c)
     beta = np.linalg.solve(Lx.T, cbeta)
     r2 = yy - s - cbeta @ cbeta
-    if not (r2 > 0 and math.isfinite(r2)):
+    # r² at rounding level (≤ p distinct events fit exactly): σ̂ = 0 and d(θ) = −∞
+    if not (r2 > 1e-13 * yy and math.isfinite(r2)):
         return None
     d = 2.0 * logdet + dof * (1.0 + _LOG2PI + math.log(r2 / dof))
     if reml:

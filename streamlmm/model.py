@@ -161,10 +161,10 @@ class MixedLM(base.MiniBatchRegressor):
         n = len(yv)
         codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv)
         self.n_skipped += n - kept.shape[0]
-        present = np.zeros(len(uniques), dtype=bool)
-        present[codes[wk > 0]] = True
+        # new groups get rows in the order of their first kept event, as in a learn_one loop
+        live, first = np.unique(codes[wk > 0], return_index=True)
+        idx = live[np.argsort(first, kind="stable")]
         urows = np.full(len(uniques), -1, dtype=np.int64)
-        idx = np.flatnonzero(present)
         urows[idx] = self._stats.rows([uniques[j] for j in idx])
         self._accumulate(urows[codes], A, yk, wk, tk)
 

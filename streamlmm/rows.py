@@ -236,7 +236,18 @@ class RowReader:
         arr = np.asarray(col)
         if arr.shape != (n,):
             raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
-        codes, uniques = pd.factorize(arr, use_na_sentinel=True)
+        try:
+            codes, uniques = pd.factorize(arr, use_na_sentinel=True)
+        except TypeError:  # an unhashable key (list, dict): name its row, as for any bad key
+            for r, v in enumerate(arr):
+                try:
+                    hash(v)
+                except TypeError:
+                    try:
+                        check_key(v, name)
+                    except ValueError as e:
+                        raise ValueError(f"row {r}: {e}") from None
+            raise
         checked = []
         for j, u in enumerate(uniques):
             try:

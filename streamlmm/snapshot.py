@@ -147,6 +147,9 @@ class Snapshot:
     def __setattr__(self, name, value):
         raise AttributeError("Snapshot is immutable")
 
+    def __delattr__(self, name):
+        raise AttributeError("Snapshot is immutable")
+
     def __repr__(self) -> str:
         fx = ", ".join(f"{k}={v:.6g}" for k, v in self.fixef.items())
         return (

@@ -144,7 +144,7 @@ class ReferenceCase:
         return DenseLMM.from_frame(f, self.data, w)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_reference(name: str) -> ReferenceCase:
     """Load ``<name>.json`` and its CSV; ``g`` is read as strings, like the JSON keys."""
     ref = json.loads((reference_dir() / f"{name}.json").read_text())

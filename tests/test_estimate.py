@@ -91,8 +91,13 @@ def test_profile_is_undefined_for_a_perfect_fit():
     f = parse_formula("y ~ x1 + (1 | g)")
     st = GroupStats(f)
     x = np.arange(10.0)
-    st.add(st.rows([0] * 5 + [1] * 5), np.column_stack([np.ones(10), x]), 2 * x + 1,
-           np.ones(10), np.zeros(10))
+    st.add(
+        st.rows([0] * 5 + [1] * 5),
+        np.column_stack([np.ones(10), x]),
+        2 * x + 1,
+        np.ones(10),
+        np.zeros(10),
+    )
     assert estimate.profile(st, np.array([0.0]), reml=False) is None
 
 
@@ -123,8 +128,9 @@ def test_fit_theta_lands_on_the_boundary_when_groups_do_not_differ():
     e = rng.normal(size=n)
     e -= pd.Series(e).groupby(g).transform("mean").to_numpy()
     x = rng.normal(size=n)
-    st.add(st.rows(g.tolist()), np.column_stack([np.ones(n), x]), 1 + x + e, np.ones(n),
-           np.zeros(n))
+    st.add(
+        st.rows(g.tolist()), np.column_stack([np.ones(n), x]), 1 + x + e, np.ones(n), np.zeros(n)
+    )
     for reml in (True, False):
         pr, _ = estimate.fit_theta(st, reml)
         # d depends on θ² when q = 1, so θ below ~1e-8 is indistinguishable from 0
@@ -189,8 +195,10 @@ def test_em_step_equals_design_formulas_in_d_form(reference):
         rss += np.trace(ZZ @ (np.outer(b, b) + C))
         T += ZX.T @ b
     n = st.n_obs
-    XXt, Xyt = (sum(st.active[r][st.P][np.ix_(f.xi, f.xi)] for r in range(st.n_groups)),
-                sum(st.active[r][st.P][f.xi, st.yi] for r in range(st.n_groups)))
+    XXt, Xyt = (
+        sum(st.active[r][st.P][np.ix_(f.xi, f.xi)] for r in range(st.n_groups)),
+        sum(st.active[r][st.P][f.xi, st.yi] for r in range(st.n_groups)),
+    )
     D_new, sigma2_new = S / st.n_groups, rss / n
     beta_new = np.linalg.solve(XXt, Xyt - T)
     got_theta, got_beta, got_sigma2 = estimate.em_step(st, theta, beta, sigma2)
@@ -249,8 +257,13 @@ def test_em_step_handles_a_singular_d():
     rng = np.random.default_rng(4)
     n = 200
     x = rng.normal(size=n)
-    st.add(st.rows((np.arange(n) % 10).tolist()), np.column_stack([np.ones(n), x]),
-           rng.normal(size=n), np.ones(n), np.zeros(n))
+    st.add(
+        st.rows((np.arange(n) % 10).tolist()),
+        np.column_stack([np.ones(n), x]),
+        rng.normal(size=n),
+        np.ones(n),
+        np.zeros(n),
+    )
     theta = np.array([1.0, 0.5, 0.0])
     new_theta, new_beta, new_sigma2 = estimate.em_step(st, theta, np.zeros(2), 1.0)
     assert np.all(np.isfinite(new_theta)) and np.all(np.isfinite(new_beta))
@@ -272,8 +285,9 @@ def test_unshift_maps_shifted_estimates_to_the_users_columns(reference, helpers)
     st = case.unshifted_stats()
     f = case.formula
     pr = estimate.profile(st, case.theta, True)
-    B, K = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi,
-                         estimate.lam_of(case.theta, f.q), pr.beta)
+    B, K = kernels.blups(
+        st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, estimate.lam_of(case.theta, f.q), pr.beta
+    )
     RXinv = np.linalg.inv(pr.RX)
     np.testing.assert_allclose(got["fixef"], pr.beta, rtol=1e-10)
     np.testing.assert_allclose(got["vcov"], pr.sigma2 * RXinv @ RXinv.T, rtol=1e-9)

@@ -46,8 +46,14 @@ LAMBDAS = [
 def _blocks(st, r):
     f = st.formula
     M = st.active[r][st.P]
-    return (M[np.ix_(f.zi, f.zi)], M[np.ix_(f.zi, f.xi)], M[f.zi, st.yi],
-            M[np.ix_(f.xi, f.xi)], M[f.xi, st.yi], M[st.yi, st.yi])
+    return (
+        M[np.ix_(f.zi, f.zi)],
+        M[np.ix_(f.zi, f.xi)],
+        M[f.zi, st.yi],
+        M[np.ix_(f.xi, f.xi)],
+        M[f.xi, st.yi],
+        M[st.yi, st.yi],
+    )
 
 
 def test_packed_index_is_a_symmetric_bijection():

@@ -350,7 +350,9 @@ def test_from_snapshot_continues_exactly(reference, helpers, through_bytes, half
     np.testing.assert_array_equal(shift_a, shift_b)
     np.testing.assert_allclose(Sa, Sb, rtol=1e-12, atol=1e-12)
     if half_life:
-        np.testing.assert_array_equal(resumed._stats.tg[: len(keys_a)], whole._stats.tg[: len(keys_b)])
+        np.testing.assert_array_equal(
+            resumed._stats.tg[: len(keys_a)], whole._stats.tg[: len(keys_b)]
+        )
         assert resumed._stats.now == whole._stats.now
 
 
@@ -364,10 +366,24 @@ def test_from_snapshot_without_state_raises(reference):
 
 def _snapshot_kwargs(s: Snapshot) -> dict:
     return dict(
-        formula=s.formula, method=s.method, fixef=s.fixef, fixef_se=s.fixef_se,
-        re_cov=s.re_cov, sigma=s.sigma, theta=s.theta, criterion=s.criterion, n_obs=s.n_obs,
-        singular=s.singular, converged=s.converged, n_events=s.n_events, keys=s.keys, b=s.b,
-        condvar=s.condvar, offsets=s.offsets, meta=s.meta, state=s.state,
+        formula=s.formula,
+        method=s.method,
+        fixef=s.fixef,
+        fixef_se=s.fixef_se,
+        re_cov=s.re_cov,
+        sigma=s.sigma,
+        theta=s.theta,
+        criterion=s.criterion,
+        n_obs=s.n_obs,
+        singular=s.singular,
+        converged=s.converged,
+        n_events=s.n_events,
+        keys=s.keys,
+        b=s.b,
+        condvar=s.condvar,
+        offsets=s.offsets,
+        meta=s.meta,
+        state=s.state,
     )
 
 
@@ -412,16 +428,26 @@ def test_learn_one_rejects_bad_input_and_changes_nothing(trained, helpers, label
 
 
 BAD_MANY = [
-    ("x1", math.nan), ("x1", None), ("x2", math.inf), ("x1", "1.0"), ("x2", True),
-    ("g", None), ("g", 1.5), ("g", ["a"]), ("g", {"a": 1}), ("y", math.nan), ("y", None),
+    ("x1", math.nan),
+    ("x1", None),
+    ("x2", math.inf),
+    ("x1", "1.0"),
+    ("x2", True),
+    ("g", None),
+    ("g", 1.5),
+    ("g", ["a"]),
+    ("g", {"a": 1}),
+    ("y", math.nan),
+    ("y", None),
     ("w", -2.0),
 ]
 
 
 def _batch(n=20, seed=4):
     rng = np.random.default_rng(seed)
-    X = pd.DataFrame({"g": [f"k{i % 7}" for i in range(n)], "x1": rng.normal(size=n),
-                      "x2": rng.normal(size=n)})
+    X = pd.DataFrame(
+        {"g": [f"k{i % 7}" for i in range(n)], "x1": rng.normal(size=n), "x2": rng.normal(size=n)}
+    )
     return X, pd.Series(rng.normal(size=n)), pd.Series(np.ones(n))
 
 

@@ -54,9 +54,7 @@ def lmm_data(draw, formula: str | None = None, max_groups: int = 8, max_size: in
     frame = pd.DataFrame(rows, columns=["g", "x1", "x2", "y"])
     if key_style == "mixed":
         frame["g"] = frame["g"].astype(object)
-    frame["w"] = draw(
-        st.lists(st.integers(1, 3), min_size=len(frame), max_size=len(frame))
-    )
+    frame["w"] = draw(st.lists(st.integers(1, 3), min_size=len(frame), max_size=len(frame)))
     return formula, frame
 
 
@@ -137,8 +135,9 @@ def test_integer_weights_equal_repeated_events(helpers, data):
 
 @SETTINGS
 @given(data=lmm_data(), theta_seed=st.integers(0, 1000), reml=st.booleans())
-def test_criterion_and_blups_equal_dense_at_random_theta(helpers, dense_lmm, data, theta_seed,
-                                                         reml):
+def test_criterion_and_blups_equal_dense_at_random_theta(
+    helpers, dense_lmm, data, theta_seed, reml
+):
     formula, frame = data
     if not _enough(formula, frame):
         return
@@ -154,8 +153,9 @@ def test_criterion_and_blups_equal_dense_at_random_theta(helpers, dense_lmm, dat
     assert got["sigma"] ** 2 == pytest.approx(want.sigma2, rel=1e-7)
     for k, b in want.b.items():
         np.testing.assert_allclose(got["b"][k], b, rtol=1e-6, atol=1e-7 * scale)
-        np.testing.assert_allclose(got["condvar"][k], want.condvar[k], rtol=1e-6,
-                                   atol=1e-9 * want.sigma2)
+        np.testing.assert_allclose(
+            got["condvar"][k], want.condvar[k], rtol=1e-6, atol=1e-9 * want.sigma2
+        )
 
 
 @settings(SETTINGS, max_examples=25)

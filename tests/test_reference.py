@@ -26,7 +26,7 @@ from streamlmm import MixedLM, estimate, kernels
 PATHS = ("learn_one", "learn_many")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _fitted(case, path: str):
     model = MixedLM(case.ref["formula"], case.method)
     if path == "learn_one":
@@ -43,7 +43,7 @@ def fit(request, case):
     return case, model, snap
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _at_lme4_theta(case):
     """Profile, BLUPs and condVar from the (unshifted) statistics at lme4's θ."""
     st = case.unshifted_stats()
@@ -120,9 +120,7 @@ def test_ranef_and_condvar_every_group(fit):
     _, b_at, cv_at = _at_lme4_theta(case)
     for key in failing:
         np.testing.assert_allclose(b_at[key], case.ranef(key), rtol=1e-6, atol=0, err_msg=key)
-        np.testing.assert_allclose(
-            cv_at[key], case.condvar(key), rtol=1e-6, atol=0, err_msg=key
-        )
+        np.testing.assert_allclose(cv_at[key], case.condvar(key), rtol=1e-6, atol=0, err_msg=key)
     assert len(failing) <= 0.01 * len(case.group_keys), failing
 
 

@@ -79,7 +79,11 @@ def test_read_rejects_a_non_mapping():
 
 @pytest.mark.parametrize(
     "x, y",
-    [({"g": "k", "x2": 1.0}, 1.0), ({"x1": 1.0, "x2": 1.0}, 1.0), ({"g": "k", "x1": 1, "x2": 1}, None)],
+    [
+        ({"g": "k", "x2": 1.0}, 1.0),
+        ({"x1": 1.0, "x2": 1.0}, 1.0),
+        ({"g": "k", "x1": 1, "x2": 1}, None),
+    ],
 )
 def test_skip_policy_returns_none_for_missing_values(x, y):
     assert _reader(missing="skip").read(x, y, np.empty(3)) is None

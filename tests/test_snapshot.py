@@ -150,8 +150,7 @@ def test_fixef_se_equals_dense_computation(sleep):
     case, _, s = sleep
     d = case.dense().at(s.theta, reml=True)
     assert s.sigma**2 == pytest.approx(d.sigma2, rel=1e-10)
-    np.testing.assert_allclose(list(s.fixef_se.values()), np.sqrt(np.diag(d.vcov_beta)),
-                               rtol=1e-9)
+    np.testing.assert_allclose(list(s.fixef_se.values()), np.sqrt(np.diag(d.vcov_beta)), rtol=1e-9)
 
 
 def test_fixef_se_matches_lme4_summary(sleep):

@@ -172,6 +172,11 @@ def test_lazy_decay_equals_explicit_decayed_weights(shuffle_times):
 def test_nbytes_grows_with_groups():
     st = GroupStats(FORMULA)
     small = st.nbytes()
-    st.add(st.rows([f"g{i}" for i in range(1000)]), np.ones((1000, 3)), np.ones(1000),
-           np.ones(1000), np.zeros(1000))
+    st.add(
+        st.rows([f"g{i}" for i in range(1000)]),
+        np.ones((1000, 3)),
+        np.ones(1000),
+        np.ones(1000),
+        np.zeros(1000),
+    )
     assert st.nbytes() > small + 1000 * st.width * 8

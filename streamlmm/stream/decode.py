@@ -33,6 +33,7 @@ class Record:
     offset: int
     key: bytes | None
     value: bytes | None
+    timestamp_ms: int | None = None  # the source's record time (Kafka: ms since the epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +122,8 @@ class Decoder:
         if len(value) > self.max_bytes:
             raise ValueError(f"message of {len(value)} bytes exceeds {self.max_bytes}")
         try:
-            x = json.loads(value)
+            # strictly UTF-8 (RFC 8259 §8.1): json.loads(bytes) would also take UTF-16/32
+            x = json.loads(value.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"invalid JSON: {str(e)[:120]}") from None
         if not isinstance(x, dict):
@@ -145,7 +147,7 @@ class Decoder:
             i = len(keys)
             try:
                 got = self._one(rec.value, A[i])
-            except ValueError as e:
+            except (ValueError, OverflowError) as e:  # Overflow: an int no float can hold
                 dead.append(DeadLetter(rec, str(e)))
                 continue
             if got is None:

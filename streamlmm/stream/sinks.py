@@ -13,6 +13,7 @@ from typing import Any
 
 from streamlmm.snapshot import Snapshot
 from streamlmm.stream.decode import DeadLetter
+from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS
 
 __all__ = ["DeadLetterSink", "EffectsPublisher", "make_producer", "MODEL_KEY"]
 
@@ -30,7 +31,7 @@ def make_producer(bootstrap: str, client_config: Mapping[str, Any] | None = None
         retries=2**31 - 1,
         max_in_flight_requests_per_connection=1,
         linger_ms=5,
-        **dict(client_config or {}),
+        **{"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **dict(client_config or {})},
     )
 
 

@@ -20,6 +20,9 @@ __all__ = ["Source", "JsonlSource", "KafkaSource", "open_source", "tp_name"]
 
 log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 1 << 20
+# kafka-python's default cap on reconnect backoff is 30 s (the Java client's is 1 s): after
+# a broker outage the engine would sit idle for up to 30 s once the broker is back.
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 def tp_name(topic: str, partition: int) -> str:
@@ -137,7 +140,7 @@ class KafkaSource(Source):
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_partition_fetch_bytes=max_partition_fetch_bytes,
-            **dict(client_config or {}),
+            **{"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **dict(client_config or {})},
         )
         deadline = time.monotonic() + metadata_timeout_s
         parts = None
@@ -167,7 +170,7 @@ class KafkaSource(Source):
         out = []
         for tp, msgs in polled.items():
             for m in msgs:
-                out.append(Record(tp.topic, tp.partition, m.offset, m.key, m.value))
+                out.append(Record(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp))
         return out
 
     def end_offsets(self) -> dict[str, int]:
