@@ -12,6 +12,7 @@ per group holds every block the math needs: ``ZZ``, ``ZX``, ``Zy``, ``XX``, ``Xy
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 
 import numpy as np
@@ -77,22 +78,22 @@ class Formula:
         """Number of union columns (without the response)."""
         return len(self.columns)
 
-    @property
+    @functools.cached_property
     def xi(self) -> np.ndarray:
         """Positions of the fixed columns in the union vector."""
         return np.array([self.columns.index(c) for c in self.fixed], dtype=np.int64)
 
-    @property
+    @functools.cached_property
     def zi(self) -> np.ndarray:
         """Positions of the random columns in the union vector."""
         return np.array([self.columns.index(c) for c in self.random], dtype=np.int64)
 
-    @property
+    @functools.cached_property
     def features(self) -> tuple[str, ...]:
         """Names of the input features, the union columns without the intercept."""
         return tuple(c for c in self.columns if c != INTERCEPT)
 
-    @property
+    @functools.cached_property
     def shiftable(self) -> np.ndarray:
         """Which union columns may be centred without changing the model (DESIGN §4).
 

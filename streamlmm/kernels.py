@@ -54,33 +54,43 @@ def packed_index(m: int) -> np.ndarray:
     return P
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add_event(S, tg, r, v, w, t, inv_half_life, P):  # pragma: no cover - numba
+    """Add ``w v v'`` to row ``r``, decaying the row first when the event is newer."""
+    if inv_half_life > 0.0:
+        dt = t - tg[r]
+        if dt > 0.0:
+            f = 2.0 ** (-dt * inv_half_life)
+            for c in range(S.shape[1]):
+                S[r, c] *= f
+            tg[r] = t
+        elif dt < 0.0:
+            w = w * 2.0 ** (dt * inv_half_life)
+    S[r, 0] += w
+    m = v.shape[0]
+    for i in range(m):
+        wvi = w * v[i]
+        for j in range(i, m):
+            S[r, P[i, j]] += wvi * v[j]
+
+
 @njit(cache=True, nogil=True)
-def accumulate(S, tg, rows, V, w, t, inv_half_life, P):  # pragma: no cover - numba
+def accumulate(S, tg, rows, A, y, shift, w, t, inv_half_life, P):  # pragma: no cover - numba
     """Scatter-add events into their groups' rows, in event order.
 
-    ``V[e]`` is the shifted augmented vector of event ``e``, ``w[e]`` its frequency
-    weight and ``t[e]`` its event time. With forgetting (``inv_half_life > 0``) a group
+    Event ``e`` contributes ``v = [A[e], y[e]] − shift`` with frequency weight ``w[e]``
+    at event time ``t[e]`` (read only with forgetting, ``inv_half_life > 0``). A group
     is first decayed to the event's time when the event is newer than the group's last
     update ``tg[r]``; an older event is added with its weight decayed to ``tg[r]``.
     """
-    m = V.shape[1]
+    k = A.shape[1]
+    v = np.empty(k + 1)
     for e in range(rows.shape[0]):
-        r = rows[e]
-        we = w[e]
-        if inv_half_life > 0.0:
-            dt = t[e] - tg[r]
-            if dt > 0.0:
-                f = 2.0 ** (-dt * inv_half_life)
-                for c in range(S.shape[1]):
-                    S[r, c] *= f
-                tg[r] = t[e]
-            elif dt < 0.0:
-                we = we * 2.0 ** (dt * inv_half_life)
-        S[r, 0] += we
-        for i in range(m):
-            wvi = we * V[e, i]
-            for j in range(i, m):
-                S[r, P[i, j]] += wvi * V[e, j]
+        for i in range(k):
+            v[i] = A[e, i] - shift[i]
+        v[k] = y[e] - shift[k]
+        te = t[e] if inv_half_life > 0.0 else 0.0
+        _add_event(S, tg, rows[e], v, w[e], te, inv_half_life, P)
 
 
 @njit(cache=True, nogil=True)
@@ -117,19 +127,42 @@ def _chol_logdet(A, q):  # pragma: no cover - numba
 
 
 @njit(cache=True, nogil=True)
-def group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W):  # pragma: no cover - numba
-    """Fill ``L_g``, ``RZX_g`` and ``cu_g`` for group row ``r``; return ``log|L_g|``.
+def block_maps(P, zi, xi, yi):  # pragma: no cover - numba
+    """Columns of ``S`` holding ``ZZ`` (q×q), ``ZX`` (q×p), ``Zy`` (q), ``XX``, ``Xy``, ``yy``."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    ZZi = np.empty((q, q), dtype=np.int64)
+    ZXi = np.empty((q, p), dtype=np.int64)
+    Zyi = np.empty(q, dtype=np.int64)
+    XXi = np.empty((p, p), dtype=np.int64)
+    Xyi = np.empty(p, dtype=np.int64)
+    for a in range(q):
+        Zyi[a] = P[zi[a], yi]
+        for b in range(q):
+            ZZi[a, b] = P[zi[a], zi[b]]
+        for j in range(p):
+            ZXi[a, j] = P[zi[a], xi[j]]
+    for i in range(p):
+        Xyi[i] = P[xi[i], yi]
+        for j in range(p):
+            XXi[i, j] = P[xi[i], xi[j]]
+    return ZZi, ZXi, Zyi, XXi, Xyi, P[yi, yi]
+
+
+@njit(cache=True, nogil=True)
+def group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W):  # pragma: no cover - numba
+    """Fill ``L_g``, ``RZX_g`` and ``cu_g`` from one group's row ``Sr``; return ``log|L_g|``.
 
     ``W`` is q×q scratch. All arrays are preallocated by the caller.
     """
-    q = zi.shape[0]
-    p = xi.shape[0]
+    q = ZZi.shape[0]
+    p = ZXi.shape[1]
     # W = ZZ Λ
     for a in range(q):
         for b in range(q):
             s = 0.0
             for c in range(b, q):  # Λ is lower triangular
-                s += S[r, P[zi[a], zi[c]]] * lam[c, b]
+                s += Sr[ZZi[a, c]] * lam[c, b]
             W[a, b] = s
     # L = Λ'W + I
     for a in range(q):
@@ -148,13 +181,13 @@ def group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W):  # pragma: no cover -
         for j in range(p):
             s = 0.0
             for c in range(a, q):
-                s += lam[c, a] * S[r, P[zi[c], xi[j]]]
+                s += lam[c, a] * Sr[ZXi[c, j]]
             for c in range(a):
                 s -= L[a, c] * RZX[c, j]
             RZX[a, j] = s / L[a, a]
         s = 0.0
         for c in range(a, q):
-            s += lam[c, a] * S[r, P[zi[c], yi]]
+            s += lam[c, a] * Sr[Zyi[c]]
         for c in range(a):
             s -= L[a, c] * cu[c]
         cu[a] = s / L[a, a]
@@ -167,6 +200,7 @@ def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
 
     Returns ``(Σ log|L_g|, Σ RZX'RZX, Σ RZX'cu, Σ‖cu‖², XX, Xy, yy, n)``.
     """
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
     L = np.empty((q, q))
@@ -182,23 +216,24 @@ def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
     yy = 0.0
     n = 0.0
     for r in range(G):
-        logdet += group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+        Sr = S[r]
+        logdet += group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
         for i in range(p):
             for j in range(i, p):
                 t = 0.0
                 for a in range(q):
                     t += RZX[a, i] * RZX[a, j]
                 A[i, j] += t
-                XX[i, j] += S[r, P[xi[i], xi[j]]]
+                XX[i, j] += Sr[XXi[i, j]]
             t = 0.0
             for a in range(q):
                 t += RZX[a, i] * cu[a]
             c[i] += t
-            Xy[i] += S[r, P[xi[i], yi]]
+            Xy[i] += Sr[Xyi[i]]
         for a in range(q):
             s += cu[a] * cu[a]
-        yy += S[r, P[yi, yi]]
-        n += S[r, 0]
+        yy += Sr[yyi]
+        n += Sr[0]
     for i in range(p):
         for j in range(i):
             A[i, j] = A[j, i]
@@ -261,6 +296,7 @@ def _cond_cov_into(L, lam, Linv, out):  # pragma: no cover - numba
 @njit(cache=True, nogil=True)
 def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
     L = np.empty((q, q))
@@ -271,7 +307,7 @@ def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     B = np.empty((G, q))
     V = np.empty((G, q, q))
     for r in range(G):
-        group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+        group_factor(S[r], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
         _blup_into(L, RZX, cu, lam, beta, u, B[r])
         _cond_cov_into(L, lam, W, V[r])
     return B, V
@@ -284,6 +320,7 @@ def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
     ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
     """
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
     L = np.empty((q, q))
@@ -299,24 +336,24 @@ def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     rss = 0.0
     trK = 0.0
     for r in range(G):
-        group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+        group_factor(S[r], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
         _blup_into(L, RZX, cu, lam, beta, u, b)
         _cond_cov_into(L, lam, W, K)
         for a in range(q):
-            ra = S[r, P[zi[a], yi]]
+            ra = S[r, Zyi[a]]
             for j in range(p):
-                ra -= S[r, P[zi[a], xi[j]]] * beta[j]
+                ra -= S[r, ZXi[a, j]] * beta[j]
             rss -= 2.0 * b[a] * ra
             for c in range(q):
                 Sbb[a, c] += b[a] * b[c]
                 SK[a, c] += K[a, c]
-                zz = S[r, P[zi[a], zi[c]]]
+                zz = S[r, ZZi[a, c]]
                 rss += zz * b[a] * b[c]
                 trK += zz * K[c, a]
         for j in range(p):
             t = 0.0
             for a in range(q):
-                t += S[r, P[zi[a], xi[j]]] * b[a]
+                t += S[r, ZXi[a, j]] * b[a]
             T[j] += t
     return Sbb, SK, rss, trK, T
 
@@ -328,6 +365,7 @@ def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma:
     ``A[e]`` is the shifted union vector of event ``e``; ``rows[e] < 0`` marks an unseen
     group, whose prediction is the fixed part alone.
     """
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
     L = np.empty((q, q))
@@ -342,7 +380,7 @@ def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma:
             yhat += A[e, xi[j]] * beta[j]
         r = rows[e]
         if r >= 0:
-            group_factor(S, r, P, zi, xi, yi, lam, L, RZX, cu, W)
+            group_factor(S[r], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
             _blup_into(L, RZX, cu, lam, beta, u, b)
             for a in range(q):
                 yhat += A[e, zi[a]] * b[a]
@@ -350,26 +388,13 @@ def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma:
 
 
 @njit(cache=True, nogil=True)
-def accumulate_one(S, tg, r, a, y, shift, w, t, inv_half_life, P):  # pragma: no cover
-    """One event into row ``r`` (the ``learn_one`` path): shift inline, no allocation."""
+def accumulate_one(S, tg, r, a, y, shift, w, t, inv_half_life, P, v):  # pragma: no cover
+    """One event into row ``r`` (the ``learn_one`` path); ``v`` is (k+1) scratch."""
     k = a.shape[0]
-    m = k + 1
-    if inv_half_life > 0.0:
-        dt = t - tg[r]
-        if dt > 0.0:
-            f = 2.0 ** (-dt * inv_half_life)
-            for c in range(S.shape[1]):
-                S[r, c] *= f
-            tg[r] = t
-        elif dt < 0.0:
-            w = w * 2.0 ** (dt * inv_half_life)
-    S[r, 0] += w
-    for i in range(m):
-        vi = (a[i] if i < k else y) - shift[i]
-        wvi = w * vi
-        for j in range(i, m):
-            vj = (a[j] if j < k else y) - shift[j]
-            S[r, P[i, j]] += wvi * vj
+    for i in range(k):
+        v[i] = a[i] - shift[i]
+    v[k] = y - shift[k]
+    _add_event(S, tg, r, v, w, t, inv_half_life, P)
 
 
 @njit(cache=True, nogil=True)
@@ -377,6 +402,7 @@ def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cove
     """``shift_y + x̃'β + z̃'b_g`` for one event; ``f`` scales the group's statistics
     (its forgetting factor), ``r < 0`` is an unseen group. NaN features count as the
     reference value (x̃ = 0)."""
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
     yhat = shift[yi]
@@ -396,10 +422,64 @@ def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cove
     if f != 1.0:
         for c in range(Sr.shape[1]):
             Sr[0, c] *= f
-    group_factor(Sr, 0, P, zi, xi, yi, lam, L, RZX, cu, W)
+    group_factor(Sr[0], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
     _blup_into(L, RZX, cu, lam, beta, u, b)
     for i in range(q):
         v = a[zi[i]] - shift[zi[i]]
         if v == v:
             yhat += v * b[i]
     return yhat
+
+
+@njit(cache=True, nogil=True)
+def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - numba
+    """The global p×p step of the profiled deviance (DESIGN §2) from :func:`pls_sums`.
+
+    Returns ``(ok, d, β, σ², RX)``; ``ok`` is False where the criterion is undefined:
+    ``RX'RX`` not positive definite (too few events or collinear fixed columns), or
+    the penalised residual sum of squares at rounding level (data fit exactly).
+    """
+    p = Xy.shape[0]
+    Lx = XX - A  # RX'RX, factorised in place: Lx = RX'
+    beta = np.zeros(p)
+    dof = n - p if reml else n
+    if not dof > 0.0:
+        return False, np.inf, beta, np.nan, Lx
+    logdet_rx = 0.0
+    for j in range(p):
+        t = Lx[j, j]
+        for k in range(j):
+            t -= Lx[j, k] * Lx[j, k]
+        if not t > 1e-20 * max(XX[j, j], 1e-300):  # RX[j, j] > 1e-10 √XX[j, j]
+            return False, np.inf, beta, np.nan, Lx
+        d = np.sqrt(t)
+        Lx[j, j] = d
+        logdet_rx += np.log(d)
+        for i in range(j + 1, p):
+            t = Lx[i, j]
+            for k in range(j):
+                t -= Lx[i, k] * Lx[j, k]
+            Lx[i, j] = t / d
+        for i in range(j):
+            Lx[i, j] = 0.0
+    cbeta = Xy - c
+    for i in range(p):  # RX' cβ = Xy − c
+        t = cbeta[i]
+        for k in range(i):
+            t -= Lx[i, k] * cbeta[k]
+        cbeta[i] = t / Lx[i, i]
+    for i in range(p - 1, -1, -1):  # RX β = cβ
+        t = cbeta[i]
+        for k in range(i + 1, p):
+            t -= Lx[k, i] * beta[k]
+        beta[i] = t / Lx[i, i]
+    r2 = yy - s
+    for i in range(p):
+        r2 -= cbeta[i] * cbeta[i]
+    # r² at rounding level (≤ p distinct events fit exactly): σ̂ = 0 and d(θ) = −∞
+    if not (r2 > 1e-13 * yy and np.isfinite(r2)):
+        return False, np.inf, beta, np.nan, Lx
+    dev = 2.0 * logdet + dof * (1.0 + np.log(2.0 * np.pi) + np.log(r2 / dof))
+    if reml:
+        dev += 2.0 * logdet_rx
+    return True, dev, beta, r2 / dof, Lx.T.copy()

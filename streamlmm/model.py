@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from river import base
 
 from streamlmm import estimate, kernels
@@ -162,8 +163,10 @@ class MixedLM(base.MiniBatchRegressor):
         codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv)
         self.n_skipped += n - kept.shape[0]
         # new groups get rows in the order of their first kept event, as in a learn_one loop
-        live, first = np.unique(codes[wk > 0], return_index=True)
-        idx = live[np.argsort(first, kind="stable")]
+        if kept.shape[0] == n and (wk > 0).all():
+            idx = np.arange(len(uniques))  # factorize already orders by first appearance
+        else:
+            idx = pd.unique(codes[wk > 0])
         urows = np.full(len(uniques), -1, dtype=np.int64)
         urows[idx] = self._stats.rows([uniques[j] for j in idx])
         self._accumulate(urows[codes], A, yk, wk, tk)
@@ -187,8 +190,8 @@ class MixedLM(base.MiniBatchRegressor):
         n = rows.shape[0]
         if n == 0:
             return
-        if t is None:  # time = event count
-            t = float(self.n_events) + 1.0 + np.arange(n, dtype=float)
+        if t is None:  # time = event count (read only under forgetting)
+            t = float(self.n_events) + 1.0 + np.arange(n if self.half_life else 0, dtype=float)
         self._stats.add(rows, A, y, w, t)
         self.n_events += n
 
@@ -302,15 +305,12 @@ class MixedLM(base.MiniBatchRegressor):
         f = 1.0
         if st.half_life and r >= 0:
             f = 2.0 ** (-max(st.now - st.tg[r], 0.0) * st.inv_half_life)
-        fm = self._formula
         return kernels.predict_one(
-            st.S, r, a, st.shift, f, st.P, fm.zi, fm.xi, st.yi, self._lam, self._beta
+            st.S, r, a, st.shift, f, st.P, st.zi, st.xi, st.yi, self._lam, self._beta
         )
 
     def predict_many(self, X):
         """Predictions for a DataFrame, equal to ``predict_one`` row by row."""
-        import pandas as pd
-
         f = self._formula
         n = len(X)
         A = np.empty((n, f.k))

@@ -87,6 +87,7 @@ class GroupStats:
         self.half_life = half_life
         self.m = formula.k + 1
         self.P = kernels.packed_index(self.m)
+        self._v = np.empty(self.m)  # learn_one scratch
         self.width = 1 + self.m * (self.m + 1) // 2
         self.S = np.zeros((capacity, self.width))
         self.tg = np.full(capacity, -np.inf) if half_life else np.zeros(0)
@@ -167,12 +168,11 @@ class GroupStats:
         every value, so this cannot fail half-way.
         """
         self.choose_shift(A, y)
-        V = np.empty((A.shape[0], self.m))
-        np.subtract(A, self.shift[:-1], out=V[:, :-1])
-        np.subtract(y, self.shift[-1], out=V[:, -1])
         if self.half_life and t.shape[0]:
             self.now = max(self.now, float(t.max()))
-        kernels.accumulate(self.S, self.tg, rows, V, w, t, self.inv_half_life, self.P)
+        kernels.accumulate(
+            self.S, self.tg, rows, A, y, self.shift, w, t, self.inv_half_life, self.P
+        )
 
     def add_one(self, key: str | int, a: np.ndarray, y: float, w: float, t: float) -> None:
         """Accumulate one validated event (the ``learn_one`` path)."""
@@ -184,7 +184,7 @@ class GroupStats:
         if self.half_life and t > self.now:
             self.now = t
         kernels.accumulate_one(
-            self.S, self.tg, r, a, y, self.shift, w, t, self.inv_half_life, self.P
+            self.S, self.tg, r, a, y, self.shift, w, t, self.inv_half_life, self.P, self._v
         )
 
     def decay_to_now(self) -> None:

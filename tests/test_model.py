@@ -61,12 +61,11 @@ def _assert_same_fit(got: Snapshot, want: Snapshot, rel: float) -> None:
     assert _close(g["re_cov"], w["re_cov"], rel)
 
 
-OPTIMIZER_PRECISION = (
-    "fit() reproduces θ only to ~1e-6 relative (1e-5 on sleepstudy ML): the profiled "
-    "criterion is flat at the optimum and known to ~1e-14 relative, so L-BFGS-B with "
-    "finite differences stops within ~1e-6 of it; the criterion itself agrees to 1e-13 "
-    "and every estimate at a common θ agrees to ~1e-11 (see the *_at_common_theta tests)"
-)
+# fit() finds θ to ~1e-6 relative: the profiled criterion is flat at the optimum and its
+# finite-difference gradient meets rounding noise there. Fitted estimates from equivalent
+# statistics therefore agree to this tolerance; at a common θ they agree to ~1e-11 (see
+# the *_at_common_theta tests), and the criterion to 1e-8.
+FIT_RTOL = 5e-6
 
 
 # -- learn_many ≡ learn_one -----------------------------------------------------------------------
@@ -142,12 +141,11 @@ def test_shuffled_stream_same_optimum_criterion(shuffled_fits):
         assert s.criterion == pytest.approx(s0.criterion, rel=1e-8)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=OPTIMIZER_PRECISION)
 def test_shuffled_stream_same_fitted_estimates(shuffled_fits):
     _, fits = shuffled_fits
     s0 = fits[0][1]
     for _, s in fits[1:]:
-        _assert_same_fit(s, s0, rel=1e-8)
+        _assert_same_fit(s, s0, rel=FIT_RTOL)
 
 
 # -- frequency weights ----------------------------------------------------------------------------
@@ -177,10 +175,9 @@ def test_frequency_weights_equal_repeated_rows_at_common_theta(weighted_and_repe
         )
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=OPTIMIZER_PRECISION)
 def test_frequency_weights_equal_repeated_rows_fitted(weighted_and_repeated):
     _, weighted, repeated = weighted_and_repeated
-    _assert_same_fit(weighted.fit().snapshot(), repeated.fit().snapshot(), rel=1e-8)
+    _assert_same_fit(weighted.fit().snapshot(), repeated.fit().snapshot(), rel=FIT_RTOL)
 
 
 def test_zero_weight_changes_nothing(reference, helpers):
@@ -222,12 +219,11 @@ def test_half_life_equals_explicit_decayed_weights(reference, helpers, ordered):
     assert s_f.criterion == pytest.approx(s_e.criterion, rel=1e-8)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=OPTIMIZER_PRECISION)
 def test_half_life_equals_explicit_decayed_weights_fitted(reference):
     case = reference("pub_slopes_reml")
     ts = np.sort(np.random.default_rng(7).uniform(0, 2000, len(case.data)))
     forgetting, explicit = _forgetting_pair(case, ts, h=400.0)
-    _assert_same_fit(forgetting.fit().snapshot(), explicit.fit().snapshot(), rel=1e-8)
+    _assert_same_fit(forgetting.fit().snapshot(), explicit.fit().snapshot(), rel=FIT_RTOL)
 
 
 def test_half_life_default_time_is_the_event_count(reference, helpers):
