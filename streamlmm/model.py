@@ -30,6 +30,7 @@ from streamlmm.stats import GroupStats, check_key
 __all__ = ["MixedLM"]
 
 METHODS = ("REML", "ML")
+SCHEDULED_REFIT_EVALS = 200
 
 
 class MixedLM(base.MiniBatchRegressor):
@@ -210,11 +211,16 @@ class MixedLM(base.MiniBatchRegressor):
         self._beta = prof.beta
         return True
 
-    def fit(self) -> MixedLM:
-        """Exact REML/ML optimum from the current statistics (warm-started); returns self."""
+    def fit(self, max_evals: int = 5000) -> MixedLM:
+        """Exact REML/ML optimum from the current statistics (warm-started); returns self.
+
+        ``max_evals`` bounds the criterion evaluations of one L-BFGS-B run; scheduled
+        refits use a smaller budget, so that a young stream whose random effects are
+        barely identified (n ≤ q·groups) cannot stall learning.
+        """
         self._stats.decay_to_now()
         t0 = time.perf_counter()
-        prof, evals = estimate.fit_theta(self._stats, self.reml, self._theta)
+        prof, evals = estimate.fit_theta(self._stats, self.reml, self._theta, max_evals=max_evals)
         ok = prof is not None and self._set_theta(prof.theta, prof)
         self.n_refits += 1
         self.last_refit = {
@@ -248,7 +254,7 @@ class MixedLM(base.MiniBatchRegressor):
         if n == self._refreshed_at or n == 0:
             return False
         if n >= self._next_refit:
-            self.fit()
+            self.fit(max_evals=SCHEDULED_REFIT_EVALS)
         elif n >= self._next_em:
             self.em_step()
         else:

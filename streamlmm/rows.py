@@ -27,7 +27,7 @@ class Missing(ValueError):
     """A field is absent, None or NaN (``missing="skip"`` drops such rows)."""
 
 
-def number(name: str, v: Any, *, allow_nan: bool = False) -> float:
+def number(name: str, v: Any) -> float:
     """A finite float from ``v``, or ``ValueError`` naming the field.
 
     >>> number("x", 2)
@@ -38,6 +38,8 @@ def number(name: str, v: Any, *, allow_nan: bool = False) -> float:
     ValueError: field 'x': expected a number, got str
 
     """
+    if type(v) is float and v - v == 0.0:  # fast path: a finite float (inf - inf is NaN)
+        return v
     if v is None:
         raise Missing(f"field {name!r}: missing")
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
@@ -98,8 +100,12 @@ class RowReader:
         for i in self.ones:
             a[i] = 1.0
         for i, c in self.features:
+            v = x.get(c)
+            if type(v) is float and v - v == 0.0:
+                a[i] = v
+                continue
             try:
-                a[i] = number(c, x.get(c))
+                a[i] = number(c, v)
             except Missing:
                 if not impute:
                     raise
@@ -107,7 +113,7 @@ class RowReader:
 
     def read(self, x: Mapping[str, Any], y: Any, a: np.ndarray):
         """Validate one event into ``a``; returns the group key (``None``: row skipped)."""
-        if not isinstance(x, Mapping):
+        if type(x) is not dict and not isinstance(x, Mapping):
             raise ValueError(f"features must be a mapping, got {type(x).__name__}")
         try:
             key = x.get(self.formula.group)

@@ -40,6 +40,8 @@ def check_key(key: object, field: str = "group") -> str | int:
     ValueError: field 'group': group key must be a str or an int, got float
 
     """
+    if type(key) is int:
+        return key
     if key is None:
         raise ValueError(f"field {field!r}: group key is missing")
     if isinstance(key, str):
