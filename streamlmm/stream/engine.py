@@ -215,7 +215,11 @@ class Engine:
         return 0
 
     def _progress(self, dt: float, dn: int, targets: Mapping[str, int]) -> None:
-        lag = sum(max(0, end - self.offsets.get(tp, 0)) for tp, end in targets.items())
+        try:
+            ends = self.source.end_offsets()
+        except Exception:  # broker away: report the lag against what we knew
+            ends = targets
+        lag = sum(max(0, end - self.offsets.get(tp, 0)) for tp, end in ends.items())
         refit = self.model.last_refit
         sys.stderr.write(
             f"[streamlmm] {dn / dt if dt else 0:,.0f} ev/s | events {self.model.n_events:,} | "
