@@ -44,7 +44,10 @@ def number(name: str, v: Any) -> float:
         raise Missing(f"field {name!r}: missing")
     if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
         raise ValueError(f"field {name!r}: expected a number, got {type(v).__name__}")
-    f = float(v)
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"field {name!r}: not finite (integer out of range)") from None
     if not math.isfinite(f):
         if math.isnan(f):
             raise Missing(f"field {name!r}: NaN")

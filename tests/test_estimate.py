@@ -101,6 +101,30 @@ def test_profile_is_undefined_for_a_perfect_fit():
     assert estimate.profile(st, np.array([0.0]), reml=False) is None
 
 
+def test_profile_at_huge_theta_is_undefined_not_an_error():
+    """One-event groups with random slopes have an unbounded likelihood, so the optimizer
+    may try θ ~ 1e7..1e8, where Λ'ZZΛ + I loses its positive definiteness to rounding
+    (the numba Cholesky then divides by zero). That is "undefined", not an exception."""
+    f = parse_formula("y ~ x1 + (1 + x1 | g)")
+    theta = np.array([1.35e7, 1.36e8, 1.32e7])
+    rng = np.random.default_rng(0)
+    undefined = 0
+    for _ in range(20):
+        st = GroupStats(f)
+        x = rng.uniform(35, 55, 12)
+        st.add(
+            st.rows(list(range(12))),
+            np.column_stack([np.ones(12), x]),
+            rng.normal(40, 5, 12),
+            np.ones(12),
+            np.zeros(12),
+        )
+        pr = estimate.profile(st, theta, reml=True)
+        undefined += pr is None
+        assert pr is None or math.isfinite(pr.criterion)
+    assert undefined > 0  # the case is really exercised
+
+
 # -- the optimizer ---------------------------------------------------------------------------------
 def test_fit_theta_finds_a_local_minimum(reference):
     case = reference("sleepstudy_slopes_reml")

@@ -147,7 +147,7 @@ class Decoder:
             i = len(keys)
             try:
                 got = self._one(rec.value, A[i])
-            except (ValueError, OverflowError) as e:  # Overflow: an int no float can hold
+            except ValueError as e:
                 dead.append(DeadLetter(rec, str(e)))
                 continue
             if got is None:

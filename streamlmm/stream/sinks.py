@@ -15,7 +15,7 @@ from streamlmm.snapshot import Snapshot
 from streamlmm.stream.decode import DeadLetter
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS
 
-__all__ = ["DeadLetterSink", "EffectsPublisher", "make_producer", "MODEL_KEY"]
+__all__ = ["DeadLetterSink", "EffectsPublisher", "make_producer", "group_record_key", "MODEL_KEY"]
 
 log = logging.getLogger(__name__)
 MODEL_KEY = "__model__"
@@ -123,8 +123,19 @@ class EffectsPublisher:
                 "n": float(n_g[i]) if n_g is not None else None,
                 "n_events": seq,
             }
-            self.producer.send(self.topic, key=str(key).encode(), value=_dumps(rec))
+            self.producer.send(self.topic, key=group_record_key(key), value=_dumps(rec))
         self.producer.flush(timeout=timeout_s)
+
+
+def group_record_key(key: str | int) -> bytes:
+    """The effects-topic key of a group: its JSON encoding, so that the int 3 (``3``),
+    the string "3" (``"3"``) and the model record (bare ``__model__``) never collide.
+
+    >>> group_record_key(3), group_record_key("3"), group_record_key("__model__")
+    (b'3', b'"3"', b'"__model__"')
+
+    """
+    return json.dumps(key).encode()
 
 
 def _dumps(obj: Any) -> bytes:

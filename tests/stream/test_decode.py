@@ -74,3 +74,8 @@ def test_time_key_is_required_and_read():
     dec = Decoder(F, time_key="ts")
     b = dec.decode([rec(json.dumps({**GOOD, "ts": 7}).encode()), rec(json.dumps(GOOD).encode())])
     assert b.t.tolist() == [7.0] and "'ts'" in b.dead[0].reason
+
+
+def test_integer_beyond_float_range_is_a_dead_letter_not_a_crash():
+    b = Decoder(F).decode([rec(b'{"g": "a", "x1": 1' + b"0" * 400 + b', "x2": 1, "y": 1}')])
+    assert len(b) == 0 and "'x1'" in b.dead[0].reason
