@@ -186,7 +186,7 @@ class KafkaSource(Source):
             if topic == self.topic:
                 topic_offsets[self._TP(topic, int(part))] = OffsetAndMetadata(int(off), "", -1)
         if topic_offsets:
-            self.consumer.commit(topic_offsets)
+            self.consumer.commit(topic_offsets, timeout_ms=5000)
 
     def close(self) -> None:
         self.consumer.close(autocommit=False)
