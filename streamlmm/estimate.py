@@ -105,11 +105,8 @@ def profile(stats: GroupStats, theta: np.ndarray, reml: bool) -> Profile | None:
     (within rounding of the total sum of squares: data that the model fits exactly).
     """
     lam = lam_of(np.asarray(theta, dtype=float), stats.formula.q)
-    try:
-        logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
-    except ZeroDivisionError:  # huge θ: Λ'ZZΛ + I lost its positive definiteness to rounding
-        return None
-    if not math.isfinite(logdet):
+    logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
+    if not math.isfinite(logdet):  # huge θ: Λ'ZZΛ + I lost its positive definiteness
         return None
     ok, d, beta, sigma2, RX = kernels.profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml)
     if not ok:
@@ -126,6 +123,28 @@ def profile(stats: GroupStats, theta: np.ndarray, reml: bool) -> Profile | None:
     )
 
 
+def gradient(stats: GroupStats, prof: Profile) -> np.ndarray:
+    """∂d/∂θ at ``prof.theta``, analytically from the statistics (one more pass).
+
+    For θ_k = Λ[i, j] (E = ∂Λ/∂θ_k) the pieces are, per DESIGN §2's quantities,
+    ``∂Σlog|M_g| = 2 Σ (M_g⁻¹Λ'ZZ_g)[j, i]``, ``∂log|RX'RX| = −2 Σ (Λ'B_gC⁻¹B_g')[j, i]``
+    and ``∂r² = −2 Σ (Z_g'res_g)[i] u_g[j]`` (the envelope theorem: β and u are optimal).
+    """
+    f = stats.formula
+    lam = lam_of(prof.theta, f.q)
+    RXinv = np.linalg.inv(prof.RX)
+    G1, G2, G3 = kernels.grad_sums(
+        stats.S, stats.n_groups, stats.P, f.zi, f.xi, stats.yi, lam, prof.beta, RXinv @ RXinv.T
+    )
+    dof = prof.n - f.p if prof.reml else prof.n
+    r2 = prof.sigma2 * dof
+    rows, cols = _tril(f.q)
+    g = 2.0 * G1[cols, rows] - 2.0 * (dof / r2) * G3[rows, cols]
+    if prof.reml:
+        g -= 2.0 * G2[cols, rows]
+    return g
+
+
 def _objective(stats: GroupStats, reml: bool):
     def d(theta: np.ndarray) -> float:
         pr = profile(stats, theta, reml)
@@ -139,118 +158,144 @@ def fit_theta(
     reml: bool,
     theta0: np.ndarray | None = None,
     *,
-    rtol: float = 1e-12,
     max_evals: int = 5000,
     polish: bool = False,
 ) -> tuple[Profile | None, int]:
     """Minimise d(θ) subject to diag(Λ) ≥ 0, warm-started from ``theta0``.
 
-    A bounded quasi-Newton search (L-BFGS-B, central differences). When a diagonal
-    entry of Λ ends near its bound (a possibly singular fit), or ``polish`` is set, a
-    derivative-free bounded Powell search follows, which lands on the boundary exactly.
-    Returns the profile at the optimum (``None`` when the criterion is undefined
-    everywhere tried) and the number of criterion evaluations.
+    A bounded quasi-Newton search (L-BFGS-B) on the analytic gradient
+    (:func:`gradient`), run until the projected gradient vanishes to rounding. When a
+    diagonal entry of Λ ends near its bound (a possibly singular fit), or ``polish`` is
+    set, a derivative-free bounded Powell search follows, which lands on the boundary
+    exactly. Returns the profile at the optimum (``None`` when the criterion is
+    undefined everywhere tried) and the number of criterion evaluations.
 
     """
     q = stats.formula.q
     lower = theta_lower(q)
     bounds = optimize.Bounds(lower, np.full_like(lower, np.inf))
-    d = _objective(stats, reml)
     evals = 0
 
     def f(theta):
         nonlocal evals
         evals += 1
-        return d(theta)
+        pr = profile(stats, theta, reml)
+        return pr.criterion if pr is not None else math.inf
+
+    def fg(theta):
+        nonlocal evals
+        evals += 1
+        pr = profile(stats, theta, reml)
+        if pr is None:
+            return math.inf, np.zeros_like(theta)
+        return pr.criterion, gradient(stats, pr)
 
     starts = [theta_start(q)] if theta0 is None else [np.asarray(theta0, float), theta_start(q)]
     best = None
     for x0 in starts:
         x0 = np.maximum(x0, lower)
-        if not math.isfinite(f(x0)):
-            continue
-        best = x0
-        break
+        if math.isfinite(f(x0)):
+            best = x0
+            break
     if best is None:
         return None, evals
-    # L-BFGS-B on difference gradients can stop early on a tiny step (its ftol test);
-    # restart from where it stopped until a restart no longer improves the criterion.
-    x, fx = best, f(best)
-    for _ in range(6):
-        res = optimize.minimize(
+    gtol = 1e-11 * max(abs(f(best)), 1.0)
+
+    def descend(x):
+        fx = f(x)
+        for _ in range(4):  # restart while a run still improves (e.g. after a failed search)
+            res = optimize.minimize(
+                fg,
+                x,
+                method="L-BFGS-B",
+                jac=True,
+                bounds=bounds,
+                options={"ftol": 1e-15, "gtol": gtol, "maxfun": max_evals, "maxcor": 20},
+            )
+            improved = fx - res.fun
+            if res.fun < fx:
+                x, fx = res.x, res.fun
+            if res.success or not improved > 1e-12 * max(abs(fx), 1.0):
+                break
+        return x, fx
+
+    x, fx = descend(best)
+    # A diagonal θ at 0 whose column of Λ is otherwise empty is a stationary point (d is
+    # even in it), so a gradient method that steps onto that face can stay on a saddle.
+    # Probe small steps back inside; descend from the best probe if it is lower. A truly
+    # singular fit has no lower probe and stays on the face.
+    diag = lower == 0
+    for _ in range(3):
+        on_face = diag & (x <= 1e-8)
+        if not on_face.any():
+            break
+        scale = max(float(np.max(x[diag])), 0.1)
+        probes = []
+        for delta in (1e-2 * scale, 1e-1 * scale):
+            kick = x.copy()
+            kick[on_face] = delta
+            probes.append((f(kick), kick))
+        f_kick, kick = min(probes, key=lambda pk: pk[0])
+        if not f_kick < fx:
+            break
+        x, fx = descend(kick)
+    near_bound = np.any((lower == 0) & (x < 1e-3))
+    if not near_bound:
+        x = _newton_on_gradient(stats, reml, x)
+    if polish or near_bound:
+        res2 = optimize.minimize(
             f,
             x,
-            method="L-BFGS-B",
-            jac="3-point",
-            bounds=bounds,
-            options={"ftol": rtol, "gtol": 1e-9, "maxfun": max_evals},
+            method="Powell",
+            bounds=[(lo if math.isfinite(lo) else None, None) for lo in lower],
+            options={"xtol": 1e-10, "ftol": 1e-14, "maxfev": max_evals},
         )
-        improved = fx - res.fun
-        if res.fun < fx:
-            x, fx = res.x, res.fun
-        if not improved > 1e-10 * max(abs(fx), 1.0):
-            break
-    near_bound = np.any((lower == 0) & (x < 1e-3))
-    if not (polish or near_bound):
-        return profile(stats, _newton_polish(f, x, lower), reml), evals
-    # polish: derivative-free, exact on the boundary
-    res2 = optimize.minimize(
-        f,
-        x,
-        method="Powell",
-        bounds=[(lo if math.isfinite(lo) else None, None) for lo in lower],
-        options={"xtol": 1e-10, "ftol": rtol, "maxfev": max_evals},
-    )
-    if res2.fun < f(x):
-        x = res2.x
-    x = np.where(np.abs(x) < 1e-14, 0.0, x)
+        if res2.fun < fx:
+            x = res2.x
+        x = np.where(np.abs(x) < 1e-14, 0.0, x)
     return profile(stats, x, reml), evals
 
 
-def _newton_polish(
-    f, x: np.ndarray, lower: np.ndarray, iters: int = 3, rel_step: float = 1e-4
-) -> np.ndarray:
-    """Newton steps on a central-difference gradient and Hessian, from an interior x.
+def _newton_on_gradient(stats: GroupStats, reml: bool, x: np.ndarray, iters: int = 3):
+    """Finish an interior optimum with Newton steps on the analytic gradient.
 
-    L-BFGS-B's own difference steps (~1e-6) meet rounding noise of the criterion (~1e-12
-    of ~1e4), so it stops ~1e-6 short in θ; a stencil of 1e-4 relative balances
-    truncation and rounding at ~1e-8, and Newton converges quadratically from there.
+    Line searches stall once changes of d(θ) reach its rounding (~1e-12 relative), with
+    the gradient still ~1e-5; Newton on the gradient, with the Hessian from forward
+    differences of the gradient, needs no function values and converges quadratically.
+    A step is kept only if it shrinks the gradient.
     """
+
+    def grad(t):
+        pr = profile(stats, t, reml)
+        return None if pr is None else gradient(stats, pr)
+
+    g = grad(x)
+    if g is None:
+        return x
     n = x.shape[0]
-    f0 = f(x)
     for _ in range(iters):
-        scale = np.maximum(np.abs(x), 0.1)
-        h = rel_step * 10 * scale  # Hessian stencil: truncation vs rounding at ~noise^(1/4)
-        hg = rel_step * scale  # gradient stencil: ~noise^(1/3)
-        if np.any((lower == 0) & (x - 2 * h < 0)):
-            break  # too near the boundary for a symmetric stencil
-        E, Eg = np.diag(h), np.diag(hg)
-        g = np.array([(f(x + Eg[i]) - f(x - Eg[i])) / (2 * hg[i]) for i in range(n)])
-        fp = np.array([f(x + E[i]) for i in range(n)])
-        fm = np.array([f(x - E[i]) for i in range(n)])
-        H = np.diag((fp - 2 * f0 + fm) / h**2)
+        h = 1e-6 * np.maximum(np.abs(x), 0.1)
+        H = np.empty((n, n))
         for i in range(n):
-            for j in range(i):
-                H[i, j] = H[j, i] = (
-                    f(x + E[i] + E[j])
-                    - f(x + E[i] - E[j])
-                    - f(x - E[i] + E[j])
-                    + f(x - E[i] - E[j])
-                ) / (4 * h[i] * h[j])
+            xi = x.copy()
+            xi[i] += h[i]
+            gi = grad(xi)
+            if gi is None:
+                return x
+            H[:, i] = (gi - g) / h[i]
+        H = (H + H.T) / 2
         try:
             np.linalg.cholesky(H)
             step = np.linalg.solve(H, g)
         except np.linalg.LinAlgError:
-            break
+            return x
         x_new = x - step
-        if np.any(x_new < lower):
-            break
-        f_new = f(x_new)
-        if not f_new <= f0:
-            break
-        x, f0 = x_new, f_new
-        if np.all(np.abs(step) <= 1e-10 * np.maximum(np.abs(x), 1.0)):
-            break
+        if np.any(x_new < theta_lower(stats.formula.q)):
+            return x
+        g_new = grad(x_new)
+        if g_new is None or not np.linalg.norm(g_new) < np.linalg.norm(g):
+            return x
+        x, g = x_new, g_new
     return x
 
 

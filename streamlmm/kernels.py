@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 __all__ = [
     "packed_index",
@@ -54,7 +54,7 @@ def packed_index(m: int) -> np.ndarray:
     return P
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _add_event(S, tg, r, v, w, t, inv_half_life, P):  # pragma: no cover - numba
     """Add ``w v v'`` to row ``r``, decaying the row first when the event is newer."""
     if inv_half_life > 0.0:
@@ -74,7 +74,7 @@ def _add_event(S, tg, r, v, w, t, inv_half_life, P):  # pragma: no cover - numba
             S[r, P[i, j]] += wvi * v[j]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def accumulate(S, tg, rows, A, y, shift, w, t, inv_half_life, P):  # pragma: no cover - numba
     """Scatter-add events into their groups' rows, in event order.
 
@@ -93,7 +93,7 @@ def accumulate(S, tg, rows, A, y, shift, w, t, inv_half_life, P):  # pragma: no 
         _add_event(S, tg, rows[e], v, w[e], te, inv_half_life, P)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def decay_all(S, tg, G, now, inv_half_life):  # pragma: no cover - numba
     """Decay every group's statistics to time ``now`` (DESIGN §5)."""
     for r in range(G):
@@ -105,7 +105,7 @@ def decay_all(S, tg, G, now, inv_half_life):  # pragma: no cover - numba
             tg[r] = now
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _chol_logdet(A, q):  # pragma: no cover - numba
     """In-place lower Cholesky of ``A[:q, :q]``; returns ``log|L|``."""
     logdet = 0.0
@@ -126,7 +126,7 @@ def _chol_logdet(A, q):  # pragma: no cover - numba
     return logdet
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def block_maps(P, zi, xi, yi):  # pragma: no cover - numba
     """Columns of ``S`` holding ``ZZ`` (q×q), ``ZX`` (q×p), ``Zy`` (q), ``XX``, ``Xy``, ``yy``."""
     q = zi.shape[0]
@@ -149,7 +149,7 @@ def block_maps(P, zi, xi, yi):  # pragma: no cover - numba
     return ZZi, ZXi, Zyi, XXi, Xyi, P[yi, yi]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W):  # pragma: no cover - numba
     """Fill ``L_g``, ``RZX_g`` and ``cu_g`` from one group's row ``Sr``; return ``log|L_g|``.
 
@@ -194,30 +194,19 @@ def group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W):  # pragma: no cover - n
     return logdet
 
 
-@njit(cache=True, nogil=True)
-def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
-    """Sums over groups that the profiled deviance needs (DESIGN §2).
-
-    Returns ``(Σ log|L_g|, Σ RZX'RZX, Σ RZX'cu, Σ‖cu‖², XX, Xy, yy, n)``.
-    """
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    q = zi.shape[0]
-    p = xi.shape[0]
+@njit(cache=True, nogil=True, error_model="numpy")
+def _pls_range(S, lo, hi, ZZi, ZXi, Zyi, XXi, Xyi, yyi, lam, A, c, XX, Xy, sc):  # pragma: no cover
+    """Add groups ``lo..hi-1`` into ``A, c, XX, Xy`` (upper triangles) and
+    ``sc = [Σ log|L_g|, Σ‖cu_g‖², yy, n]``."""
+    q = ZZi.shape[0]
+    p = ZXi.shape[1]
     L = np.empty((q, q))
     W = np.empty((q, q))
     RZX = np.empty((q, p))
     cu = np.empty(q)
-    A = np.zeros((p, p))
-    c = np.zeros(p)
-    XX = np.zeros((p, p))
-    Xy = np.zeros(p)
-    logdet = 0.0
-    s = 0.0
-    yy = 0.0
-    n = 0.0
-    for r in range(G):
+    for r in range(lo, hi):
         Sr = S[r]
-        logdet += group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
+        sc[0] += group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
         for i in range(p):
             for j in range(i, p):
                 t = 0.0
@@ -231,17 +220,55 @@ def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
             c[i] += t
             Xy[i] += Sr[Xyi[i]]
         for a in range(q):
-            s += cu[a] * cu[a]
-        yy += Sr[yyi]
-        n += Sr[0]
+            sc[1] += cu[a] * cu[a]
+        sc[2] += Sr[yyi]
+        sc[3] += Sr[0]
+
+
+PLS_CHUNK = 4096  # groups per parallel chunk; the chunking depends on G only, so the
+# sums are the same whatever the number of threads
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
+    """Sums over groups that the profiled deviance needs (DESIGN §2).
+
+    Returns ``(Σ log|L_g|, Σ RZX'RZX, Σ RZX'cu, Σ‖cu‖², XX, Xy, yy, n)``. Groups are
+    summed in fixed chunks, in parallel, and the chunks are added in order.
+    """
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
+    p = xi.shape[0]
+    nc = max(1, (G + PLS_CHUNK - 1) // PLS_CHUNK)
+    Ak = np.zeros((nc, p, p))
+    ck = np.zeros((nc, p))
+    XXk = np.zeros((nc, p, p))
+    Xyk = np.zeros((nc, p))
+    sck = np.zeros((nc, 4))
+    for k in prange(nc):
+        lo = k * PLS_CHUNK
+        hi = min(G, lo + PLS_CHUNK)
+        _pls_range(
+            S, lo, hi, ZZi, ZXi, Zyi, XXi, Xyi, yyi, lam, Ak[k], ck[k], XXk[k], Xyk[k], sck[k]
+        )
+    A = np.zeros((p, p))
+    c = np.zeros(p)
+    XX = np.zeros((p, p))
+    Xy = np.zeros(p)
+    sc = np.zeros(4)
+    for k in range(nc):
+        A += Ak[k]
+        c += ck[k]
+        XX += XXk[k]
+        Xy += Xyk[k]
+        sc += sck[k]
     for i in range(p):
         for j in range(i):
             A[i, j] = A[j, i]
             XX[i, j] = XX[j, i]
-    return logdet, A, c, s, XX, Xy, yy, n
+    return sc[0], A, c, sc[1], XX, Xy, sc[2], sc[3]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _blup_into(L, RZX, cu, lam, beta, u, b):  # pragma: no cover - numba
     """``u = L'⁻¹(cu − RZX β)`` and ``b = Λ u`` for one group."""
     q = L.shape[0]
@@ -263,7 +290,7 @@ def _blup_into(L, RZX, cu, lam, beta, u, b):  # pragma: no cover - numba
         b[a] = t
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def _cond_cov_into(L, lam, Linv, out):  # pragma: no cover - numba
     """``out = Λ (L L')⁻¹ Λ'`` (to be scaled by σ²): the conditional covariance."""
     q = L.shape[0]
@@ -293,7 +320,7 @@ def _cond_cov_into(L, lam, Linv, out):  # pragma: no cover - numba
             out[b, a] = t
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
     ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
@@ -313,7 +340,7 @@ def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     return B, V
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     """Sums over groups for one ML-EM step in the Λ form (DESIGN §3).
 
@@ -358,7 +385,7 @@ def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     return Sbb, SK, rss, trK, T
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma: no cover
     """``out[e] = shift_y + x̃_e'β + z̃_e'b_g`` with the group's BLUP at the current Λ, β.
 
@@ -387,7 +414,7 @@ def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma:
         out[e] = yhat
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def accumulate_one(S, tg, r, a, y, shift, w, t, inv_half_life, P, v):  # pragma: no cover
     """One event into row ``r`` (the ``learn_one`` path); ``v`` is (k+1) scratch."""
     k = a.shape[0]
@@ -397,7 +424,7 @@ def accumulate_one(S, tg, r, a, y, shift, w, t, inv_half_life, P, v):  # pragma:
     _add_event(S, tg, r, v, w, t, inv_half_life, P)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     """``shift_y + x̃'β + z̃'b_g`` for one event; ``f`` scales the group's statistics
     (its forgetting factor), ``r < 0`` is an unseen group. NaN features count as the
@@ -431,7 +458,7 @@ def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cove
     return yhat
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - numba
     """The global p×p step of the profiled deviance (DESIGN §2) from :func:`pls_sums`.
 
@@ -483,3 +510,97 @@ def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - nu
     if reml:
         dev += 2.0 * logdet_rx
     return True, dev, beta, r2 / dof, Lx.T.copy()
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def grad_sums(S, G, P, zi, xi, yi, lam, beta, Cinv):  # pragma: no cover - numba
+    """Sums over groups for the gradient of the profiled criterion in Λ.
+
+    With ``M_g = L_gL_g'``, ``u_g`` the spherical BLUP at β, ``res'Z_g = Zy_g − ZX_gβ −
+    ZZ_gΛu_g`` and ``B_g = Z_g'V̄_g⁻¹X_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g``, returns
+    ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ = (RX'RX)⁻¹``.
+    A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
+    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
+    """
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
+    q = zi.shape[0]
+    p = xi.shape[0]
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    b = np.empty(q)
+    T = np.empty((q, q))
+    V = np.empty((q, p))
+    B = np.empty((q, p))
+    BC = np.empty((q, p))
+    res = np.empty(q)
+    G1 = np.zeros((q, q))
+    G2 = np.zeros((q, q))
+    G3 = np.zeros((q, q))
+    for r in range(G):
+        Sr = S[r]
+        group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
+        _blup_into(L, RZX, cu, lam, beta, u, b)  # b = Λu
+        # T = Λ'ZZ, then T ← M⁻¹T = L'⁻¹L⁻¹T (column by column)
+        for a in range(q):
+            for c in range(q):
+                t = 0.0
+                for d in range(a, q):
+                    t += lam[d, a] * Sr[ZZi[d, c]]
+                T[a, c] = t
+        for c in range(q):
+            for a in range(q):  # forward: L x = T[:, c]
+                t = T[a, c]
+                for d in range(a):
+                    t -= L[a, d] * T[d, c]
+                T[a, c] = t / L[a, a]
+            for a in range(q - 1, -1, -1):  # backward: L' x = ...
+                t = T[a, c]
+                for d in range(a + 1, q):
+                    t -= L[d, a] * T[d, c]
+                T[a, c] = t / L[a, a]
+        # V = L'⁻¹RZX;  B = ZX − ZZ Λ V
+        for j in range(p):
+            for a in range(q - 1, -1, -1):
+                t = RZX[a, j]
+                for d in range(a + 1, q):
+                    t -= L[d, a] * V[d, j]
+                V[a, j] = t / L[a, a]
+        for a in range(q):
+            for j in range(p):
+                t = Sr[ZXi[a, j]]
+                for c in range(q):
+                    lv = 0.0
+                    for d in range(c + 1):
+                        lv += lam[c, d] * V[d, j]
+                    t -= Sr[ZZi[a, c]] * lv
+                B[a, j] = t
+        # BC = B C⁻¹;  G2 += Λ' (BC) B'
+        for a in range(q):
+            for j in range(p):
+                t = 0.0
+                for k in range(p):
+                    t += B[a, k] * Cinv[k, j]
+                BC[a, j] = t
+        # res'Z = Zy − ZXβ − ZZ b
+        for a in range(q):
+            t = Sr[Zyi[a]]
+            for j in range(p):
+                t -= Sr[ZXi[a, j]] * beta[j]
+            for c in range(q):
+                t -= Sr[ZZi[a, c]] * b[c]
+            res[a] = t
+        for a in range(q):
+            for c in range(q):
+                G1[a, c] += T[a, c]
+                G3[a, c] += res[a] * u[c]
+                t = 0.0
+                for d in range(a, q):
+                    bcb = 0.0
+                    for j in range(p):
+                        bcb += BC[d, j] * B[c, j]
+                    t += lam[d, a] * bcb
+                G2[a, c] += t
+    return G1, G2, G3
