@@ -513,18 +513,10 @@ def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - nu
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def grad_sums(S, G, P, zi, xi, yi, lam, beta, Cinv):  # pragma: no cover - numba
-    """Sums over groups for the gradient of the profiled criterion in Λ.
-
-    With ``M_g = L_gL_g'``, ``u_g`` the spherical BLUP at β, ``res'Z_g = Zy_g − ZX_gβ −
-    ZZ_gΛu_g`` and ``B_g = Z_g'V̄_g⁻¹X_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g``, returns
-    ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ = (RX'RX)⁻¹``.
-    A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
-    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
-    """
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    q = zi.shape[0]
-    p = xi.shape[0]
+def _grad_range(S, lo, hi, ZZi, ZXi, Zyi, lam, beta, Cinv, G1, G2, G3):  # pragma: no cover
+    """Add groups ``lo..hi-1`` into the gradient sums of :func:`grad_sums`."""
+    q = ZZi.shape[0]
+    p = ZXi.shape[1]
     L = np.empty((q, q))
     W = np.empty((q, q))
     RZX = np.empty((q, p))
@@ -536,10 +528,7 @@ def grad_sums(S, G, P, zi, xi, yi, lam, beta, Cinv):  # pragma: no cover - numba
     B = np.empty((q, p))
     BC = np.empty((q, p))
     res = np.empty(q)
-    G1 = np.zeros((q, q))
-    G2 = np.zeros((q, q))
-    G3 = np.zeros((q, q))
-    for r in range(G):
+    for r in range(lo, hi):
         Sr = S[r]
         group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
         _blup_into(L, RZX, cu, lam, beta, u, b)  # b = Λu
@@ -603,4 +592,33 @@ def grad_sums(S, G, P, zi, xi, yi, lam, beta, Cinv):  # pragma: no cover - numba
                         bcb += BC[d, j] * B[c, j]
                     t += lam[d, a] * bcb
                 G2[a, c] += t
+
+
+@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
+def grad_sums(S, G, P, zi, xi, yi, lam, beta, Cinv):  # pragma: no cover - numba
+    """Sums over groups for the gradient of the profiled criterion in Λ.
+
+    With ``M_g = L_gL_g'``, ``u_g`` the spherical BLUP at β, ``res'Z_g = Zy_g − ZX_gβ −
+    ZZ_gΛu_g`` and ``B_g = Z_g'V̄_g⁻¹X_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g``, returns
+    ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ = (RX'RX)⁻¹``.
+    A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
+    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
+    """
+    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
+    q = zi.shape[0]
+    nc = max(1, (G + PLS_CHUNK - 1) // PLS_CHUNK)
+    G1k = np.zeros((nc, q, q))
+    G2k = np.zeros((nc, q, q))
+    G3k = np.zeros((nc, q, q))
+    for k in prange(nc):
+        lo = k * PLS_CHUNK
+        hi = min(G, lo + PLS_CHUNK)
+        _grad_range(S, lo, hi, ZZi, ZXi, Zyi, lam, beta, Cinv, G1k[k], G2k[k], G3k[k])
+    G1 = np.zeros((q, q))
+    G2 = np.zeros((q, q))
+    G3 = np.zeros((q, q))
+    for k in range(nc):
+        G1 += G1k[k]
+        G2 += G2k[k]
+        G3 += G3k[k]
     return G1, G2, G3
