@@ -71,9 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--method", choices=("REML", "ML"))
     r.add_argument("--snapshot-dir")
     r.add_argument("--consumer-group")
+    r.add_argument("--partitions", help="only these partitions of a kafka topic, e.g. 0,2")
     r.add_argument("--snapshot-every-events", type=int)
     r.add_argument("--snapshot-every-seconds", type=float)
-    r.add_argument("--dead-letter", help="kafka topic (kafka source) or JSON-lines path")
+    r.add_argument(
+        "--dead-letter", help="kafka topic (kafka source), or JSON-lines PATH / jsonl:PATH"
+    )
     r.add_argument("--publish-topic", help="compacted topic of per-group effects")
     r.add_argument(
         "--until-end",

@@ -172,15 +172,19 @@ class MixedLM(base.MiniBatchRegressor):
         urows[idx] = self._stats.rows([uniques[j] for j in idx])
         self._accumulate(urows[codes], A, yk, wk, tk)
 
-    def learn_batch(self, keys, A, y, w, t=None) -> None:
+    def learn_batch(self, keys, A, y, w, t=None, parts=None) -> None:
         """Accumulate a batch that is already validated (the stream engine's path).
 
         ``keys`` are checked group keys, ``A`` the union columns (``formula.columns``),
-        ``t`` the event times (``None`` without ``time_key``).
+        ``t`` the event times (``None`` without ``time_key``), ``parts`` the source
+        partition of each event (a new group's home partition).
         """
         keep = w > 0
         rows = np.full(len(keys), -1, dtype=np.int64)
-        rows[keep] = self._stats.rows([k for k, ok in zip(keys, keep) if ok])
+        idx = np.flatnonzero(keep)
+        rows[idx] = self._stats.rows(
+            [keys[i] for i in idx], None if parts is None else [parts[i] for i in idx]
+        )
         self._accumulate(rows, A, y, w, t)
 
     def _accumulate(self, rows, A, y, w, t) -> None:
@@ -397,6 +401,7 @@ class MixedLM(base.MiniBatchRegressor):
         return {
             "S": st.S[:G].copy(),
             "tg": st.tg[:G].copy() if st.half_life else np.zeros(0),
+            "part": st.part[:G].astype(float),
             "shift": st.shift.copy() if st.shift is not None else np.zeros(0),
             "theta_shifted": self._theta.copy() if self._theta is not None else np.zeros(0),
             "now": st.now if math.isfinite(st.now) else None,
@@ -412,6 +417,30 @@ class MixedLM(base.MiniBatchRegressor):
     @classmethod
     def from_snapshot(cls, snap: Snapshot) -> MixedLM:
         """A model that continues exactly where the snapshot's state left off."""
+        return cls.from_snapshots([snap])
+
+    @classmethod
+    def from_snapshots(cls, snaps: list[Snapshot]) -> MixedLM:
+        """One model from the states of several snapshots, e.g. of engines that each own
+        some partitions of a topic: statistics are additive (DESIGN §6), so the merged
+        model fits exactly as one engine that read every partition would."""
+        models = [cls._from_state(s) for s in snaps]
+        m = models[0]
+        if len(models) > 1:
+            for other in models[1:]:
+                if (other.formula, other.method) != (m.formula, m.method):
+                    raise ValueError("only snapshots of the same formula and method merge")
+            m._stats = GroupStats.merge([o._stats for o in models])
+            m.n_events = sum(o.n_events for o in models)
+            m.n_skipped = sum(o.n_skipped for o in models)
+            m._theta, m._profile = None, None  # θ̃ is per shift: refit from Λ = I
+        m._refreshed_at = m.n_events
+        m._next_refit = m.n_events + m.refit_every if m._profile is not None else 1
+        m._next_em = m.n_events + m.em_every
+        return m
+
+    @classmethod
+    def _from_state(cls, snap: Snapshot) -> MixedLM:
         s = snap.state
         if s is None:
             raise ValueError("this snapshot carries no state to resume from")
@@ -430,6 +459,8 @@ class MixedLM(base.MiniBatchRegressor):
         st.S[:G] = s["S"]
         if st.half_life:
             st.tg[:G] = s["tg"]
+        if "part" in s:
+            st.part[:G] = s["part"]
         st.keys = list(snap.keys)
         st.index = {k: i for i, k in enumerate(st.keys)}
         st.shift = np.array(s["shift"]) if len(s["shift"]) else None
@@ -439,7 +470,4 @@ class MixedLM(base.MiniBatchRegressor):
         m.n_refits = s["n_refits"]
         if len(s["theta_shifted"]):
             m._set_theta(np.array(s["theta_shifted"]))
-        m._refreshed_at = m.n_events
-        m._next_refit = m.n_events + m.refit_every
-        m._next_em = m.n_events + m.em_every
         return m

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from streamlmm import kernels
-from streamlmm.formula import Formula
+from streamlmm.formula import INTERCEPT, Formula
 
 __all__ = ["GroupStats", "check_key"]
 
@@ -93,6 +93,7 @@ class GroupStats:
         self.width = 1 + self.m * (self.m + 1) // 2
         self.S = np.zeros((capacity, self.width))
         self.tg = np.full(capacity, -np.inf) if half_life else np.zeros(0)
+        self.part = np.full(capacity, -1, dtype=np.int32)  # home partition; -1: in-process
         self.index: dict[str | int, int] = {}
         self.keys: list[str | int] = []
         self.shift: np.ndarray | None = None
@@ -122,14 +123,20 @@ class GroupStats:
         """Row of ``key``, or -1 for an unseen group (no row is created)."""
         return self.index.get(key, -1)
 
-    def rows(self, keys) -> np.ndarray:
-        """Rows of ``keys`` (already validated), creating rows for new groups."""
+    def rows(self, keys, parts=None) -> np.ndarray:
+        """Rows of ``keys`` (already validated), creating rows for new groups.
+
+        ``parts`` gives each event's source partition; a new group's row records it as
+        the group's home partition (the engine keeps every group on one partition).
+        """
         index = self.index
         out = np.empty(len(keys), dtype=np.int64)
         for e, key in enumerate(keys):
             r = index.get(key)
             if r is None:
                 r = self._new_row(key)
+                if parts is not None:
+                    self.part[r] = parts[e]
             out[e] = r
         return out
 
@@ -145,6 +152,9 @@ class GroupStats:
         S = np.zeros((capacity, self.width))
         S[: self.S.shape[0]] = self.S
         self.S = S
+        part = np.full(capacity, -1, dtype=np.int32)
+        part[: self.part.shape[0]] = self.part
+        self.part = part
         if self.half_life:
             tg = np.full(capacity, -np.inf)
             tg[: self.tg.shape[0]] = self.tg
@@ -212,14 +222,69 @@ class GroupStats:
         other.__dict__.update(self.__dict__)
         other.S = self.S[: self.n_groups].copy()
         other.tg = self.tg[: self.n_groups].copy() if self.half_life else self.tg
+        other.part = self.part[: self.n_groups].copy()
         other.index = dict(self.index)
         other.keys = list(self.keys)
         other.shift = None if self.shift is None else self.shift.copy()
         return other
 
+    def reshift(self, shift: np.ndarray) -> None:
+        """Re-express every row around another reference shift, exactly.
+
+        With ``δ = shift − c`` and ``v' = v − δ``, each row becomes
+        ``Σwv'v'' = Σwvv' − δm₁' − m₁δ' + nδδ'`` where ``m₁ = Σwv`` is the row's
+        intercept column (a shiftable column implies an intercept, DESIGN §4).
+        """
+        shift = np.asarray(shift, dtype=float)
+        if self.shift is None:
+            self.shift = shift.copy()
+            return
+        d = shift - self.shift
+        if not d.any():
+            return
+        G, P = self.n_groups, self.P
+        M = self.S[:G][:, P]  # (G, m, m), symmetric
+        m1 = M[:, self.formula.columns.index(INTERCEPT), :]
+        n = self.S[:G, 0]
+        M -= m1[:, :, None] * d[None, None, :] + d[None, :, None] * m1[:, None, :]
+        M += n[:, None, None] * np.outer(d, d)[None]
+        iu = np.triu_indices(self.m)
+        self.S[:G, P[iu]] = M[:, iu[0], iu[1]]
+        self.shift = shift.copy()
+
+    @classmethod
+    def merge(cls, shards: list[GroupStats]) -> GroupStats:
+        """Combine shards' statistics exactly (DESIGN §6: they are additive).
+
+        Shards are re-centred to the first shard's shift and, under forgetting, decayed
+        to the latest time; a group present in several shards gets the sum of its rows.
+        """
+        first = shards[0]
+        out = first.copy()
+        if first.half_life:
+            out.now = max(s.now for s in shards)
+            out.decay_to_now()
+        for other in shards[1:]:
+            if other.formula != first.formula or other.half_life != first.half_life:
+                raise ValueError("only statistics of the same formula and half_life merge")
+            o = other.copy()
+            if o.shift is None:
+                continue
+            if out.shift is None:
+                out.shift = o.shift.copy()
+            o.reshift(out.shift)
+            if first.half_life:
+                o.now = out.now
+                o.decay_to_now()
+            rows = out.rows(o.keys, o.part)
+            np.add.at(out.S, rows, o.S[: o.n_groups])
+            if first.half_life:
+                out.tg[rows] = out.now
+        return out
+
     def nbytes(self) -> int:
         """Approximate memory held: arrays, key index and key objects."""
-        total = self.S.nbytes + self.tg.nbytes + sys.getsizeof(self.index)
+        total = self.S.nbytes + self.tg.nbytes + self.part.nbytes + sys.getsizeof(self.index)
         total += sys.getsizeof(self.keys)
         total += sum(sys.getsizeof(k) + sys.getsizeof(r) for k, r in self.index.items())
         return total

@@ -71,6 +71,23 @@ class Batch:
     w: np.ndarray
     t: np.ndarray | None
     dead: list[DeadLetter]
+    records: list[Record]  # the record of each kept event
+
+    @property
+    def parts(self) -> list[int]:
+        """Source partition of each kept event."""
+        return [r.partition for r in self.records]
+
+    def drop(self, mask: np.ndarray, reason) -> None:
+        """Move the events where ``mask`` is set to the dead letters, ``reason(i)`` why."""
+        for i in np.flatnonzero(mask):
+            self.dead.append(DeadLetter(self.records[i], reason(i)))
+        keep = np.flatnonzero(~mask)
+        self.keys = [self.keys[i] for i in keep]
+        self.records = [self.records[i] for i in keep]
+        self.A, self.y, self.w = self.A[keep], self.y[keep], self.w[keep]
+        if self.t is not None:
+            self.t = self.t[keep]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -142,6 +159,7 @@ class Decoder:
         A = np.empty((n, self.formula.k))
         y, w, t = np.empty(n), np.empty(n), np.empty(n)
         keys: list = []
+        kept: list[Record] = []
         dead: list[DeadLetter] = []
         for rec in records:
             i = len(keys)
@@ -154,6 +172,8 @@ class Decoder:
                 self.n_skipped += 1
                 continue
             keys.append(got[0])
+            kept.append(rec)
             y[i], w[i], t[i] = got[1], got[2], got[3]
         m = len(keys)
-        return Batch(keys, A[:m], y[:m], w[:m], t[:m] if self.time_key is not None else None, dead)
+        t_kept = t[:m] if self.time_key is not None else None
+        return Batch(keys, A[:m], y[:m], w[:m], t_kept, dead, kept)

@@ -17,6 +17,8 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from streamlmm.formula import parse_formula
 from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot
@@ -39,6 +41,7 @@ class EngineConfig:
     snapshot_dir: str
     method: str = "REML"
     consumer_group: str = "streamlmm"
+    partitions: str | None = None
     snapshot_every_events: int = 100_000
     snapshot_every_seconds: float = 10.0
     dead_letter: str | None = None
@@ -76,7 +79,9 @@ class Engine:
             self.formula, config.time_key, config.missing, config.max_message_bytes
         )
         self.model, self.offsets, self.meta = self._restore()
-        self.source = source or open_source(config.source, config.consumer_group, config.kafka)
+        self.source = source or open_source(
+            config.source, config.consumer_group, config.kafka, partitions=config.partitions
+        )
         self.producer = None
         bootstrap = None
         if isinstance(self.source, KafkaSource) and (config.dead_letter or config.publish_topic):
@@ -156,6 +161,29 @@ class Engine:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
+    def _keep_groups_home(self, batch) -> None:
+        """Every group lives on one partition (producers key by group, DESIGN §6), so
+        that state stays local to partitions; an event of a known group arriving on
+        another partition is a dead letter, not a silent merge across partitions."""
+        st = self.model._stats
+        index, home = st.index, st.part
+        first: dict = {}
+        away = np.zeros(len(batch), dtype=bool)
+        where = [0] * len(batch)
+        for i, (key, part) in enumerate(zip(batch.keys, batch.parts)):
+            r = index.get(key)
+            h = home[r] if r is not None else first.setdefault(key, part)
+            if h != part and h >= 0:
+                away[i], where[i] = True, int(h)
+        if away.any():
+            batch.drop(
+                away,
+                lambda i: (
+                    f"group {batch.keys[i]!r} lives on partition {where[i]} but arrived "
+                    f"on partition {batch.records[i].partition}: producers must key by group"
+                ),
+            )
+
     def _caught_up(self, targets: Mapping[str, int]) -> bool:
         if getattr(self.source, "exhausted", False):
             return True
@@ -185,10 +213,13 @@ class Engine:
                 records = self._poll()
                 if records:
                     batch = self.decoder.decode(records)
+                    self._keep_groups_home(batch)
                     if batch.dead:
                         self.dead.send(batch.dead)
                     if len(batch):
-                        self.model.learn_batch(batch.keys, batch.A, batch.y, batch.w, batch.t)
+                        self.model.learn_batch(
+                            batch.keys, batch.A, batch.y, batch.w, batch.t, batch.parts
+                        )
                     for r in records:
                         name = tp_name(r.topic, r.partition)
                         self.offsets[name] = max(self.offsets.get(name, 0), r.offset + 1)

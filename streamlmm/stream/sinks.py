@@ -52,16 +52,19 @@ def ensure_topic(bootstrap: str, topic: str, client_config=None, **configs: str)
 class DeadLetterSink:
     """Dead letters to ``kafka-topic`` (with a Kafka source) or to a JSON-lines file.
 
-    ``spec`` is a file path, or a topic name when a producer is given. Kafka dead
+    ``spec`` is a file path (``jsonl:PATH`` forces one), or a topic name when a
+    producer is given. Kafka dead
     letters are keyed by the original key, carry the JSON envelope as value and the
     reason and origin in headers.
     """
 
     def __init__(self, spec: str | None, producer=None):
-        self.spec = spec
         self.producer = producer if spec else None
         self._fh = None
-        if spec and producer is None:
+        if spec and spec.startswith("jsonl:"):  # a file, whatever the source
+            spec, self.producer = spec[len("jsonl:") :], None
+        self.spec = spec
+        if spec and self.producer is None:
             self._fh = open(spec, "ab")  # noqa: SIM115
         self.count = 0
 

@@ -127,6 +127,7 @@ class KafkaSource(Source):
         group_id: str,
         client_config: Mapping[str, Any] | None = None,
         *,
+        partitions: list[int] | None = None,
         max_partition_fetch_bytes: int = 4 << 20,
         metadata_timeout_s: float = 60.0,
     ):
@@ -151,6 +152,11 @@ class KafkaSource(Source):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
             time.sleep(0.5)
+        if partitions is not None:
+            missing = set(partitions) - set(parts)
+            if missing:
+                raise ValueError(f"topic {topic!r} has no partitions {sorted(missing)}")
+            parts = partitions
         self.tps = [TopicPartition(topic, p) for p in sorted(parts)]
         self.consumer.assign(self.tps)
 
@@ -192,14 +198,31 @@ class KafkaSource(Source):
         self.consumer.close(autocommit=False)
 
 
-def open_source(spec: str, group_id: str, client_config: Mapping[str, Any] | None = None):
-    """``kafka://HOST:PORT/TOPIC``, ``jsonl:PATH`` or ``jsonl:-``."""
+def open_source(
+    spec: str,
+    group_id: str,
+    client_config: Mapping[str, Any] | None = None,
+    partitions: str | None = None,
+):
+    """``kafka://HOST:PORT/TOPIC``, ``jsonl:PATH`` or ``jsonl:-``.
+
+    ``partitions`` ("0,2") limits a Kafka source to those partitions: several engines,
+    each with its own partitions and snapshot directory, share the work (DESIGN §6).
+    """
+    wanted = None
+    if partitions:
+        try:
+            wanted = sorted({int(p) for p in str(partitions).split(",") if p.strip()})
+        except ValueError:
+            raise ValueError(f"partitions must be like 0,2 — got {partitions!r}") from None
     if spec.startswith("kafka://"):
         rest = spec[len("kafka://") :]
         bootstrap, _, topic = rest.partition("/")
         if not bootstrap or not topic:
             raise ValueError(f"kafka source must be kafka://HOST:PORT/TOPIC, got {spec!r}")
-        return KafkaSource(bootstrap, topic, group_id, client_config)
+        return KafkaSource(bootstrap, topic, group_id, client_config, partitions=wanted)
+    if wanted is not None:
+        raise ValueError("--partitions applies to a kafka:// source only")
     if spec.startswith("jsonl:"):
         return JsonlSource(spec[len("jsonl:") :])
     raise ValueError(f"unknown source {spec!r}: use kafka://HOST:PORT/TOPIC or jsonl:PATH|-")

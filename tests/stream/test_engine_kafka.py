@@ -563,3 +563,64 @@ def test_publish_topic_holds_the_model_and_every_groups_effects(kit, topic, tmp_
         assert rec["cond_cov"] == snap.condvar[i].tolist()
         assert rec["n"] == n_g[key]
         assert rec["n_events"] == snap.n_events
+
+
+# -- 7. state scoped per partition --------------------------------------------------------------
+def test_engines_on_disjoint_partitions_merge_into_the_one_engine_fit(kit, topic, tmp_path):
+    """Scale-out: two engines each own some partitions (own snapshot dir); their
+    snapshots merge exactly into what one engine over every partition fits (lme4's)."""
+    ref, events = reference_case("pub_slopes_reml")
+    kit.create_topic(topic, partitions=3)
+    kit.produce_events(topic, events)
+    ends = kit.end_offsets(topic)
+    kw = {"formula": ref["formula"], "group": f"{topic}-scaleout"}
+    kit.run_engine(topic, tmp_path / "a", "--partitions", "0,1", **kw)
+    kit.run_engine(topic, tmp_path / "b", "--partitions", "2", **kw)
+    kit.run_engine(topic, tmp_path / "all", **kw)
+    a, b = kit.latest_snapshot(tmp_path / "a"), kit.latest_snapshot(tmp_path / "b")
+    one = kit.latest_snapshot(tmp_path / "all")
+    assert set(a.offsets) == {f"{topic}:0", f"{topic}:1"} and set(b.offsets) == {f"{topic}:2"}
+    assert {**a.offsets, **b.offsets} == dict(one.offsets) == ends
+    assert not set(a.keys) & set(b.keys)  # every group lives on one partition
+    assert a.n_obs + b.n_obs == one.n_obs == ref["n"]
+
+    merged = MixedLM.from_snapshots([a, b]).fit().snapshot()
+    whole = MixedLM.from_snapshot(one).fit().snapshot()
+    assert merged.n_obs == whole.n_obs and merged.n_groups == whole.n_groups
+    for k, v in whole.fixef.items():
+        assert merged.fixef[k] == pytest.approx(v, rel=1e-9)
+        assert merged.fixef[k] == pytest.approx(ref["fixef"][k], rel=1e-5)
+    assert merged.sigma == pytest.approx(whole.sigma, rel=1e-9)
+    assert merged.criterion == pytest.approx(whole.criterion, rel=1e-12)
+    for key in whole.keys:
+        np.testing.assert_allclose(
+            list(merged.ranef(key).values()), list(whole.ranef(key).values()), rtol=1e-8, atol=1e-12
+        )
+
+
+def test_a_group_arriving_on_a_second_partition_is_a_dead_letter(kit, topic, tmp_path):
+    """State stays local to partitions: an event whose group already lives on another
+    partition (a producer not keying by group) is dead-lettered with the reason."""
+    kit.create_topic(topic, partitions=2)
+    home = [{"g": "h", "x1": float(i), "x2": 0.5, "y": 1.0 + i} for i in range(20)]
+    other = [{"g": f"o{i}", "x1": 1.0, "x2": float(i), "y": 2.0} for i in range(20)]
+    producer = kit.producer()
+    try:
+        for e in home:
+            producer.send(topic, value=json.dumps(e).encode(), partition=0)
+        producer.flush(timeout=60)
+        stray = producer.send(topic, value=json.dumps(home[0]).encode(), partition=1)
+        for e in other:
+            producer.send(topic, value=json.dumps(e).encode(), partition=1)
+        producer.flush(timeout=60)
+        stray_offset = stray.get(timeout=60).offset
+    finally:
+        producer.close(timeout=30)
+    dlq = tmp_path / "dead.jsonl"
+    kit.run_engine(topic, tmp_path / "s", "--dead-letter", f"jsonl:{dlq}")
+    snap = kit.latest_snapshot(tmp_path / "s")
+    letters = [json.loads(line) for line in dlq.read_text().splitlines()]
+    assert len(letters) == 1 == snap.meta["dead_letters"]
+    assert (letters[0]["partition"], letters[0]["offset"]) == (1, stray_offset)
+    assert "lives on partition 0" in letters[0]["reason"]
+    assert snap.n_obs == len(home) + len(other)
