@@ -622,3 +622,26 @@ def grad_sums(S, G, P, zi, xi, yi, lam, beta, Cinv):  # pragma: no cover - numba
         G2 += G2k[k]
         G3 += G3k[k]
     return G1, G2, G3
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def copy_checked(dst, col):  # pragma: no cover - numba
+    """``dst[:] = col`` as floats in one pass; returns the first row holding ±inf, or -1.
+    NaN (a missing value) is copied as is."""
+    for r in range(col.shape[0]):
+        v = float(col[r])
+        dst[r] = v
+        if v == v and v - v != 0.0:
+            return r
+    return -1
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def nan_rows(A, y, miss):  # pragma: no cover - numba
+    """``miss[e] |= any NaN in A[e] or y[e]``."""
+    k = A.shape[1]
+    for e in range(A.shape[0]):
+        bad = y[e] != y[e]
+        for i in range(k):
+            bad |= A[e, i] != A[e, i]
+        miss[e] |= bad

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from streamlmm import kernels
 from streamlmm.formula import INTERCEPT, Formula
 from streamlmm.stats import check_key
 
@@ -159,7 +160,6 @@ class RowReader:
             raise ValueError(f"batch of {n} rows exceeds the limit of {MAX_BATCH}")
         f = self.formula
         A = np.empty((n, f.k))
-        miss = np.isnan(y)
         for i in self.ones:
             A[:, i] = 1.0
         for i, c in self.features:
@@ -168,8 +168,9 @@ class RowReader:
                     raise ValueError(f"field {c!r}: missing (no such column)")
                 A[:, i] = math.nan
             else:
-                A[:, i] = self._column(c, cols[c], n)
-            miss |= np.isnan(A[:, i])
+                self._column(c, cols[c], n, out=A[:, i])
+        miss = np.zeros(n, dtype=bool)
+        kernels.nan_rows(A, y, miss)
         wv = np.ones(n) if w is None else self._column("w", w, n)
         if np.isnan(wv).any():
             raise ValueError(f"field 'w': NaN in row {int(np.argmax(np.isnan(wv)))}")
@@ -214,27 +215,28 @@ class RowReader:
         return f"field {self.time_key!r}: missing or NaN"
 
     @staticmethod
-    def _column(name: str, col, n: int | None = None) -> np.ndarray:
+    def _column(name: str, col, n: int | None = None, out: np.ndarray | None = None):
+        """A float column (into ``out`` if given): ±inf or a non-number is a
+        ``ValueError`` naming the row; a missing value is NaN."""
         arr = np.asarray(col)
         if n is not None and arr.shape != (n,):
             raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
-        if arr.dtype.kind in "iuf":
-            out = arr.astype(np.float64, copy=True)
-        elif arr.dtype.kind == "O":
+        if out is None:
             out = np.empty(arr.shape[0])
-            for r, v in enumerate(arr):
-                try:
-                    out[r] = number(name, v)
-                except Missing:
-                    out[r] = math.nan
-                except ValueError as e:
-                    raise ValueError(f"row {r}: {e}") from None
-        else:
+        if arr.dtype.kind in "iuf":
+            r = kernels.copy_checked(out, arr)
+            if r >= 0:
+                raise ValueError(f"row {r}: field {name!r}: not finite ({out[r]})")
+            return out
+        if arr.dtype.kind != "O":
             raise ValueError(f"field {name!r}: expected numbers, got dtype {arr.dtype}")
-        bad = np.isinf(out)
-        if bad.any():
-            r = int(np.argmax(bad))
-            raise ValueError(f"row {r}: field {name!r}: not finite ({out[r]})")
+        for r, v in enumerate(arr):
+            try:
+                out[r] = number(name, v)  # a ValueError for ±inf and non-numbers
+            except Missing:
+                out[r] = math.nan
+            except ValueError as e:
+                raise ValueError(f"row {r}: {e}") from None
         return out
 
     def _keys(self, col, n: int) -> tuple[np.ndarray, list]:
