@@ -228,7 +228,7 @@ def measure_lag(bootstrap: str, rate: float, seconds: float, snapshot_every_s: f
         def poll(self, max_records, timeout_s):
             self.settle()
             recs = super().poll(max_records, timeout_s)
-            self.last = [r.timestamp_ms for r in recs]
+            self.last = [r.timestamp for r in recs]
             self.polls += 1
             return recs
 

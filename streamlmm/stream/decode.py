@@ -12,7 +12,7 @@ import base64
 import dataclasses
 import hashlib
 import json
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -22,18 +22,22 @@ from streamlmm.rows import RowReader
 __all__ = ["Record", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
 
 MAX_MESSAGE_BYTES = 64 * 1024
+_json_decode = json.JSONDecoder().decode
 
 
-@dataclasses.dataclass(frozen=True)
-class Record:
-    """One message from a source: where it came from and its raw bytes."""
+class Record(NamedTuple):
+    """One message from a source: where it came from and its raw bytes.
+
+    kafka-python's ``ConsumerRecord`` has the same fields, so Kafka records pass
+    through without a copy.
+    """
 
     topic: str
     partition: int
     offset: int
     key: bytes | None
     value: bytes | None
-    timestamp_ms: int | None = None  # the source's record time (Kafka: ms since the epoch)
+    timestamp: int | None = None  # the source's record time (Kafka: ms since the epoch)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,7 +144,7 @@ class Decoder:
             raise ValueError(f"message of {len(value)} bytes exceeds {self.max_bytes}")
         try:
             # strictly UTF-8 (RFC 8259 §8.1): json.loads(bytes) would also take UTF-16/32
-            x = json.loads(value.decode("utf-8"))
+            x = _json_decode(value.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ValueError(f"invalid JSON: {str(e)[:120]}") from None
         if not isinstance(x, dict):

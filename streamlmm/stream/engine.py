@@ -185,8 +185,8 @@ class Engine:
             )
 
     def _caught_up(self, targets: Mapping[str, int]) -> bool:
-        if getattr(self.source, "exhausted", False):
-            return True
+        if hasattr(self.source, "exhausted"):  # a file: its end is where reading stops
+            return self.source.exhausted
         return all(self.offsets.get(tp, 0) >= end for tp, end in targets.items())
 
     def _poll(self):
@@ -220,9 +220,10 @@ class Engine:
                         self.model.learn_batch(
                             batch.keys, batch.A, batch.y, batch.w, batch.t, batch.parts
                         )
-                    for r in records:
-                        name = tp_name(r.topic, r.partition)
-                        self.offsets[name] = max(self.offsets.get(name, 0), r.offset + 1)
+                    last = {(r.topic, r.partition): r.offset for r in records}
+                    for (topic, part), off in last.items():
+                        name = tp_name(topic, part)
+                        self.offsets[name] = max(self.offsets.get(name, 0), off + 1)
                     since_events += len(records)
                 now = time.monotonic()
                 if since_events and (
@@ -234,7 +235,7 @@ class Engine:
                 if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
                     self._progress(now - progress_t, self.model.n_events - progress_n, targets)
                     progress_t, progress_n = now, self.model.n_events
-                if cfg.until_end and not records and self._caught_up(targets):
+                if cfg.until_end and self._caught_up(targets):
                     break
         finally:
             if since_events or self.last_snapshot is None:

@@ -151,7 +151,7 @@ class KafkaSource(Source):
                 break
             if time.monotonic() > deadline:
                 raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
-            time.sleep(0.5)
+            time.sleep(0.05)
         if partitions is not None:
             missing = set(partitions) - set(parts)
             if missing:
@@ -173,10 +173,9 @@ class KafkaSource(Source):
 
     def poll(self, max_records: int, timeout_s: float) -> list[Record]:
         polled = self.consumer.poll(timeout_ms=int(timeout_s * 1000), max_records=max_records)
-        out = []
-        for tp, msgs in polled.items():
-            for m in msgs:
-                out.append(Record(tp.topic, tp.partition, m.offset, m.key, m.value, m.timestamp))
+        out: list = []
+        for msgs in polled.values():
+            out.extend(msgs)  # ConsumerRecords: the fields of Record
         return out
 
     def end_offsets(self) -> dict[str, int]:
