@@ -150,6 +150,19 @@ def block_maps(P, zi, xi, yi):  # pragma: no cover - numba
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def _scratch(q, p):  # pragma: no cover - numba
+    """Per-group work arrays: ``L, W`` (q×q), ``RZX`` (q×p), ``cu, u, b`` (q)."""
+    return (
+        np.empty((q, q)),
+        np.empty((q, q)),
+        np.empty((q, p)),
+        np.empty(q),
+        np.empty(q),
+        np.empty(q),
+    )
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W):  # pragma: no cover - numba
     """Fill ``L_g``, ``RZX_g`` and ``cu_g`` from one group's row ``Sr``; return ``log|L_g|``.
 
@@ -200,10 +213,7 @@ def _pls_range(S, lo, hi, ZZi, ZXi, Zyi, XXi, Xyi, yyi, lam, A, c, XX, Xy, sc): 
     ``sc = [Σ log|L_g|, Σ‖cu_g‖², yy, n]``."""
     q = ZZi.shape[0]
     p = ZXi.shape[1]
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     for r in range(lo, hi):
         Sr = S[r]
         sc[0] += group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
@@ -326,10 +336,7 @@ def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     u = np.empty(q)
     B = np.empty((G, q))
     V = np.empty((G, q, q))
@@ -350,12 +357,7 @@ def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
     ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
-    b = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     K = np.empty((q, q))
     Sbb = np.zeros((q, q))
     SK = np.zeros((q, q))
@@ -395,12 +397,7 @@ def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma:
     ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
     q = zi.shape[0]
     p = xi.shape[0]
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
-    b = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     for e in range(rows.shape[0]):
         yhat = shift_y
         for j in range(p):
@@ -439,12 +436,7 @@ def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cove
             yhat += v * beta[j]
     if r < 0:
         return yhat
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
-    b = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     Sr = S[r : r + 1].copy()
     if f != 1.0:
         for c in range(Sr.shape[1]):
@@ -517,12 +509,7 @@ def _grad_range(S, lo, hi, ZZi, ZXi, Zyi, lam, beta, Cinv, G1, G2, G3):  # pragm
     """Add groups ``lo..hi-1`` into the gradient sums of :func:`grad_sums`."""
     q = ZZi.shape[0]
     p = ZXi.shape[1]
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
-    b = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     T = np.empty((q, q))
     V = np.empty((q, p))
     B = np.empty((q, p))

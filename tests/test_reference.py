@@ -164,7 +164,7 @@ def test_dense_computation_at_lme4_theta_equals_lme4(case):
 def test_statsmodels_peer(reference, name):
     """statsmodels' MixedLM: its likelihood at our estimates is our criterion, and our
     optimum is at least as good as its own."""
-    smf = pytest.importorskip("statsmodels.formula.api")
+    import statsmodels.formula.api as smf  # a dev dependency: installed by scripts/setup
     from statsmodels.regression.mixed_linear_model import MixedLMParams
 
     case = reference(name)

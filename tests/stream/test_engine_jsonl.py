@@ -45,6 +45,20 @@ def write_events(path: Path, events: list[dict]) -> None:
     path.write_text("".join(json.dumps(e) + "\n" for e in events))
 
 
+def run_to_end(src: Path, snapshot_dir: Path, formula: str = FORMULA, **kw) -> EngineConfig:
+    """Run the engine in-process over a JSON-lines file to its end; returns its config."""
+    cfg = EngineConfig(
+        source=f"jsonl:{src}",
+        formula=formula,
+        snapshot_dir=str(snapshot_dir),
+        until_end=True,
+        progress_seconds=0,
+        **kw,
+    )
+    Engine(cfg).run(install_signals=False)
+    return cfg
+
+
 def in_memory(events: list[dict]) -> MixedLM:
     df = pd.DataFrame(events)
     m = MixedLM(FORMULA)
@@ -77,15 +91,7 @@ def test_engine_matches_lme4_reference(tmp_path):
     df = pd.read_csv(ref["csv"], dtype={"g": str})
     src = tmp_path / "events.jsonl"
     write_events(src, df.to_dict("records"))
-    cfg = EngineConfig(
-        source=f"jsonl:{src}",
-        formula=ref["formula"],
-        snapshot_dir=str(tmp_path / "s"),
-        until_end=True,
-        progress_seconds=0,
-        snapshot_every_events=1000,
-    )
-    Engine(cfg).run(install_signals=False)
+    run_to_end(src, tmp_path / "s", formula=ref["formula"], snapshot_every_events=1000)
     final = Snapshot.load(tmp_path / "s")
     assert final.n_obs == ref["n"] and dict(final.offsets) == {"jsonl:0": ref["n"]}
     s = MixedLM.from_snapshot(final).fit().snapshot()
@@ -145,15 +151,7 @@ def test_corrupt_newest_snapshot_falls_back_and_replays(tmp_path, stream_200k):
     events, n = events[:30_000], 30_000
     src = tmp_path / "e.jsonl"
     write_events(src, events)
-    cfg = EngineConfig(
-        source=f"jsonl:{src}",
-        formula=FORMULA,
-        snapshot_dir=str(tmp_path / "s"),
-        until_end=True,
-        progress_seconds=0,
-        snapshot_every_events=10_000,
-    )
-    Engine(cfg).run(install_signals=False)
+    cfg = run_to_end(src, tmp_path / "s", snapshot_every_events=10_000)
     files = sorted((tmp_path / "s").glob("snapshot-*.slmm"))
     assert len(files) >= 2
     data = files[-1].read_bytes()
@@ -183,15 +181,7 @@ def test_dead_letters_go_to_a_file_and_do_not_change_estimates(tmp_path, stream_
     src = tmp_path / "e.jsonl"
     src.write_bytes(b"\n".join(lines) + b"\n")
     dlq = tmp_path / "dead.jsonl"
-    cfg = EngineConfig(
-        source=f"jsonl:{src}",
-        formula=FORMULA,
-        snapshot_dir=str(tmp_path / "s"),
-        until_end=True,
-        progress_seconds=0,
-        dead_letter=str(dlq),
-    )
-    Engine(cfg).run(install_signals=False)
+    run_to_end(src, tmp_path / "s", dead_letter=str(dlq))
     snap = Snapshot.load(tmp_path / "s")
     letters = [json.loads(x) for x in dlq.read_text().splitlines()]
     assert len(letters) == n_bad == snap.meta["dead_letters"]
@@ -252,14 +242,7 @@ def test_config_from_env_and_toml_with_flag_precedence(tmp_path):
 def test_snapshot_dir_of_another_model_is_refused(tmp_path):
     src = tmp_path / "e.jsonl"
     write_events(src, list(simulate(100, 5)))
-    cfg = EngineConfig(
-        source=f"jsonl:{src}",
-        formula=FORMULA,
-        snapshot_dir=str(tmp_path / "s"),
-        until_end=True,
-        progress_seconds=0,
-    )
-    Engine(cfg).run(install_signals=False)
+    cfg = run_to_end(src, tmp_path / "s")
     other = EngineConfig(**{**cfg.__dict__, "formula": "y ~ x1 + (1 | g)"})
     with pytest.raises(ValueError, match="another --snapshot-dir"):
         Engine(other)
