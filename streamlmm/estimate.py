@@ -29,9 +29,11 @@ __all__ = [
     "theta_lower",
     "theta_start",
     "profile",
+    "gradient",
     "fit_theta",
     "loglik",
     "em_step",
+    "ols_start",
     "unshift",
     "SINGULAR_TOL",
 ]
@@ -143,14 +145,6 @@ def gradient(stats: GroupStats, prof: Profile) -> np.ndarray:
     if prof.reml:
         g -= 2.0 * G2[cols, rows]
     return g
-
-
-def _objective(stats: GroupStats, reml: bool):
-    def d(theta: np.ndarray) -> float:
-        pr = profile(stats, theta, reml)
-        return pr.criterion if pr is not None else math.inf
-
-    return d
 
 
 def fit_theta(
