@@ -388,27 +388,11 @@ def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
-def predict_rows(S, rows, A, P, zi, xi, yi, lam, beta, shift_y, out):  # pragma: no cover
-    """``out[e] = shift_y + x̃_e'β + z̃_e'b_g`` with the group's BLUP at the current Λ, β.
-
-    ``A[e]`` is the shifted union vector of event ``e``; ``rows[e] < 0`` marks an unseen
-    group, whose prediction is the fixed part alone.
-    """
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    q = zi.shape[0]
-    p = xi.shape[0]
-    L, W, RZX, cu, u, b = _scratch(q, p)
+def predict_rows(S, rows, A, shift, fac, P, zi, xi, yi, lam, beta, out):  # pragma: no cover
+    """:func:`predict_one` for every event: ``out[e]`` from group row ``rows[e]`` (−1:
+    unseen), union values ``A[e]`` and forgetting factor ``fac[e]``."""
     for e in range(rows.shape[0]):
-        yhat = shift_y
-        for j in range(p):
-            yhat += A[e, xi[j]] * beta[j]
-        r = rows[e]
-        if r >= 0:
-            group_factor(S[r], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
-            _blup_into(L, RZX, cu, lam, beta, u, b)
-            for a in range(q):
-                yhat += A[e, zi[a]] * b[a]
-        out[e] = yhat
+        out[e] = predict_one(S, rows[e], A[e], shift, fac[e], P, zi, xi, yi, lam, beta)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

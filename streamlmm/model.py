@@ -272,46 +272,36 @@ class MixedLM(base.MiniBatchRegressor):
             return -1
         return self._stats.row(check_key(key, self._formula.group))
 
-    def _rows_for_predict(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Statistics to predict from: under forgetting, the groups decayed to now."""
+    def _decay_factors(self, rows: np.ndarray) -> np.ndarray:
+        """Each group's forgetting factor to now (1 without forgetting or if unseen)."""
         st = self._stats
-        if not st.half_life:
-            return st.S, rows
-        seen = rows >= 0
-        S = st.S[np.where(seen, rows, 0)].copy()
-        dt = st.now - st.tg[np.where(seen, rows, 0)]
-        S *= (2.0 ** (-np.maximum(dt, 0.0) * st.inv_half_life))[:, None]
-        return S, np.where(seen, np.arange(rows.shape[0]), -1)
+        fac = np.ones(rows.shape[0])
+        if st.half_life:
+            seen = rows >= 0
+            dt = st.now - st.tg[rows[seen]]
+            fac[seen] = 2.0 ** (-np.maximum(dt, 0.0) * st.inv_half_life)
+        return fac
 
-    def _predict(self, rows: np.ndarray, A: np.ndarray, out: np.ndarray) -> np.ndarray:
-        self.refresh()
-        st = self._stats
-        if st.shift is None:
-            out[:] = 0.0
-            return out
-        At = A - st.shift[:-1]
-        np.nan_to_num(At, copy=False, nan=0.0)  # missing="skip": the reference value
-        if self._profile is None:
-            out[:] = st.shift[-1]
-            return out
-        S, rows = self._rows_for_predict(rows)
-        f = self._formula
-        kernels.predict_rows(
-            S, rows, At, st.P, f.zi, f.xi, st.yi, self._lam, self._beta, st.shift[-1], out
-        )
-        return out
-
-    def predict_one(self, x: Mapping[str, Any]) -> float:
-        """Fixed part plus the group's current BLUP (fixed part only for an unseen group)."""
-        a = self._A1[0]
-        self._reader.features_into(x, a, impute=self._reader.skip)
-        r = self._group_row(x)
+    def _fallback(self) -> float | None:
+        """The prediction before any fit: 0 with no data, else the reference response."""
         self.refresh()
         st = self._stats
         if st.shift is None:
             return 0.0
-        if self._profile is None:
-            return float(st.shift[-1])
+        return float(st.shift[-1]) if self._profile is None else None
+
+    def predict_one(self, x: Mapping[str, Any]) -> float:
+        """Fixed part plus the group's current BLUP (fixed part only for an unseen group).
+
+        Under ``missing="skip"`` a missing feature takes its reference value.
+        """
+        a = self._A1[0]
+        self._reader.features_into(x, a, impute=self._reader.skip)
+        r = self._group_row(x)
+        fallback = self._fallback()
+        if fallback is not None:
+            return fallback
+        st = self._stats
         f = 1.0
         if st.half_life and r >= 0:
             f = 2.0 ** (-max(st.now - st.tg[r], 0.0) * st.inv_half_life)
@@ -339,7 +329,17 @@ class MixedLM(base.MiniBatchRegressor):
             for e, key in enumerate(X[f.group].to_numpy()):
                 if key is not None and not (isinstance(key, float) and math.isnan(key)):
                     rows[e] = self._stats.row(check_key(key, f.group))
-        return pd.Series(self._predict(rows, A, np.empty(n)), index=X.index)
+        out = np.empty(n)
+        fallback = self._fallback()
+        if fallback is not None:
+            out[:] = fallback
+        else:
+            st = self._stats
+            fac = self._decay_factors(rows)
+            kernels.predict_rows(
+                st.S, rows, A, st.shift, fac, st.P, st.zi, st.xi, st.yi, self._lam, self._beta, out
+            )
+        return pd.Series(out, index=X.index)
 
     # -- results --------------------------------------------------------------------------
     def snapshot(self, offsets: Mapping[str, int] | None = None, **meta) -> Snapshot:
