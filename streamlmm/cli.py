@@ -47,10 +47,14 @@ def _summary(args: argparse.Namespace) -> int:
     print(f"Linear mixed model fit by {snap.method}: {snap.formula}")
     print(f"  criterion {snap.criterion:.4f}   n_obs {snap.n_obs:g}   groups {snap.n_groups}")
     print(f"  events {snap.n_events}   offsets {dict(snap.offsets)}")
-    print("Random effects (variance, sd):")
+    print("Random effects (variance, sd, correlations):")
+    sd = snap.re_cov.diagonal() ** 0.5
     for i, name in enumerate(snap.re_names):
-        v = snap.re_cov[i, i]
-        print(f"  {name:<14s} {v:12.6g} {v**0.5:12.6g}")
+        corr = " ".join(
+            f"{snap.re_cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else 0.0:6.3f}"
+            for j in range(i)
+        )
+        print(f"  {name:<14s} {sd[i] ** 2:12.6g} {sd[i]:12.6g}  {corr}")
     print(f"  {'Residual':<14s} {snap.sigma**2:12.6g} {snap.sigma:12.6g}")
     print("Fixed effects (estimate, std. error):")
     for k, v in snap.fixef.items():
