@@ -131,11 +131,26 @@ def test_predict_rows_fixed_part_plus_blup(stats):
     lam, beta = LAMBDAS[0], np.array([0.7, 0.3, -1.2])
     B, _ = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, beta)
     A = np.array([[1.0, 2.0, -1.0], [1.0, -0.5, 0.25]])
+    shift = np.array([0.0, 0.0, 0.0, 10.0])  # only the response is shifted here
     rows = np.array([3, -1])
     out = np.empty(2)
-    kernels.predict_rows(st.S, rows, A, st.P, f.zi, f.xi, st.yi, lam, beta, 10.0, out)
+    kernels.predict_rows(st.S, rows, A, shift, np.ones(2), st.P, f.zi, f.xi, st.yi, lam, beta, out)
     assert out[0] == pytest.approx(10.0 + A[0] @ beta + A[0, f.zi] @ B[3], rel=1e-13)
     assert out[1] == pytest.approx(10.0 + A[1] @ beta, rel=1e-13)
+
+
+def test_predict_rows_scales_a_group_by_its_forgetting_factor(stats):
+    st, f = stats, stats.formula
+    lam, beta = LAMBDAS[0], np.array([0.7, 0.3, -1.2])
+    half = st.S * 0.5
+    B_half, _ = kernels.blups(half, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, beta)
+    A = np.array([[1.0, 2.0, -1.0]])
+    shift = np.zeros(4)
+    out = np.empty(1)
+    kernels.predict_rows(
+        st.S, np.array([3]), A, shift, np.array([0.5]), st.P, f.zi, f.xi, st.yi, lam, beta, out
+    )
+    assert out[0] == pytest.approx(A[0] @ beta + A[0, f.zi] @ B_half[3], rel=1e-13)
 
 
 def test_profile_equals_dense_at_several_theta(stats, data, dense_lmm):
