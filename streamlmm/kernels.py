@@ -55,17 +55,24 @@ def packed_index(m: int) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _decay_row(S, tg, r, t, inv_half_life):  # pragma: no cover - numba
+    """Bring row ``r`` forward to time ``t`` (no-op when it is not older)."""
+    dt = t - tg[r]
+    if dt > 0.0:
+        f = 2.0 ** (-dt * inv_half_life)
+        for c in range(S.shape[1]):
+            S[r, c] *= f
+        tg[r] = t
+
+
+@njit(cache=True, nogil=True, error_model="numpy", inline="always")
 def _add_event(S, tg, r, v, w, t, inv_half_life, P):  # pragma: no cover - numba
     """Add ``w v v'`` to row ``r``, decaying the row first when the event is newer."""
     if inv_half_life > 0.0:
-        dt = t - tg[r]
-        if dt > 0.0:
-            f = 2.0 ** (-dt * inv_half_life)
-            for c in range(S.shape[1]):
-                S[r, c] *= f
-            tg[r] = t
-        elif dt < 0.0:
-            w = w * 2.0 ** (dt * inv_half_life)
+        if t < tg[r]:  # an older event joins with its weight decayed to the row's time
+            w = w * 2.0 ** ((t - tg[r]) * inv_half_life)
+        else:
+            _decay_row(S, tg, r, t, inv_half_life)
     S[r, 0] += w
     m = v.shape[0]
     for i in range(m):
@@ -97,22 +104,21 @@ def accumulate(S, tg, rows, A, y, shift, w, t, inv_half_life, P):  # pragma: no 
 def decay_all(S, tg, G, now, inv_half_life):  # pragma: no cover - numba
     """Decay every group's statistics to time ``now`` (DESIGN §5)."""
     for r in range(G):
-        dt = now - tg[r]
-        if dt > 0.0:
-            f = 2.0 ** (-dt * inv_half_life)
-            for c in range(S.shape[1]):
-                S[r, c] *= f
-            tg[r] = now
+        _decay_row(S, tg, r, now, inv_half_life)
 
 
 @njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _chol_logdet(A, q):  # pragma: no cover - numba
-    """In-place lower Cholesky of ``A[:q, :q]``; returns ``log|L|``."""
+def _chol_logdet(A, q, R, rel):  # pragma: no cover - numba
+    """In-place lower Cholesky of ``A[:q, :q]``; returns ``log|L|``, or NaN when a pivot
+    is not above ``rel · R[j, j]`` (not positive definite, to that tolerance)."""
     logdet = 0.0
     for j in range(q):
+        floor = rel * max(R[j, j], 1e-300)
         s = A[j, j]
         for k in range(j):
             s -= A[j, k] * A[j, k]
+        if not s > floor:
+            return np.nan
         d = math.sqrt(s)
         A[j, j] = d
         logdet += math.log(d)
@@ -188,7 +194,7 @@ def group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W):  # pragma: no cover - n
     for a in range(q):
         for b in range(a + 1, q):
             L[a, b] = L[b, a]
-    logdet = _chol_logdet(L, q)
+    logdet = _chol_logdet(L, q, L, 0.0)
     # RZX = L⁻¹ Λ'ZX,  cu = L⁻¹ Λ'Zy  (forward substitution, column by column)
     for a in range(q):
         for j in range(p):
@@ -448,23 +454,9 @@ def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - nu
     dof = n - p if reml else n
     if not dof > 0.0:
         return False, np.inf, beta, np.nan, Lx
-    logdet_rx = 0.0
-    for j in range(p):
-        t = Lx[j, j]
-        for k in range(j):
-            t -= Lx[j, k] * Lx[j, k]
-        if not t > 1e-20 * max(XX[j, j], 1e-300):  # RX[j, j] > 1e-10 √XX[j, j]
-            return False, np.inf, beta, np.nan, Lx
-        d = np.sqrt(t)
-        Lx[j, j] = d
-        logdet_rx += np.log(d)
-        for i in range(j + 1, p):
-            t = Lx[i, j]
-            for k in range(j):
-                t -= Lx[i, k] * Lx[j, k]
-            Lx[i, j] = t / d
-        for i in range(j):
-            Lx[i, j] = 0.0
+    logdet_rx = _chol_logdet(Lx, p, XX, 1e-20)  # RX[j, j] > 1e-10 √XX[j, j]
+    if not np.isfinite(logdet_rx):
+        return False, np.inf, beta, np.nan, Lx
     cbeta = Xy - c
     for i in range(p):  # RX' cβ = Xy − c
         t = cbeta[i]

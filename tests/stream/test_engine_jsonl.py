@@ -41,6 +41,14 @@ def run_cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
 
 
+def engine_args(path: Path, snapdir: Path, *extra: str) -> list[str]:
+    """``streamlmm run`` flags for FORMULA over a JSON-lines file, without progress."""
+    return [
+        "--source", f"jsonl:{path}", "--formula", FORMULA, "--snapshot-dir", str(snapdir),
+        "--progress-seconds", "0", *extra,
+    ]  # fmt: skip
+
+
 def write_events(path: Path, events: list[dict]) -> None:
     path.write_text("".join(json.dumps(e) + "\n" for e in events))
 
@@ -112,18 +120,7 @@ def stream_200k(tmp_path_factory) -> tuple[Path, list[dict]]:
 def test_sigkill_at_random_moments_neither_loses_nor_double_counts(tmp_path, stream_200k):
     path, events = stream_200k
     snapdir = tmp_path / "snaps"
-    args = [
-        "--source",
-        f"jsonl:{path}",
-        "--formula",
-        FORMULA,
-        "--snapshot-dir",
-        str(snapdir),
-        "--snapshot-every-events",
-        "7000",
-        "--progress-seconds",
-        "0",
-    ]
+    args = engine_args(path, snapdir, "--snapshot-every-events", "7000")
     rng = random.Random(3)
     kills = 0
     for frac in sorted(rng.uniform(0.1, 0.9) for _ in range(4)):
@@ -193,18 +190,7 @@ def test_dead_letters_go_to_a_file_and_do_not_change_estimates(tmp_path, stream_
 def test_sigterm_finishes_snapshots_and_exits_zero(tmp_path, stream_200k):
     path, events = stream_200k
     snapdir = tmp_path / "s"
-    p = run_cli(
-        "--source",
-        f"jsonl:{path}",
-        "--formula",
-        FORMULA,
-        "--snapshot-dir",
-        str(snapdir),
-        "--progress-seconds",
-        "0",
-        "--snapshot-every-seconds",
-        "1000",
-    )
+    p = run_cli(*engine_args(path, snapdir, "--snapshot-every-seconds", "1000"))
     time.sleep(3.0)  # mid-stream or tailing the file's end: either way it must stop cleanly
     p.send_signal(signal.SIGTERM)
     out, err = p.communicate(timeout=120)
