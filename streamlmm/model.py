@@ -313,14 +313,7 @@ class MixedLM(base.MiniBatchRegressor):
         """Predictions for a DataFrame, equal to ``predict_one`` row by row."""
         f = self._formula
         n = len(X)
-        A = np.empty((n, f.k))
-        for i, c in enumerate(f.columns):
-            if c == "(Intercept)":
-                A[:, i] = 1.0
-            elif c in X.columns:
-                A[:, i] = RowReader._column(c, X[c].to_numpy(), n)
-            else:
-                A[:, i] = math.nan
+        A = self._reader.union_columns({c: X[c].to_numpy() for c in X.columns}, n)
         if not self._reader.skip and np.isnan(A).any():
             r, i = np.argwhere(np.isnan(A))[0]
             raise ValueError(f"row {r}: field {f.columns[i]!r}: missing")

@@ -159,16 +159,7 @@ class RowReader:
         if n > MAX_BATCH:
             raise ValueError(f"batch of {n} rows exceeds the limit of {MAX_BATCH}")
         f = self.formula
-        A = np.empty((n, f.k))
-        for i in self.ones:
-            A[:, i] = 1.0
-        for i, c in self.features:
-            if c not in cols:
-                if not self.skip:
-                    raise ValueError(f"field {c!r}: missing (no such column)")
-                A[:, i] = math.nan
-            else:
-                self._column(c, cols[c], n, out=A[:, i])
+        A = self.union_columns(cols, n)
         miss = np.zeros(n, dtype=bool)
         kernels.nan_rows(A, y, miss)
         wv = np.ones(n) if w is None else self._column("w", w, n)
@@ -203,6 +194,21 @@ class RowReader:
             A, y, wv = A[kept], y[kept], wv[kept]
             t = None if t is None else t[kept]
         return codes, uniques, A, y, wv, t, kept
+
+    def union_columns(self, cols: Mapping[str, Any], n: int) -> np.ndarray:
+        """The union matrix ``A`` (n×k) from columns; a missing value is NaN, and a
+        missing column is an error unless ``missing="skip"`` (then all NaN)."""
+        A = np.empty((n, self.formula.k))
+        for i in self.ones:
+            A[:, i] = 1.0
+        for i, c in self.features:
+            if c not in cols:
+                if not self.skip:
+                    raise ValueError(f"field {c!r}: missing (no such column)")
+                A[:, i] = math.nan
+            else:
+                self._column(c, cols[c], n, out=A[:, i])
+        return A
 
     def _why_missing(self, r, A, y, t, key_miss) -> str:
         if key_miss[r]:
