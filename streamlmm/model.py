@@ -383,6 +383,7 @@ class MixedLM(base.MiniBatchRegressor):
             keys=st.keys,
             b=b,
             condvar=condvar,
+            group_n=st.S[:G, 0],
             offsets=offsets,
             meta={"created": time.time(), **meta},
             state=self._state(),

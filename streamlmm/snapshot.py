@@ -24,12 +24,12 @@ from typing import Any
 import numpy as np
 
 from streamlmm.formula import INTERCEPT, parse_formula
-from streamlmm.stats import check_key
+from streamlmm.keys import check_key
 
 __all__ = ["Snapshot", "SnapshotError", "FORMAT_VERSION"]
 
 MAGIC = b"SLMMSNAP"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _PREFIX = struct.Struct("<8sIQ")
 _MAX_HEADER = 1 << 31
 
@@ -82,6 +82,12 @@ class Snapshot:
         "singular",
         "converged",
         "n_events",
+        "group_n",
+        "dropped",
+        "warnings",
+        "optinfo",
+        "history",
+        "resid_quantiles",
         "offsets",
         "meta",
         "keys",
@@ -110,6 +116,13 @@ class Snapshot:
         keys,
         b,
         condvar,
+        group_n=None,
+        re_names=None,
+        dropped=(),
+        warnings=(),
+        optinfo: Mapping[str, Any] | None = None,
+        history=(),
+        resid_quantiles: Mapping[str, float] | None = None,
         offsets: Mapping[str, int] | None = None,
         meta: Mapping[str, Any] | None = None,
         state: Mapping[str, Any] | None = None,
@@ -121,8 +134,7 @@ class Snapshot:
         put(self, "method", method)
         put(self, "fixef", MappingProxyType({k: float(v) for k, v in fixef.items()}))
         put(self, "fixef_se", MappingProxyType({k: float(v) for k, v in fixef_se.items()}))
-        put(self, "re_names", f.random)
-        put(self, "re_cov", _frozen(re_cov).reshape(f.q, f.q))
+        put(self, "re_names", tuple(re_names) if re_names is not None else f.random)
         put(self, "sigma", float(sigma))
         put(self, "theta", _frozen(theta).reshape(-1))
         put(self, "criterion", float(criterion))
@@ -132,8 +144,18 @@ class Snapshot:
         put(self, "n_events", int(n_events))
         put(self, "keys", tuple(keys))
         put(self, "n_groups", len(self.keys))
-        put(self, "b", _frozen(b).reshape(len(self.keys), f.q))
-        put(self, "condvar", _frozen(condvar).reshape(len(self.keys), f.q, f.q))
+        q = len(self.re_names)
+        put(self, "re_cov", _frozen(re_cov).reshape(q, q))
+        put(self, "b", _frozen(b).reshape(len(self.keys), q))
+        put(self, "condvar", _frozen(condvar).reshape(len(self.keys), q, q))
+        if group_n is None:
+            group_n = np.full(len(self.keys), np.nan)
+        put(self, "group_n", _frozen(group_n).reshape(len(self.keys)))
+        put(self, "dropped", tuple(dropped))
+        put(self, "warnings", tuple(warnings))
+        put(self, "optinfo", MappingProxyType(dict(optinfo or {})))
+        put(self, "history", tuple(MappingProxyType(dict(h)) for h in history))
+        put(self, "resid_quantiles", MappingProxyType(dict(resid_quantiles or {})))
         put(self, "offsets", MappingProxyType(dict(offsets or {})))
         put(self, "meta", MappingProxyType(dict(meta or {})))
         frozen_state = None
@@ -174,6 +196,25 @@ class Snapshot:
         """The group's conditional covariance (lme4 ``condVar``); ``re_cov`` if unseen."""
         r = self._row(key)
         return self.condvar[r] if r >= 0 else self.re_cov
+
+    def n(self, key) -> float:
+        """The group's total frequency weight Σw (decayed, under forgetting); 0 if unseen."""
+        r = self._row(key)
+        return float(self.group_n[r]) if r >= 0 else 0.0
+
+    def shrinkage(self, key) -> dict[str, float]:
+        """Per random effect, the share of the prior variance the group's data explains:
+        ``1 − condVar_ii / re_cov_ii``.
+
+        For a random intercept this is the classical factor ``τ²/(τ² + σ²/n_g)``: 0 for an
+        unseen group (its effect is the prior's, shrunk all the way to 0) and close to 1
+        for a large group (its own mean). A zero prior variance gives 0.
+        """
+        cv = np.diagonal(self.ranef_cov(key))
+        prior = np.diagonal(self.re_cov)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            f = np.where(prior > 0, 1.0 - cv / prior, 0.0)
+        return dict(zip(self.re_names, map(float, f)))
 
     def predict(self, x: Mapping[str, Any]) -> float:
         """Fixed part plus the group's BLUP (the fixed part alone for an unseen group).
@@ -216,13 +257,28 @@ class Snapshot:
             "offsets": dict(self.offsets),
             "meta": dict(self.meta),
         }
-        if groups:
-            out["ranef"] = {str(k): self.b[i].tolist() for i, k in enumerate(self.keys)}
+        out.update(
+            n_groups=self.n_groups,
+            dropped=list(self.dropped),
+            warnings=list(self.warnings),
+            optinfo=dict(self.optinfo),
+            history=[dict(h) for h in self.history],
+            resid_quantiles=dict(self.resid_quantiles),
+        )
+        if groups:  # a list, so that the int 1 and the string "1" stay two groups
+            out["groups"] = [
+                {"group": k, "n": float(self.group_n[i]), "ranef": self.ranef_row(i)}
+                for i, k in enumerate(self.keys)
+            ]
         return out
+
+    def ranef_row(self, r: int) -> dict[str, float]:
+        """Row ``r``'s BLUP by random-effect name."""
+        return dict(zip(self.re_names, map(float, self.b[r])))
 
     # -- bytes --------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = {"b": self.b, "condvar": self.condvar}
+        arrays = {"b": self.b, "condvar": self.condvar, "group_n": self.group_n}
         for k, v in (self.state or {}).items():
             if isinstance(v, np.ndarray):
                 arrays[f"state.{k}"] = v
@@ -291,6 +347,13 @@ class Snapshot:
                 keys=h["keys"],
                 b=arrays["b"],
                 condvar=arrays["condvar"],
+                group_n=arrays["group_n"],
+                re_names=h["re_names"],
+                dropped=h["dropped"],
+                warnings=h["warnings"],
+                optinfo=h["optinfo"],
+                history=h["history"],
+                resid_quantiles=h["resid_quantiles"],
                 offsets=h["offsets"],
                 meta=h["meta"],
                 state=state,

@@ -16,47 +16,9 @@ import numpy as np
 
 from streamlmm import kernels
 from streamlmm.formula import INTERCEPT, Formula
+from streamlmm.keys import check_key
 
 __all__ = ["GroupStats", "check_key"]
-
-_MAX_KEY_LEN = 256
-
-
-def check_key(key: object, field: str = "group") -> str | int:
-    """Validate a group key: a string or an integer (bool is not a group key).
-
-    Integer-valued keys (``3``, ``np.int64(3)``, ``3.0``) are normalised to ``int``:
-    they are equal as Python values, so they name the same group.
-
-    >>> check_key("a"), check_key(3), check_key(3.0)
-    ('a', 3, 3)
-    >>> check_key(None)
-    Traceback (most recent call last):
-    ...
-    ValueError: field 'group': group key is missing
-    >>> check_key(1.5)
-    Traceback (most recent call last):
-    ...
-    ValueError: field 'group': group key must be a str or an int, got float
-
-    """
-    if type(key) is int:
-        return key
-    if key is None:
-        raise ValueError(f"field {field!r}: group key is missing")
-    if isinstance(key, str):
-        if len(key) > _MAX_KEY_LEN:
-            raise ValueError(f"field {field!r}: group key longer than {_MAX_KEY_LEN} characters")
-        return key
-    if isinstance(key, (bool, np.bool_)):
-        raise ValueError(f"field {field!r}: group key must be a str or an int, got bool")
-    if isinstance(key, (int, np.integer)):
-        return int(key)
-    if isinstance(key, (float, np.floating)) and math.isfinite(key) and float(key).is_integer():
-        return int(key)  # 3.0 == 3 in Python, so both name the same group
-    raise ValueError(
-        f"field {field!r}: group key must be a str or an int, got {type(key).__name__}"
-    )
 
 
 class GroupStats:

@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from streamlmm.keys import key_to_json
 from streamlmm.snapshot import Snapshot
 from streamlmm.stream.decode import DeadLetter
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS
@@ -117,13 +118,12 @@ class EffectsPublisher:
         seq = snap.n_events
         model = snap.to_dict()
         self.producer.send(self.topic, key=MODEL_KEY.encode(), value=_dumps(model))
-        n_g = snap.state["S"][:, 0] if snap.state is not None else None
         for i, key in enumerate(snap.keys):
             rec = {
                 "group": key,
-                "ranef": dict(zip(snap.re_names, snap.b[i].tolist())),
+                "ranef": snap.ranef_row(i),
                 "cond_cov": snap.condvar[i].tolist(),
-                "n": float(n_g[i]) if n_g is not None else None,
+                "n": float(snap.group_n[i]),
                 "n_events": seq,
             }
             self.producer.send(self.topic, key=group_record_key(key), value=_dumps(rec))
@@ -138,7 +138,7 @@ def group_record_key(key: str | int) -> bytes:
     (b'3', b'"3"', b'"__model__"')
 
     """
-    return json.dumps(key).encode()
+    return key_to_json(key).encode()
 
 
 def _dumps(obj: Any) -> bytes:
