@@ -22,7 +22,7 @@ import pandas as pd
 from river import base
 
 from streamlmm import estimate, kernels
-from streamlmm.formula import parse_formula
+from streamlmm.formula import INTERCEPT, parse_formula
 from streamlmm.rows import RowReader
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
@@ -31,6 +31,7 @@ __all__ = ["MixedLM"]
 
 METHODS = ("REML", "ML")
 SCHEDULED_REFIT_EVALS = 200
+HISTORY_MAX = 256  # model-level records kept for trajectories
 
 
 class MixedLM(base.MiniBatchRegressor):
@@ -107,6 +108,7 @@ class MixedLM(base.MiniBatchRegressor):
         self.n_refits = 0
         self.n_em_steps = 0
         self.last_refit: dict[str, Any] = {}
+        self._history: list[dict[str, Any]] = []
         self._next_refit = 1
         self._next_em = math.inf
         self._refreshed_at = -1
@@ -237,6 +239,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._next_refit = min(2 * n, n + self.refit_every) if ok else n + 1
         self._next_em = n + self.em_every
         self._refreshed_at = n
+        self._record_history("refit")
         return self
 
     def em_step(self) -> MixedLM:
@@ -250,6 +253,7 @@ class MixedLM(base.MiniBatchRegressor):
         self.n_em_steps += 1
         self._next_em = self.n_events + self.em_every
         self._refreshed_at = self.n_events
+        self._record_history("em")
         return self
 
     def refresh(self) -> bool:
@@ -384,10 +388,51 @@ class MixedLM(base.MiniBatchRegressor):
             b=b,
             condvar=condvar,
             group_n=st.S[:G, 0],
+            group_ybar=self._group_ybar(),
+            fixef_vcov=vcov,
+            history=self._history,
             offsets=offsets,
             meta={"created": time.time(), **meta},
             state=self._state(),
         )
+
+    def _group_ybar(self) -> np.ndarray:
+        """Each group's raw (weighted, decayed) mean response, from the statistics."""
+        st, f = self._stats, self._formula
+        G = st.n_groups
+        if INTERCEPT not in f.columns or st.shift is None:
+            return np.full(G, np.nan)
+        col = st.P[f.columns.index(INTERCEPT), st.yi]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return st.S[:G, col] / st.S[:G, 0] + st.shift[-1]
+
+    def _record_history(self, kind: str) -> None:
+        """Append a small model-level record (bounded: thinned by half when full)."""
+        prof = self._profile
+        if prof is None:
+            return
+        q = self._formula.q
+        beta, _, theta, _, _ = estimate.unshift(
+            self._stats,
+            prof.beta,
+            np.zeros((len(prof.beta),) * 2),
+            prof.theta,
+            np.zeros((0, q)),
+            np.zeros((0, q, q)),
+        )
+        lam = estimate.lam_of(theta, q)
+        self._history.append(
+            {
+                "kind": kind,
+                "n_events": self.n_events,
+                "time": time.time(),
+                "sigma": math.sqrt(prof.sigma2),
+                "re_cov": (prof.sigma2 * lam @ lam.T).tolist(),
+                "fixef": dict(zip(self._formula.fixed, beta.tolist())),
+            }
+        )
+        if len(self._history) > HISTORY_MAX:
+            self._history = self._history[::2]
 
     def _state(self) -> dict[str, Any]:
         st = self._stats
@@ -406,6 +451,7 @@ class MixedLM(base.MiniBatchRegressor):
             "refit_every": self.refit_every,
             "n_skipped": self.n_skipped,
             "n_refits": self.n_refits,
+            "history": self._history,
         }
 
     @classmethod
@@ -462,6 +508,7 @@ class MixedLM(base.MiniBatchRegressor):
         m.n_events = snap.n_events
         m.n_skipped = s["n_skipped"]
         m.n_refits = s["n_refits"]
+        m._history = [dict(h) for h in s.get("history", [])]
         if len(s["theta_shifted"]):
             m._set_theta(np.array(s["theta_shifted"]))
         return m

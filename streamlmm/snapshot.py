@@ -83,6 +83,8 @@ class Snapshot:
         "converged",
         "n_events",
         "group_n",
+        "group_ybar",
+        "fixef_vcov",
         "dropped",
         "warnings",
         "optinfo",
@@ -117,6 +119,8 @@ class Snapshot:
         b,
         condvar,
         group_n=None,
+        group_ybar=None,
+        fixef_vcov=None,
         re_names=None,
         dropped=(),
         warnings=(),
@@ -151,6 +155,13 @@ class Snapshot:
         if group_n is None:
             group_n = np.full(len(self.keys), np.nan)
         put(self, "group_n", _frozen(group_n).reshape(len(self.keys)))
+        if group_ybar is None:
+            group_ybar = np.full(len(self.keys), np.nan)
+        put(self, "group_ybar", _frozen(group_ybar).reshape(len(self.keys)))
+        p = len(self.fixef)
+        if fixef_vcov is None:
+            fixef_vcov = np.diag([v**2 for v in self.fixef_se.values()])
+        put(self, "fixef_vcov", _frozen(fixef_vcov).reshape(p, p))
         put(self, "dropped", tuple(dropped))
         put(self, "warnings", tuple(warnings))
         put(self, "optinfo", MappingProxyType(dict(optinfo or {})))
@@ -278,7 +289,13 @@ class Snapshot:
 
     # -- bytes --------------------------------------------------------------------------
     def _arrays(self) -> dict[str, np.ndarray]:
-        arrays = {"b": self.b, "condvar": self.condvar, "group_n": self.group_n}
+        arrays = {
+            "b": self.b,
+            "condvar": self.condvar,
+            "group_n": self.group_n,
+            "group_ybar": self.group_ybar,
+            "fixef_vcov": self.fixef_vcov,
+        }
         for k, v in (self.state or {}).items():
             if isinstance(v, np.ndarray):
                 arrays[f"state.{k}"] = v
@@ -348,6 +365,8 @@ class Snapshot:
                 b=arrays["b"],
                 condvar=arrays["condvar"],
                 group_n=arrays["group_n"],
+                group_ybar=arrays["group_ybar"],
+                fixef_vcov=arrays["fixef_vcov"],
                 re_names=h["re_names"],
                 dropped=h["dropped"],
                 warnings=h["warnings"],
