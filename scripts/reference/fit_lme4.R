@@ -16,7 +16,7 @@
 # The grouping column `g` is always read as character (keys are strings).
 #
 # The JSON is DESIGN §7's format plus `messages`, `dropped`, `optinfo`,
-# `varcorr_terms` and `condvar_blocks`; scripts/reference/README.md describes it. A case
+# `varcorr_terms` and (several terms on g only) `condvar_blocks`; scripts/reference/README.md describes it. A case
 # lmer() refuses is written with `error` (lme4's message) and no estimates.
 
 suppressPackageStartupMessages({
@@ -179,9 +179,8 @@ fit_case <- function(case) {
     messages = I(r$messages),
     dropped = I(dropped),
     optinfo = optinfo,
-    varcorr_terms = terms,
-    condvar_blocks = blocks_list
-  ))
+    varcorr_terms = terms
+  ), if (length(cnms_g) > 1) list(condvar_blocks = blocks_list))
 }
 
 for (case in manifest) {
