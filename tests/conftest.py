@@ -4,8 +4,8 @@ The helpers are exposed as (session-scoped) fixtures rather than imported from t
 module, so that the suite works under any pytest import mode and next to other
 ``conftest.py`` files (``tests/stream/``).
 
-Reference data (lme4 1.1.31 fits, DESIGN §7) is read from ``../shared/reference``
-next to the repository, or from ``$STREAMLMM_REFERENCE``.
+Reference data (lme4 1.1.31 fits, DESIGN §7) is read from the repository's ``tests/data``
+(see its README.md), or from ``$STREAMLMM_REFERENCE``.
 """
 
 from __future__ import annotations
@@ -34,10 +34,24 @@ def reference_dir() -> pathlib.Path:
     env = os.environ.get("STREAMLMM_REFERENCE")
     if env:
         return pathlib.Path(env)
-    return pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+    return pathlib.Path(__file__).resolve().parent / "data"
 
 
-REFERENCE_NAMES = sorted(p.stem for p in reference_dir().glob("*.json"))
+# The cases the parametrized streamlmm-vs-lme4 tests run on: numeric columns x1, x2 and
+# one random-effects term. The other cases in tests/data (factors, transforms, ``||``,
+# rank deficiency, lme4 errors) exercise features that are checked separately; only
+# tests/test_reference_data.py runs over all of them.
+CORE_REFERENCE_NAMES = (
+    "pub_freqweights_reml",
+    "pub_slopes_ml",
+    "pub_slopes_reml",
+    "pub_tiny_intercept_reml",
+    "sleepstudy_intercept_reml",
+    "sleepstudy_slopes_ml",
+    "sleepstudy_slopes_reml",
+)
+REFERENCE_NAMES = list(CORE_REFERENCE_NAMES)
+ALL_REFERENCE_NAMES = sorted(p.stem for p in reference_dir().glob("*.json"))
 
 
 # -- reference cases ------------------------------------------------------------------------
@@ -329,6 +343,13 @@ def rel_err(a, b) -> float:
 # -- fixtures -----------------------------------------------------------------------------------
 def pytest_generate_tests(metafunc):
     if "reference_name" in metafunc.fixturenames:
+        # the lme4 fits are the point of these tests: a missing case fails collection
+        missing = [n for n in REFERENCE_NAMES if not (reference_dir() / f"{n}.json").is_file()]
+        if not REFERENCE_NAMES or missing:
+            pytest.fail(
+                f"reference cases {missing or '(none)'} missing from {reference_dir()}",
+                pytrace=False,
+            )
         metafunc.parametrize("reference_name", REFERENCE_NAMES)
 
 

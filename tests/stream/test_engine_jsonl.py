@@ -24,9 +24,7 @@ from streamlmm.stream.engine import Engine, EngineConfig
 
 FORMULA = "y ~ x1 + x2 + (1 + x1 | g)"
 REFERENCE = Path(
-    os.environ.get(
-        "STREAMLMM_REFERENCE", Path(__file__).resolve().parents[2].parent / "shared" / "reference"
-    )
+    os.environ.get("STREAMLMM_REFERENCE") or Path(__file__).resolve().parents[1] / "data"
 )
 
 

@@ -47,8 +47,7 @@ pytestmark = [
 
 FORMULA = "y ~ x1 + x2 + (1 + x1 | g)"
 REFERENCE = Path(
-    os.environ.get("STREAMLMM_REFERENCE")
-    or Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+    os.environ.get("STREAMLMM_REFERENCE") or Path(__file__).resolve().parents[1] / "data"
 )
 REL = 1e-9  # "the same statistics": estimates at a common θ, and refits
 
