@@ -1,13 +1,18 @@
-"""Profiled REML/ML from the statistics, the bounded optimizer, and ML-EM steps.
+"""Profiled REML/ML from the blocked cross-products, the optimizer, lme4's checks, and EM.
 
-Everything is computed in the shifted coordinates of :class:`~streamlmm.stats.GroupStats`
-(DESIGN §4) from the blocked cross-products alone; :func:`unshift` maps the estimates
-back to the user's columns. The deviance is DESIGN §2::
+A fit works on a :class:`Problem`: the statistics' blocks around a centre ``c``
+(docs/math.md §2, §4), the kept fixed columns (lme4's rank check) and the structure of
+Λ. The profiled criterion is::
 
     RX'RX = XX − Σ RZX_g'RZX_g,   cβ = RX'⁻¹(Xy − Σ RZX_g'cu_g),   β̂ = RX⁻¹cβ
     r²    = yy − Σ‖cu_g‖² − ‖cβ‖²
     ML:   d(θ) = Σ 2 log|L_g| + n (1 + log(2π r²/n))
     REML: d(θ) = Σ 2 log|L_g| + 2 log|RX| + (n−p)(1 + log(2π r²/(n−p)))
+
+:func:`fit_theta` minimises it in phases (start, trust-region Newton on the analytic
+gradient, boundary escape, lme4's convergence check) and returns an
+:class:`OptSummary`; :func:`estimates_at` turns a θ into the user's estimates (the role
+of lme4's ``mkMerMod``).
 
 """
 
@@ -15,295 +20,57 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
+from typing import Any
 
 import numpy as np
-from scipy import optimize
 
 from streamlmm import kernels
+from streamlmm.formula import INTERCEPT
 from streamlmm.stats import GroupStats
 
 __all__ = [
+    "Problem",
     "Profile",
-    "lam_of",
-    "theta_of",
-    "theta_lower",
-    "theta_start",
-    "profile",
-    "gradient",
+    "OptSummary",
+    "Estimates",
+    "make_problem",
+    "fixed_rank",
+    "theta_index",
     "fit_theta",
-    "loglik",
+    "estimates_at",
     "em_step",
-    "ols_start",
-    "unshift",
+    "loglik",
     "SINGULAR_TOL",
+    "RANK_TOL",
+    "PARALLEL_MIN_GROUPS",
 ]
 
-SINGULAR_TOL = 1e-4  # lme4's isSingular() tolerance on the diagonal of Λ
+SINGULAR_TOL = 1e-4  # lme4's isSingular(): a diagonal entry of Λ below this is a boundary fit
+RANK_TOL = 1e-7  # lme4's rank tolerance on |R_jj| / ‖x_j‖ (qr(X, tol = 1e-7))
+CONV_TOL = 2e-3  # lme4's check.conv.grad: max |H⁻¹g| at the optimum
+PARALLEL_MIN_GROUPS = 50_000  # below this, one thread is faster (scripts/bench_core.py)
 _LOG2PI = math.log(2.0 * math.pi)
 
 
-# -- θ ↔ Λ ------------------------------------------------------------------------------
-def _tril(q: int) -> tuple[np.ndarray, np.ndarray]:
-    """Lower-triangle positions in lme4's order for θ (column by column)."""
-    cols, rows = np.triu_indices(q)  # (j, i) with i ≥ j, ordered by j then i
-    return rows, cols
+# -- structure of Λ ---------------------------------------------------------------------------
+def theta_index(blocks, q: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions ``(rows, cols)`` in Λ of the θ entries, in lme4's order: block by block,
+    each block's lower triangle column by column (``getME(m, "theta")``).
 
-
-def lam_of(theta: np.ndarray, q: int) -> np.ndarray:
-    """Λ from θ, lme4's order (``getME(m, "theta")``).
-
-    >>> lam_of(np.array([1.0, 0.5, 2.0]), 2)
-    array([[1. , 0. ],
-           [0.5, 2. ]])
+    >>> theta_index([(0, 1)], 2)
+    (array([0, 1, 1]), array([0, 0, 1]))
+    >>> theta_index([(0,), (1,)], 2)  # (1 + x || g): two 1×1 blocks
+    (array([0, 1]), array([0, 1]))
 
     """
-    lam = np.zeros((q, q))
-    lam[_tril(q)] = theta
-    return lam
-
-
-def theta_of(lam: np.ndarray) -> np.ndarray:
-    """θ from Λ (inverse of :func:`lam_of`)."""
-    return lam[_tril(lam.shape[0])].copy()
-
-
-def theta_lower(q: int) -> np.ndarray:
-    """Lower bounds of θ: 0 on the diagonal of Λ, −∞ elsewhere."""
-    rows, cols = _tril(q)
-    return np.where(rows == cols, 0.0, -np.inf)
-
-
-def theta_start(q: int) -> np.ndarray:
-    """lme4's starting point: Λ = I."""
-    rows, cols = _tril(q)
-    return (rows == cols).astype(float)
-
-
-# -- profiled deviance --------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    """The profiled quantities at one θ (shifted coordinates)."""
-
-    theta: np.ndarray
-    criterion: float
-    beta: np.ndarray
-    sigma2: float
-    RX: np.ndarray  # upper triangular, RX'RX = XX − Σ RZX'RZX
-    logdet_L: float
-    n: float
-    reml: bool
-
-
-def _sums(stats: GroupStats, lam: np.ndarray):
-    f = stats.formula
-    return kernels.pls_sums(stats.S, stats.n_groups, stats.P, f.zi, f.xi, stats.yi, lam)
-
-
-def profile(stats: GroupStats, theta: np.ndarray, reml: bool) -> Profile | None:
-    """Evaluate the profiled REML/ML criterion at θ; ``None`` where it is undefined.
-
-    It is undefined when ``RX'RX`` is not positive definite (too few events or
-    collinear fixed columns) or the penalised residual sum of squares is not positive
-    (within rounding of the total sum of squares: data that the model fits exactly).
-    """
-    lam = lam_of(np.asarray(theta, dtype=float), stats.formula.q)
-    logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
-    if not math.isfinite(logdet):  # huge θ: Λ'ZZΛ + I lost its positive definiteness
-        return None
-    ok, d, beta, sigma2, RX = kernels.profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml)
-    if not ok:
-        return None
-    return Profile(
-        theta=np.array(theta, dtype=float),
-        criterion=float(d),
-        beta=beta,
-        sigma2=float(sigma2),
-        RX=RX,
-        logdet_L=float(logdet),
-        n=float(n),
-        reml=reml,
-    )
-
-
-def gradient(stats: GroupStats, prof: Profile) -> np.ndarray:
-    """∂d/∂θ at ``prof.theta``, analytically from the statistics (one more pass).
-
-    For θ_k = Λ[i, j] (E = ∂Λ/∂θ_k) the pieces are, per DESIGN §2's quantities,
-    ``∂Σlog|M_g| = 2 Σ (M_g⁻¹Λ'ZZ_g)[j, i]``, ``∂log|RX'RX| = −2 Σ (Λ'B_gC⁻¹B_g')[j, i]``
-    and ``∂r² = −2 Σ (Z_g'res_g)[i] u_g[j]`` (the envelope theorem: β and u are optimal).
-    """
-    f = stats.formula
-    lam = lam_of(prof.theta, f.q)
-    RXinv = np.linalg.inv(prof.RX)
-    G1, G2, G3 = kernels.grad_sums(
-        stats.S, stats.n_groups, stats.P, f.zi, f.xi, stats.yi, lam, prof.beta, RXinv @ RXinv.T
-    )
-    dof = prof.n - f.p if prof.reml else prof.n
-    r2 = prof.sigma2 * dof
-    rows, cols = _tril(f.q)
-    g = 2.0 * G1[cols, rows] - 2.0 * (dof / r2) * G3[rows, cols]
-    if prof.reml:
-        g -= 2.0 * G2[cols, rows]
-    return g
-
-
-def fit_theta(
-    stats: GroupStats,
-    reml: bool,
-    theta0: np.ndarray | None = None,
-    *,
-    max_evals: int = 5000,
-    polish: bool = False,
-) -> tuple[Profile | None, int]:
-    """Minimise d(θ) subject to diag(Λ) ≥ 0, warm-started from ``theta0``.
-
-    A bounded quasi-Newton search (L-BFGS-B) on the analytic gradient
-    (:func:`gradient`), run until the projected gradient vanishes to rounding. When a
-    diagonal entry of Λ ends near its bound (a possibly singular fit), or ``polish`` is
-    set, a derivative-free bounded Powell search follows, which lands on the boundary
-    exactly. Returns the profile at the optimum (``None`` when the criterion is
-    undefined everywhere tried) and the number of criterion evaluations.
-
-    """
-    q = stats.formula.q
-    lower = theta_lower(q)
-    bounds = optimize.Bounds(lower, np.full_like(lower, np.inf))
-    evals = 0
-
-    def f(theta):
-        nonlocal evals
-        evals += 1
-        pr = profile(stats, theta, reml)
-        return pr.criterion if pr is not None else math.inf
-
-    def fg(theta):
-        nonlocal evals
-        evals += 1
-        pr = profile(stats, theta, reml)
-        if pr is None:
-            return math.inf, np.zeros_like(theta)
-        return pr.criterion, gradient(stats, pr)
-
-    starts = [theta_start(q)] if theta0 is None else [np.asarray(theta0, float), theta_start(q)]
-    best = None
-    for x0 in starts:
-        x0 = np.maximum(x0, lower)
-        if math.isfinite(f(x0)):
-            best = x0
-            break
-    if best is None:
-        return None, evals
-    gtol = 1e-11 * max(abs(f(best)), 1.0)
-
-    def descend(x):
-        fx = f(x)
-        for _ in range(4):  # restart while a run still improves (e.g. after a failed search)
-            res = optimize.minimize(
-                fg,
-                x,
-                method="L-BFGS-B",
-                jac=True,
-                bounds=bounds,
-                options={"ftol": 1e-15, "gtol": gtol, "maxfun": max_evals, "maxcor": 20},
-            )
-            improved = fx - res.fun
-            if res.fun < fx:
-                x, fx = res.x, res.fun
-            if res.success or not improved > 1e-12 * max(abs(fx), 1.0):
-                break
-        return x, fx
-
-    x, fx = descend(best)
-    # A diagonal θ at 0 whose column of Λ is otherwise empty is a stationary point (d is
-    # even in it), so a gradient method that steps onto that face can stay on a saddle.
-    # Probe small steps back inside; descend from the best probe if it is lower. A truly
-    # singular fit has no lower probe and stays on the face.
-    diag = lower == 0
-    for _ in range(3):
-        on_face = diag & (x <= 1e-8)
-        if not on_face.any():
-            break
-        scale = max(float(np.max(x[diag])), 0.1)
-        probes = []
-        for delta in (1e-2 * scale, 1e-1 * scale):
-            kick = x.copy()
-            kick[on_face] = delta
-            probes.append((f(kick), kick))
-        f_kick, kick = min(probes, key=lambda pk: pk[0])
-        if not f_kick < fx:
-            break
-        x, fx = descend(kick)
-    near_bound = np.any((lower == 0) & (x < 1e-3))
-    if not near_bound:
-        x = _newton_on_gradient(stats, reml, x)
-    if polish or near_bound:
-        res2 = optimize.minimize(
-            f,
-            x,
-            method="Powell",
-            bounds=[(lo if math.isfinite(lo) else None, None) for lo in lower],
-            options={"xtol": 1e-10, "ftol": 1e-14, "maxfev": max_evals},
-        )
-        if res2.fun < fx:
-            x = res2.x
-        x = np.where(np.abs(x) < 1e-14, 0.0, x)
-    return profile(stats, x, reml), evals
-
-
-def _newton_on_gradient(stats: GroupStats, reml: bool, x: np.ndarray, iters: int = 3):
-    """Finish an interior optimum with Newton steps on the analytic gradient.
-
-    Line searches stall once changes of d(θ) reach its rounding (~1e-12 relative), with
-    the gradient still ~1e-5; Newton on the gradient, with the Hessian from forward
-    differences of the gradient, needs no function values and converges quadratically.
-    A step is kept only if it shrinks the gradient.
-    """
-
-    def grad(t):
-        pr = profile(stats, t, reml)
-        return None if pr is None else gradient(stats, pr)
-
-    g = grad(x)
-    if g is None:
-        return x
-    n = x.shape[0]
-    for _ in range(iters):
-        h = 1e-6 * np.maximum(np.abs(x), 0.1)
-        H = np.empty((n, n))
-        for i in range(n):
-            xi = x.copy()
-            xi[i] += h[i]
-            gi = grad(xi)
-            if gi is None:
-                return x
-            H[:, i] = (gi - g) / h[i]
-        H = (H + H.T) / 2
-        try:
-            np.linalg.cholesky(H)
-            step = np.linalg.solve(H, g)
-        except np.linalg.LinAlgError:
-            return x
-        x_new = x - step
-        if np.any(x_new < theta_lower(stats.formula.q)):
-            return x
-        g_new = grad(x_new)
-        if g_new is None or not np.linalg.norm(g_new) < np.linalg.norm(g):
-            return x
-        x, g = x_new, g_new
-    return x
-
-
-# -- ML log-likelihood at given parameters and EM -----------------------------------------
-def loglik(stats: GroupStats, theta: np.ndarray, beta: np.ndarray, sigma2: float) -> float:
-    """ML log-likelihood at (β, θ, σ²), not profiled (shifted coordinates).
-
-    ``−2 log L = Σ 2 log|L_g| + n log(2πσ²) + Q(β)/σ²`` with
-    ``Q(β) = yy − 2β'Xy + β'XXβ − (Σ‖cu‖² − 2β'ΣRZX'cu + β'ΣRZX'RZX β)``.
-    """
-    lam = lam_of(theta, stats.formula.q)
-    logdet, A, c, s, XX, Xy, yy, n = _sums(stats, lam)
-    Q = yy - 2 * beta @ Xy + beta @ XX @ beta - (s - 2 * beta @ c + beta @ A @ beta)
-    return float(-0.5 * (2 * logdet + n * (_LOG2PI + math.log(sigma2)) + Q / sigma2))
+    rows, cols = [], []
+    for block in blocks:
+        for j, c in enumerate(block):
+            for r in block[j:]:
+                rows.append(r)
+                cols.append(c)
+    return np.array(rows, dtype=np.int64), np.array(cols, dtype=np.int64)
 
 
 def _lower_factor(F: np.ndarray) -> np.ndarray:
@@ -323,61 +90,627 @@ def _chol_psd(M: np.ndarray) -> np.ndarray:
         return _lower_factor(U * np.sqrt(np.clip(w, 0.0, None)))
 
 
-def ols_start(stats: GroupStats) -> tuple[np.ndarray, float]:
+# -- the problem ----------------------------------------------------------------------------
+def fixed_rank(XX: np.ndarray, raw_sq: np.ndarray, tol: float = RANK_TOL) -> np.ndarray:
+    """lme4's rank check, from the cross-product: which fixed columns to keep.
+
+    Columns are taken in formula order; a column is dropped (aliased) when its residual
+    sum of squares on the kept earlier columns is at most ``tol²`` times its raw sum of
+    squares ``raw_sq`` — the pivots of a sequential Cholesky of ``XX`` are the squared
+    ``R_jj`` of the QR that lme4 computes (``qr(X, tol = 1e-7)``, LINPACK's dqrdc2).
+
+    >>> XX = np.array([[4.0, 2.0, 6.0], [2.0, 2.0, 4.0], [6.0, 4.0, 10.0]])  # x3 = x1 + x2
+    >>> fixed_rank(XX, np.diag(XX)).tolist()
+    [True, True, False]
+
+    """
+    p = XX.shape[0]
+    keep = np.zeros(p, dtype=bool)
+    L = np.zeros((p, p))
+    kept: list[int] = []
+    for j in range(p):
+        if not raw_sq[j] > 0:
+            continue
+        v = XX[kept, j].copy() if kept else np.zeros(0)
+        for a in range(len(kept)):  # v ← L⁻¹ XX[kept, j]
+            v[a] = (v[a] - L[a, :a] @ v[:a]) / L[a, a]
+        d = XX[j, j] - v @ v
+        if not d > tol * tol * raw_sq[j]:
+            continue
+        a = len(kept)
+        L[a, :a] = v
+        L[a, a] = math.sqrt(d)
+        kept.append(j)
+        keep[j] = True
+    return keep
+
+
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """The profiled quantities at one θ (the problem's coordinates)."""
+
+    theta: np.ndarray
+    criterion: float
+    beta: np.ndarray
+    sigma2: float
+    RX: np.ndarray  # upper triangular, RX'RX = XX − Σ RZX'RZX
+    logdet_L: float
+    n: float
+    reml: bool
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Problem:
+    """A fit's view of the statistics: blocks around ``c``, kept fixed columns, Λ's shape.
+
+    Build it with :func:`make_problem`. ``xi`` are the kept fixed columns' union
+    positions, ``keep`` the mask over all fixed columns.
+    """
+
+    F: np.ndarray
+    XX: np.ndarray
+    Xy: np.ndarray
+    yy: float
+    n: float
+    n_groups: int
+    c: np.ndarray
+    xi: np.ndarray
+    zi: np.ndarray
+    keep: np.ndarray
+    blocks: tuple
+    reml: bool
+    parallel: bool
+    xint: int  # position of the intercept among the kept fixed columns, -1 if none
+    zint: int  # position of the intercept among the random columns, -1 if none
+
+    @property
+    def p(self) -> int:
+        return int(self.xi.shape[0])
+
+    @property
+    def q(self) -> int:
+        return int(self.zi.shape[0])
+
+    @property
+    def tindex(self) -> tuple[np.ndarray, np.ndarray]:
+        return theta_index(self.blocks, self.q)
+
+    def lam(self, theta: np.ndarray) -> np.ndarray:
+        """Λ from θ."""
+        lam = np.zeros((self.q, self.q))
+        lam[self.tindex] = theta
+        return lam
+
+    def theta(self, lam: np.ndarray) -> np.ndarray:
+        """θ from Λ (inverse of :meth:`lam`)."""
+        return lam[self.tindex].copy()
+
+    def lower(self) -> np.ndarray:
+        """Lower bounds of θ: 0 on the diagonal of Λ, −∞ elsewhere."""
+        r, c = self.tindex
+        return np.where(r == c, 0.0, -np.inf)
+
+    def start(self) -> np.ndarray:
+        """lme4's starting point: Λ = I."""
+        r, c = self.tindex
+        return (r == c).astype(float)
+
+    # -- coordinates ----------------------------------------------------------------------
+    def Tz(self) -> np.ndarray:
+        """``b = T_z b̃``: moves the centre of the random columns into their intercept."""
+        cz = self.c[self.zi]
+        T = np.eye(self.q)
+        if cz.any():  # shiftable random columns share a block with the intercept
+            T[self.zint] -= cz
+        return T
+
+    def Tx(self) -> np.ndarray:
+        """``β = T_x β̃ + c_y e₀`` for the kept fixed columns."""
+        cx = self.c[self.xi]
+        T = np.eye(self.p)
+        if cx.any():
+            T[self.xint] -= cx
+        return T
+
+    def to_user_lam(self, lam: np.ndarray) -> np.ndarray:
+        """The user's Λ (lower triangular per block) from this problem's."""
+        return _blockwise_lower(self.Tz() @ lam, self.blocks)
+
+    def from_user_lam(self, lam_u: np.ndarray) -> np.ndarray:
+        """This problem's Λ from the user's."""
+        return _blockwise_lower(np.linalg.solve(self.Tz(), lam_u), self.blocks)
+
+    # -- the criterion --------------------------------------------------------------------
+    def profile(self, theta: np.ndarray) -> Profile | None:
+        """Profiled REML/ML at θ; ``None`` where the criterion is undefined."""
+        theta = np.asarray(theta, dtype=float)
+        s = kernels.pls_sums(self.F, self.q, self.p, self.lam(theta), self.parallel)
+        if not math.isfinite(s.logdet):  # huge θ: Λ'ZZΛ + I lost its positive definiteness
+            return None
+        ok, d, beta, sigma2, RX = kernels.profile_tail(
+            s.logdet, s.A, s.c, s.cu2, self.XX, self.Xy, self.yy, self.n, self.reml
+        )
+        if not ok:
+            return None
+        return Profile(theta.copy(), float(d), beta, float(sigma2), RX, s.logdet, self.n, self.reml)
+
+    def gradient(self, prof: Profile) -> np.ndarray:
+        """∂d/∂θ at ``prof.theta``, analytically from the blocks (one more pass).
+
+        For θ_k = Λ[i, j] the pieces are ``∂Σlog|M_g| = 2 Σ (M_g⁻¹Λ'ZZ_g)[j, i]``,
+        ``∂log|RX'RX| = −2 Σ (Λ'B_gC⁻¹B_g')[j, i]`` and ``∂r² = −2 Σ (Z_g'res_g)[i] u_g[j]``
+        (β and u are optimal: the envelope theorem).
+        """
+        RXinv = np.linalg.inv(prof.RX)
+        G1, G2, G3 = kernels.grad_sums(
+            self.F, self.q, self.p, self.lam(prof.theta), prof.beta, RXinv @ RXinv.T, self.parallel
+        )
+        dof = prof.n - self.p if prof.reml else prof.n
+        r2 = prof.sigma2 * dof
+        rows, cols = self.tindex
+        g = 2.0 * G1[cols, rows] - 2.0 * (dof / r2) * G3[rows, cols]
+        if prof.reml:
+            g -= 2.0 * G2[cols, rows]
+        return g
+
+
+def _blockwise_lower(F: np.ndarray, blocks) -> np.ndarray:
+    out = np.zeros_like(F)
+    for b in blocks:
+        ix = np.ix_(b, b)
+        out[ix] = _lower_factor(F[ix])
+    return out
+
+
+def _raw_sq(XX: np.ndarray, cx: np.ndarray, n: float, xint: int) -> np.ndarray:
+    """Σ w x_j² in the user's coordinates from ``XX`` around ``c``."""
+    d = np.diag(XX).copy()
+    if cx.any():
+        d += 2.0 * cx * XX[xint] + cx * cx * n
+    return d
+
+
+def make_problem(
+    stats: GroupStats,
+    spec,
+    reml: bool,
+    *,
+    threads: int | None = None,
+    center: np.ndarray | None = None,
+) -> tuple[Problem, dict[str, Any]]:
+    """The fit's view of ``stats`` for the column spec ``spec`` (a formula or design).
+
+    Returns the problem and, over all fixed columns, their raw sums of squares and
+    standard deviations (for lme4's checks). Fixed columns that lme4 would drop as
+    aliased are left out of the problem. ``center`` overrides the centre (zeros: the
+    user's own coordinates, as lme4 sees the data).
+    """
+    stats.decay_to_now()
+    c = stats.center() if center is None else np.asarray(center, dtype=float)
+    xi_all = np.asarray(spec.xi, dtype=np.int64)
+    zi = np.asarray(spec.zi, dtype=np.int64)
+    b = stats.cross_products(c, zi, xi_all)
+    names = list(spec.columns)
+    fixed = [names[i] for i in xi_all]
+    xint_all = fixed.index(INTERCEPT) if INTERCEPT in fixed else -1
+    raw = _raw_sq(b.XX, c[xi_all], b.n, xint_all)
+    keep = fixed_rank(b.XX, raw)
+    random = [names[i] for i in zi]
+    F = b.F
+    if not keep.all():  # drop the ZX columns of the aliased fixed columns
+        q, p = zi.shape[0], xi_all.shape[0]
+        cols = np.concatenate(
+            [
+                np.arange(q * q),
+                q * q + (np.arange(q)[:, None] * p + np.flatnonzero(keep)).ravel(),
+                q * q + q * p + np.arange(q),
+            ]
+        )
+        F = np.ascontiguousarray(F[:, cols])
+    G = stats.n_groups
+    parallel = G >= PARALLEL_MIN_GROUPS and (threads is None or threads > 1)
+    prob = Problem(
+        F=F,
+        XX=b.XX[np.ix_(keep, keep)].copy(),
+        Xy=b.Xy[keep].copy(),
+        yy=float(b.yy),
+        n=float(b.n),
+        n_groups=G,
+        c=c,
+        xi=xi_all[keep],
+        zi=zi,
+        keep=keep,
+        blocks=tuple(tuple(int(i) for i in blk) for blk in spec.blocks),
+        reml=reml,
+        parallel=parallel,
+        xint=int(np.cumsum(keep)[xint_all] - 1) if xint_all >= 0 and keep[xint_all] else -1,
+        zint=random.index(INTERCEPT) if INTERCEPT in random else -1,
+    )
+    return prob, {"raw_sq": raw, "sd": _column_sd(b.XX, b.n, xint_all, fixed)}
+
+
+def _column_sd(XX: np.ndarray, n: float, xint: int, names) -> dict[str, float]:
+    """Standard deviations of the fixed columns other than the intercept (lme4's scale
+    check), from the cross-product around the centre."""
+    if xint < 0 or not n > 1:
+        return {}
+    out = {}
+    for j, name in enumerate(names):
+        if j != xint:
+            ss = XX[j, j] - XX[xint, j] ** 2 / n
+            out[name] = math.sqrt(max(ss, 0.0) / (n - 1))
+    return out
+
+
+# -- the optimizer --------------------------------------------------------------------------
+@dataclasses.dataclass
+class OptSummary:
+    """What the optimizer did (MixedModels.jl's ``OptSummary``, lme4's ``optinfo``)."""
+
+    method: str = "trust-region Newton (analytic gradient, differenced Hessian)"
+    theta0: list = dataclasses.field(default_factory=list)
+    theta: list = dataclasses.field(default_factory=list)
+    criterion0: float = math.nan
+    criterion: float = math.nan
+    evals: int = 0  # criterion evaluations (one pass over the groups each)
+    grad_evals: int = 0  # gradient passes
+    iterations: int = 0
+    grad_norm: float = math.nan  # max |g| over the free θ at the end
+    scaled_grad: float = math.nan  # max |H⁻¹g| (lme4's checkConv)
+    hessian_pd: bool = False
+    converged: bool = False
+    return_code: str = "not run"
+    seconds: float = 0.0
+    messages: list = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Counted:
+    """The criterion and gradient of a problem, counting evaluations."""
+
+    def __init__(self, prob: Problem, max_evals: int):
+        self.prob = prob
+        self.max_evals = max_evals
+        self.evals = 0
+        self.grad_evals = 0
+
+    @property
+    def exhausted(self) -> bool:
+        return self.evals >= self.max_evals
+
+    def f(self, theta) -> Profile | None:
+        self.evals += 1
+        return self.prob.profile(theta)
+
+    def fg(self, theta) -> tuple[Profile | None, np.ndarray | None]:
+        pr = self.f(theta)
+        if pr is None:
+            return None, None
+        self.grad_evals += 1
+        return pr, self.prob.gradient(pr)
+
+    def hessian(self, theta, g) -> np.ndarray | None:
+        """Forward differences of the analytic gradient, symmetrised."""
+        n = theta.shape[0]
+        H = np.empty((n, n))
+        lower = self.prob.lower()
+        for i in range(n):
+            h = 1e-6 * max(abs(theta[i]), 0.1)
+            t = theta.copy()
+            t[i] += h if theta[i] + h >= lower[i] else -h
+            pr, gi = self.fg(t)
+            if pr is None:
+                return None
+            H[:, i] = (gi - g) / (t[i] - theta[i])
+        return (H + H.T) / 2
+
+
+def _free(theta, g, lower) -> np.ndarray:
+    """θ entries not held at their bound (a bound held when the gradient pushes into it)."""
+    return ~((theta <= lower) & (g >= 0))
+
+
+def _tr_step(g, H, free, radius):
+    """Minimise ``g's + ½s'Hs`` over the free entries with ‖s‖ ≤ radius (Levenberg)."""
+    s = np.zeros_like(g)
+    if not free.any():
+        return s
+    gf, Hf = g[free], H[np.ix_(free, free)]
+    lam_min = float(np.linalg.eigvalsh(Hf)[0])
+    mu = max(0.0, -lam_min + 1e-12 * max(1.0, abs(lam_min)))
+    for _ in range(60):
+        try:
+            step = -np.linalg.solve(Hf + mu * np.eye(len(gf)), gf)
+        except np.linalg.LinAlgError:
+            step = None
+        if step is not None and np.linalg.norm(step) <= radius * (1 + 1e-12):
+            s[free] = step
+            return s
+        mu = max(2.0 * mu, 1e-8 * max(1.0, abs(lam_min)), 1e-12)
+    s[free] = -gf * (radius / max(np.linalg.norm(gf), 1e-300))
+    return s
+
+
+def _descend(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary, max_iter: int = 100):
+    """Trust-region Newton iterations, projected onto the bounds, to a stationary point.
+
+    Far from the optimum a step is accepted on the decrease of d(θ) (ratio test). Once
+    the predicted decrease is at rounding level of d(θ), line searches cannot see
+    progress any more, and a full Newton step is accepted while it shrinks the gradient
+    (quadratic convergence to rounding, so every arrival order lands on the same θ).
+    """
+    prob = fn.prob
+    lower = prob.lower()
+    theta = pr.theta
+    radius = max(1.0, float(np.linalg.norm(theta)))
+    f = pr.criterion
+    noise = 1e-13 * max(1.0, abs(f))
+    for _ in range(max_iter):
+        free = _free(theta, g, lower)
+        gnorm = float(np.max(np.abs(g[free]), initial=0.0))
+        if gnorm == 0.0:
+            break
+        if fn.exhausted:
+            summary.messages.append("evaluation limit reached")
+            break
+        H = fn.hessian(theta, g)
+        if H is None:
+            summary.messages.append("criterion undefined next to θ")
+            break
+        summary.iterations += 1
+        improved = False
+        for _ in range(30):
+            s = _tr_step(g, H, free, radius)
+            new = np.maximum(theta + s, lower)
+            s = new - theta
+            if not np.any(s):
+                break
+            pred = -(g @ s + 0.5 * s @ H @ s)
+            pr_new, g_new = fn.fg(new)
+            if pr_new is None:
+                radius = np.linalg.norm(s) / 4.0
+                continue
+            if pred > noise:  # d(θ) can see the step: the ratio test decides
+                if pr_new.criterion < f:
+                    rho = (f - pr_new.criterion) / pred
+                    if rho > 0.75 and np.linalg.norm(s) > 0.9 * radius:
+                        radius *= 2.0
+                    elif rho < 0.25:
+                        radius = max(radius / 4.0, 1e-12)
+                    improved = True
+            else:  # rounding regime: the gradient decides
+                fnew = _free(new, g_new, lower)
+                if np.max(np.abs(g_new[fnew]), initial=0.0) < gnorm and (
+                    pr_new.criterion <= f + noise
+                ):
+                    improved = True
+            if improved:
+                theta, f, g, pr = new, pr_new.criterion, g_new, pr_new
+                break
+            radius = np.linalg.norm(s) / 4.0
+            if radius < 1e-15 * max(1.0, float(np.linalg.norm(theta))) or fn.exhausted:
+                break
+        if not improved:
+            break
+        if np.max(np.abs(s)) <= 1e-13 * max(1.0, float(np.max(np.abs(theta)))):
+            break
+    return pr, g
+
+
+def _escape_boundary(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary):
+    """A diagonal θ at 0 whose column of Λ is otherwise empty is a stationary point (d is
+    even in it), so Newton can stop on a saddle. Probe small steps back inside and
+    descend from a lower probe; a truly singular fit has none and stays on the face."""
+    lower = fn.prob.lower()
+    diag = lower == 0
+    for _ in range(3):
+        on_face = diag & (pr.theta <= 1e-8)
+        if not on_face.any():
+            break
+        scale = max(float(np.max(pr.theta[diag])), 0.1)
+        best = None
+        for delta in (1e-2 * scale, 1e-1 * scale):
+            kick = pr.theta.copy()
+            kick[on_face] = delta
+            pk, gk = fn.fg(kick)
+            if (
+                pk is not None
+                and pk.criterion < pr.criterion
+                and (best is None or pk.criterion < best[0].criterion)
+            ):
+                best = (pk, gk)
+        if best is None:
+            break
+        summary.messages.append("left a saddle on the boundary")
+        pr, g = _descend(fn, best[0], best[1], summary)
+    return pr, g
+
+
+def _check_convergence(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary) -> None:
+    """lme4's ``checkConv``: a small scaled gradient ``H⁻¹g`` and a positive-definite
+    Hessian over the free θ; an exhausted evaluation budget counts as failure."""
+    lower = fn.prob.lower()
+    free = _free(pr.theta, g, lower) & ~(pr.theta <= lower)
+    summary.grad_norm = float(np.max(np.abs(g[_free(pr.theta, g, lower)]), initial=0.0))
+    H = fn.hessian(pr.theta, g) if free.any() else np.zeros((0, 0))
+    if H is None:
+        summary.return_code = "hessian undefined"
+        summary.messages.append("criterion undefined next to the optimum")
+        return
+    Hf = H[np.ix_(free, free)] if free.any() else np.zeros((0, 0))
+    ev = np.linalg.eigvalsh(Hf) if Hf.size else np.ones(1)
+    summary.hessian_pd = bool(ev[0] > 1e-10 * max(1.0, abs(ev[-1])))
+    if summary.hessian_pd and Hf.size:
+        summary.scaled_grad = float(np.max(np.abs(np.linalg.solve(Hf, g[free]))))
+    else:
+        summary.scaled_grad = 0.0 if not Hf.size else math.inf
+    if fn.exhausted:
+        summary.return_code = "evaluation limit"
+    elif not summary.hessian_pd:
+        summary.return_code = "hessian not positive definite"
+        summary.messages.append(
+            f"Hessian at the optimum is not positive definite (eigenvalues {ev.tolist()}): "
+            "the variance components are not identified by these data"
+        )
+    elif summary.scaled_grad > CONV_TOL:
+        summary.return_code = "gradient"
+        summary.messages.append(
+            f"failed to converge with max|H⁻¹grad| = {summary.scaled_grad:.3g} (tol = {CONV_TOL})"
+        )
+    else:
+        summary.return_code = "ok"
+        summary.converged = True
+
+
+def fit_theta(
+    prob: Problem, theta0: np.ndarray | None = None, *, max_evals: int = 500
+) -> tuple[Profile | None, OptSummary]:
+    """Minimise d(θ) subject to diag(Λ) ≥ 0, warm-started from ``theta0``.
+
+    Phases: :func:`_start` (θ0, else Λ = I), :func:`_descend` (trust-region Newton
+    on the analytic gradient with a differenced Hessian, projected onto the bounds),
+    :func:`_escape_boundary` (saddles where a column of Λ is empty) and
+    :func:`_check_convergence` (lme4's checkConv). Returns the profile at the optimum
+    (``None`` when the criterion is undefined everywhere tried) and the summary.
+    """
+    t0 = time.perf_counter()
+    fn = _Counted(prob, max_evals)
+    summary = OptSummary()
+    pr, g = _start(fn, theta0)
+    if pr is None:
+        summary.return_code = "criterion undefined"
+        summary.messages.append("the criterion is undefined at the start (too few observations?)")
+        summary.evals = fn.evals
+        return None, summary
+    summary.theta0, summary.criterion0 = pr.theta.tolist(), pr.criterion
+    pr, g = _descend(fn, pr, g, summary)
+    pr, g = _escape_boundary(fn, pr, g, summary)
+    pr = dataclasses.replace(pr, theta=np.where(np.abs(pr.theta) < 1e-14, 0.0, pr.theta))
+    _check_convergence(fn, pr, g, summary)
+    summary.theta, summary.criterion = pr.theta.tolist(), pr.criterion
+    summary.evals, summary.grad_evals = fn.evals, fn.grad_evals
+    summary.seconds = time.perf_counter() - t0
+    return pr, summary
+
+
+def _start(fn: _Counted, theta0) -> tuple[Profile | None, np.ndarray | None]:
+    """The first θ where the criterion is defined: the warm start, else Λ = I."""
+    prob = fn.prob
+    starts = [prob.start()] if theta0 is None else [np.asarray(theta0, float), prob.start()]
+    for x0 in starts:
+        if x0.shape != prob.start().shape:
+            continue
+        pr, g = fn.fg(np.maximum(x0, prob.lower()))
+        if pr is not None:
+            return pr, g
+    return None, None
+
+
+# -- estimates in the user's columns ---------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Estimates:
+    """A fit's results in the user's columns (lme4's ``mkMerMod``).
+
+    ``fixef``/``fixef_se`` and the rows of ``vcov`` cover every fixed column, NaN for
+    the dropped ones; ``b``/``condvar`` follow the statistics' row order.
+    """
+
+    fixef: np.ndarray
+    vcov: np.ndarray
+    theta: np.ndarray
+    re_cov: np.ndarray
+    sigma2: float
+    criterion: float
+    b: np.ndarray
+    condvar: np.ndarray
+    keep: np.ndarray
+
+    @property
+    def fixef_se(self) -> np.ndarray:
+        return np.sqrt(np.diag(self.vcov))
+
+
+def estimates_at(prob: Problem, pr: Profile, *, groups: bool = True) -> Estimates:
+    """β, Var(β̂), θ, VarCorr, σ², the BLUPs and condVar at ``pr`` (user's columns).
+
+    With ``c`` the centre, ``β = T_x β̃ + c_y e₀`` and ``b = T_z b̃`` where
+    ``T = I − e₀ c'`` moves the centre into the intercept; covariances map as ``T V T'``
+    and Λ is re-triangularised (per block) so that ``ΛΛ' = T_z Λ̃Λ̃' T_z'``.
+    """
+    lam = prob.lam(pr.theta)
+    Tx, Tz = prob.Tx(), prob.Tz()
+    RXinv = np.linalg.inv(pr.RX)
+    beta_k = Tx @ pr.beta
+    if prob.c[-1]:
+        beta_k[prob.xint] += prob.c[-1]
+    vcov_k = Tx @ (pr.sigma2 * RXinv @ RXinv.T) @ Tx.T
+    p_all = prob.keep.shape[0]
+    fixef = np.full(p_all, np.nan)
+    fixef[prob.keep] = beta_k
+    vcov = np.full((p_all, p_all), np.nan)
+    vcov[np.ix_(prob.keep, prob.keep)] = vcov_k
+    lam_u = prob.to_user_lam(lam)
+    G = prob.n_groups if groups else 0
+    if G:
+        B, K = kernels.blups(prob.F, prob.q, prob.p, lam, pr.beta)
+        b = B @ Tz.T
+        condvar = pr.sigma2 * np.einsum("ij,gjk,lk->gil", Tz, K, Tz)
+    else:
+        b, condvar = np.zeros((0, prob.q)), np.zeros((0, prob.q, prob.q))
+    return Estimates(
+        fixef=fixef,
+        vcov=vcov,
+        theta=prob.theta(lam_u),
+        re_cov=pr.sigma2 * lam_u @ lam_u.T,
+        sigma2=pr.sigma2,
+        criterion=pr.criterion,
+        b=b,
+        condvar=condvar,
+        keep=prob.keep,
+    )
+
+
+# -- the ML log-likelihood at given parameters, and EM ----------------------------------------
+def loglik(prob: Problem, theta: np.ndarray, beta: np.ndarray, sigma2: float) -> float:
+    """ML log-likelihood at (β, θ, σ²), not profiled (the problem's coordinates).
+
+    ``−2 log L = Σ 2 log|L_g| + n log(2πσ²) + Q(β)/σ²`` with
+    ``Q(β) = yy − 2β'Xy + β'XXβ − (Σ‖cu‖² − 2β'ΣRZX'cu + β'ΣRZX'RZX β)``.
+    """
+    s = kernels.pls_sums(prob.F, prob.q, prob.p, prob.lam(theta), prob.parallel)
+    Q = (
+        prob.yy
+        - 2 * beta @ prob.Xy
+        + beta @ prob.XX @ beta
+        - (s.cu2 - 2 * beta @ s.c + beta @ s.A @ beta)
+    )
+    return float(-0.5 * (2 * s.logdet + prob.n * (_LOG2PI + math.log(sigma2)) + Q / sigma2))
+
+
+def ols_start(prob: Problem) -> tuple[np.ndarray, float]:
     """OLS β and σ² = RSS/n from the global sums: EM's usual starting point."""
-    _, _, _, _, XX, Xy, yy, n = _sums(stats, np.zeros((stats.formula.q,) * 2))
-    beta = np.linalg.lstsq(XX, Xy, rcond=None)[0]
-    return beta, float(max(yy - beta @ Xy, 1e-300) / n)
+    beta = np.linalg.lstsq(prob.XX, prob.Xy, rcond=None)[0]
+    return beta, float(max(prob.yy - beta @ prob.Xy, 1e-300) / prob.n)
 
 
 def em_step(
-    stats: GroupStats, theta: np.ndarray, beta: np.ndarray, sigma2: float
+    prob: Problem, theta: np.ndarray, beta: np.ndarray, sigma2: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """One ML-EM step (DESIGN §3) in the Λ form, so a singular D is fine.
+    """One ML-EM step (docs/math.md §3) in the Λ form, so a singular D is fine.
 
-    Returns the new ``(θ, β, σ²)``; ``D = σ²ΛΛ'``.
+    Returns the new ``(θ, β, σ²)``; ``D = σ²ΛΛ'``. Off-block entries of the update of
+    D are dropped (the EM update of a block-diagonal D is block by block).
     """
-    f = stats.formula
-    lam = lam_of(theta, f.q)
-    Sbb, SK, rss_b, trK, T = kernels.em_sums(
-        stats.S, stats.n_groups, stats.P, f.zi, f.xi, stats.yi, lam, beta
-    )
-    _, _, _, _, XX, Xy, yy, n = _sums(stats, lam)
-    D = (Sbb + sigma2 * SK) / stats.n_groups
-    rss = (yy - 2 * beta @ Xy + beta @ XX @ beta) + rss_b + sigma2 * trK
-    sigma2_new = float(rss / n)
-    beta_new = np.linalg.solve(XX, Xy - T)
-    theta_new = theta_of(_chol_psd(D / sigma2_new))
-    return theta_new, beta_new, sigma2_new
-
-
-# -- back to the user's columns -----------------------------------------------------------
-def unshift(stats: GroupStats, beta, vcov_beta, theta, b, condvar):
-    """Map shifted-coordinate estimates to the user's columns (DESIGN §4).
-
-    With ``c`` the shift, ``β = T_x β̃ + c_y e₀`` and ``b = T_z b̃`` where
-    ``T = I − e₀ c'`` moves the shift into the intercept; covariances map as ``T V T'``
-    and Λ is re-triangularised so that ``ΛΛ' = T_z Λ̃Λ̃' T_z'``.
-    """
-    f = stats.formula
-    c = stats.shift if stats.shift is not None else np.zeros(f.k + 1)
-    cx, cz, cy = c[f.xi], c[f.zi], c[-1]
-
-    def T(cv: np.ndarray) -> np.ndarray:
-        M = np.eye(cv.shape[0])
-        if cv.any():  # shiftable columns imply an intercept at position 0
-            M[0] -= cv
-        return M
-
-    Tx, Tz = T(cx), T(cz)
-    beta_u = Tx @ beta
-    if cy:
-        beta_u[0] += cy
-    lam_u = _lower_factor(Tz @ lam_of(theta, f.q))
-    return (
-        beta_u,
-        Tx @ vcov_beta @ Tx.T,
-        theta_of(lam_u),
-        b @ Tz.T,
-        np.einsum("ij,gjk,lk->gil", Tz, condvar, Tz),
-    )
+    lam = prob.lam(theta)
+    Sbb, SK, rss_b, trK, T = kernels.em_sums(prob.F, prob.q, prob.p, lam, beta)
+    D = (Sbb + sigma2 * SK) / prob.n_groups
+    rss = (prob.yy - 2 * beta @ prob.Xy + beta @ prob.XX @ beta) + rss_b + sigma2 * trK
+    sigma2_new = float(rss / prob.n)
+    beta_new = np.linalg.solve(prob.XX, prob.Xy - T)
+    lam_new = np.zeros_like(lam)
+    for blk in prob.blocks:
+        ix = np.ix_(blk, blk)
+        lam_new[ix] = _chol_psd(D[ix] / sigma2_new)
+    return prob.theta(lam_new), beta_new, sigma2_new

@@ -88,6 +88,11 @@ class Formula:
         """Positions of the random columns in the union vector."""
         return np.array([self.columns.index(c) for c in self.random], dtype=np.int64)
 
+    @property
+    def blocks(self) -> tuple[tuple[int, ...], ...]:
+        """Indices into ``random`` of each random term: one unstructured block."""
+        return (tuple(range(self.q)),)
+
     @functools.cached_property
     def features(self) -> tuple[str, ...]:
         """Names of the input features, the union columns without the intercept."""

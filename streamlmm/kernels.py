@@ -1,52 +1,74 @@
-"""numba kernels: accumulate, per-group Cholesky/BLUP, deviance sums, EM sums.
+"""numba kernels: accumulate, cross-products, per-group factor/BLUP, deviance, gradient, EM.
 
-Every per-group quantity comes from one packed row ``S[r]``: ``S[r, 0] = n_g = Σ w`` and
-``S[r, P[i, j]] = Σ w v_i v_j`` for the augmented vector ``v = [a, y]`` (union columns,
-then the response). ``P`` maps a pair of positions in ``v`` to a column of ``S``; the
-blocks ``ZZ_g``, ``ZX_g``, ``Zy_g``, ``XX_g``, ``Xy_g``, ``yy_g`` are read through
-``P[zi]``, ``P[xi]`` and ``P[yi]``.
+Two layouts (docs/math.md §2):
 
-The one per-group step all kernels share is :func:`group_factor` (DESIGN §2)::
+- the *statistics* ``M[r] = [n, m (m entries), C (packed m(m+1)/2)]`` per group, the
+  weighted means and centred co-moments of ``v = [non-constant union columns, y]``,
+  updated per event (:func:`accumulate`);
+- the *blocks* ``F[g] = [ZZ_g (q×q), ZX_g (q×p), Zy_g (q)]`` around a centre ``c``, one
+  contiguous row per group, built once per fit (:func:`cross_products`). Every
+  evaluation of the criterion, its gradient, the BLUPs and the EM sums streams through
+  ``F`` alone; the global ``XX, Xy, yy, n`` are computed with it, once.
+
+The one per-group step all fit kernels share is :func:`group_factor`::
 
     L_g L_g' = Λ'ZZ_gΛ + I,   RZX_g = L_g⁻¹ Λ'ZX_g,   cu_g = L_g⁻¹ Λ'Zy_g
+
+Sums over groups run in fixed chunks of :data:`CHUNK` groups whose partial sums are
+added in chunk order, so the result does not depend on the number of threads.
 
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit, prange
 
 __all__ = [
     "packed_index",
+    "first_overflow",
     "accumulate",
+    "accumulate_one",
     "decay_all",
+    "merge_rows",
+    "cross_products",
+    "group_row",
+    "Blocks",
+    "PlsSums",
     "pls_sums",
+    "grad_sums",
     "blups",
     "em_sums",
+    "predict_group",
+    "predict_event",
     "predict_rows",
-    "accumulate_one",
-    "predict_one",
+    "profile_tail",
+    "copy_checked",
+    "nan_rows",
+    "CHUNK",
 ]
+
+CHUNK = 2048  # groups per chunk of a sum over groups
+
+_OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
 def packed_index(m: int) -> np.ndarray:
-    """Symmetric map ``P[i, j]`` from a pair of positions in ``v`` to a column of ``S``.
-
-    Column 0 of ``S`` holds ``n_g``; the ``m(m+1)/2`` packed products follow.
+    """Symmetric map ``P[i, j]`` from a pair of positions in ``v`` to a packed offset.
 
     Examples
     --------
     >>> packed_index(3)
-    array([[1, 2, 3],
-           [2, 4, 5],
-           [3, 5, 6]])
+    array([[0, 1, 2],
+           [1, 3, 4],
+           [2, 4, 5]])
 
     """
     P = np.empty((m, m), dtype=np.int64)
-    col = 1
+    col = 0
     for i in range(m):
         for j in range(i, m):
             P[i, j] = P[j, i] = col
@@ -54,61 +76,191 @@ def packed_index(m: int) -> np.ndarray:
     return P
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _decay_row(S, tg, r, t, inv_half_life):  # pragma: no cover - numba
-    """Bring row ``r`` forward to time ``t`` (no-op when it is not older)."""
+# -- statistics: update, decay, merge ------------------------------------------------------
+@njit(**_OPTS)
+def first_overflow(A, y, w, vi, limit):  # pragma: no cover - numba
+    """First event ``e`` with ``w·max|v|² > limit`` (its products could overflow), or -1."""
+    for e in range(y.shape[0]):
+        vmax = abs(y[e])
+        for i in range(vi.shape[0]):
+            a = abs(A[e, vi[i]])
+            if a > vmax:
+                vmax = a
+        if not w[e] * vmax * vmax <= limit:
+            return e
+    return -1
+
+
+@njit(inline="always", **_OPTS)
+def _decay_row(M, tg, r, t, inv_half_life, m):  # pragma: no cover - numba
+    """Bring row ``r`` forward to time ``t``: n and C scale by the forgetting factor,
+    the ``m`` means stay."""
     dt = t - tg[r]
     if dt > 0.0:
         f = 2.0 ** (-dt * inv_half_life)
-        for c in range(S.shape[1]):
-            S[r, c] *= f
+        M[r, 0] *= f
+        for c in range(1 + m, M.shape[1]):
+            M[r, c] *= f
         tg[r] = t
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _add_event(S, tg, r, v, w, t, inv_half_life, P):  # pragma: no cover - numba
-    """Add ``w v v'`` to row ``r``, decaying the row first when the event is newer."""
+@njit(inline="always", **_OPTS)
+def _add_event(M, tg, r, v, w, t, inv_half_life, P):  # pragma: no cover - numba
+    """West's weighted update of row ``r`` with ``v``: n += w, m += (w/n)d, C += w(n₀/n)dd'."""
     if inv_half_life > 0.0:
         if t < tg[r]:  # an older event joins with its weight decayed to the row's time
             w = w * 2.0 ** ((t - tg[r]) * inv_half_life)
         else:
-            _decay_row(S, tg, r, t, inv_half_life)
-    S[r, 0] += w
+            _decay_row(M, tg, r, t, inv_half_life, v.shape[0])
     m = v.shape[0]
+    n0 = M[r, 0]
+    n1 = n0 + w
+    M[r, 0] = n1
+    if n1 <= 0.0:
+        return
+    f = w / n1
+    g = w * n0 / n1
     for i in range(m):
-        wvi = w * v[i]
+        v[i] -= M[r, 1 + i]  # d = v − m_old
+    for i in range(m):
+        M[r, 1 + i] += f * v[i]
+        gd = g * v[i]
         for j in range(i, m):
-            S[r, P[i, j]] += wvi * v[j]
+            M[r, 1 + m + P[i, j]] += gd * v[j]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def accumulate(S, tg, rows, A, y, shift, w, t, inv_half_life, P):  # pragma: no cover - numba
-    """Scatter-add events into their groups' rows, in event order.
+@njit(**_OPTS)
+def accumulate(M, tg, rows, A, y, w, t, vi, inv_half_life, P):  # pragma: no cover - numba
+    """Add events into their groups' rows, in event order.
 
-    Event ``e`` contributes ``v = [A[e], y[e]] − shift`` with frequency weight ``w[e]``
-    at event time ``t[e]`` (read only with forgetting, ``inv_half_life > 0``). A group
-    is first decayed to the event's time when the event is newer than the group's last
-    update ``tg[r]``; an older event is added with its weight decayed to ``tg[r]``.
+    Event ``e`` contributes ``v = [A[e, vi], y[e]]`` with frequency weight ``w[e]`` at
+    time ``t[e]`` (read only with forgetting, ``inv_half_life > 0``). A group is first
+    decayed to the event's time when the event is newer than the group's last update
+    ``tg[r]``; an older event is added with its weight decayed to ``tg[r]``.
     """
-    k = A.shape[1]
+    k = vi.shape[0]
     v = np.empty(k + 1)
     for e in range(rows.shape[0]):
         for i in range(k):
-            v[i] = A[e, i] - shift[i]
-        v[k] = y[e] - shift[k]
+            v[i] = A[e, vi[i]]
+        v[k] = y[e]
         te = t[e] if inv_half_life > 0.0 else 0.0
-        _add_event(S, tg, rows[e], v, w[e], te, inv_half_life, P)
+        _add_event(M, tg, rows[e], v, w[e], te, inv_half_life, P)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def decay_all(S, tg, G, now, inv_half_life):  # pragma: no cover - numba
-    """Decay every group's statistics to time ``now`` (DESIGN §5)."""
+@njit(**_OPTS)
+def accumulate_one(M, tg, r, a, y, w, t, vi, inv_half_life, P, v):  # pragma: no cover
+    """One event into row ``r`` (the ``learn_one`` path); ``v`` is scratch."""
+    k = vi.shape[0]
+    for i in range(k):
+        v[i] = a[vi[i]]
+    v[k] = y
+    _add_event(M, tg, r, v, w, t, inv_half_life, P)
+
+
+@njit(**_OPTS)
+def decay_all(M, tg, G, m, now, inv_half_life):  # pragma: no cover - numba
+    """Decay every group's statistics to time ``now`` (docs/math.md §5)."""
     for r in range(G):
-        _decay_row(S, tg, r, now, inv_half_life)
+        _decay_row(M, tg, r, now, inv_half_life, m)
 
 
-@njit(cache=True, nogil=True, error_model="numpy", inline="always")
-def _chol_logdet(A, q, R, rel):  # pragma: no cover - numba
+@njit(**_OPTS)
+def merge_rows(M, rows, O, P):  # pragma: no cover - numba
+    """Pool rows ``O[i]`` into ``M[rows[i]]`` (Chan et al.'s parallel update)."""
+    m = P.shape[0]
+    d = np.empty(m)
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        na = M[r, 0]
+        nb = O[i, 0]
+        n = na + nb
+        if nb <= 0.0:
+            continue
+        if na <= 0.0:
+            for c in range(M.shape[1]):
+                M[r, c] = O[i, c]
+            continue
+        for a in range(m):
+            d[a] = O[i, 1 + a] - M[r, 1 + a]
+        g = na * nb / n
+        for a in range(m):
+            M[r, 1 + a] += d[a] * nb / n
+            for b in range(a, m):
+                c = 1 + m + P[a, b]
+                M[r, c] += O[i, c] + g * d[a] * d[b]
+        M[r, 0] = n
+
+
+# -- cross-products around a centre ----------------------------------------------------------
+@njit(inline="always", **_OPTS)
+def _cp(Mr, vpos, c, P, m, i, j):  # pragma: no cover - numba
+    """Σ w (a_i − c_i)(a_j − c_j) of one row, for union positions ``i, j`` (k = y)."""
+    n = Mr[0]
+    a = vpos[i]
+    b = vpos[j]
+    if a < 0 and b < 0:
+        return n
+    if a < 0:
+        return n * (Mr[1 + b] - c[j])
+    if b < 0:
+        return n * (Mr[1 + a] - c[i])
+    return Mr[1 + m + P[a, b]] + n * (Mr[1 + a] - c[i]) * (Mr[1 + b] - c[j])
+
+
+@njit(**_OPTS)
+def group_row(Mr, vpos, c, zi, xi, k, P, out):  # pragma: no cover - numba
+    """One group's blocks ``[ZZ (q×q), ZX (q×p), Zy (q)]`` around ``c`` into ``out``."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    m = P.shape[0]
+    for a in range(q):
+        for b in range(q):
+            out[a * q + b] = _cp(Mr, vpos, c, P, m, zi[a], zi[b])
+        for j in range(p):
+            out[q * q + a * p + j] = _cp(Mr, vpos, c, P, m, zi[a], xi[j])
+        out[q * q + q * p + a] = _cp(Mr, vpos, c, P, m, zi[a], k)
+
+
+@njit(**_OPTS)
+def cross_products(M, G, vpos, c, zi, xi, k, P):  # pragma: no cover - numba
+    """Blocks ``F`` of every group and the global ``XX, Xy, yy, n`` around ``c``."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    m = P.shape[0]
+    F = np.empty((G, q * q + q * p + q))
+    XX = np.zeros((p, p))
+    Xy = np.zeros(p)
+    yy = 0.0
+    n = 0.0
+    for r in range(G):
+        Mr = M[r]
+        group_row(Mr, vpos, c, zi, xi, k, P, F[r])
+        for i in range(p):
+            for j in range(i, p):
+                XX[i, j] += _cp(Mr, vpos, c, P, m, xi[i], xi[j])
+            Xy[i] += _cp(Mr, vpos, c, P, m, xi[i], k)
+        yy += _cp(Mr, vpos, c, P, m, k, k)
+        n += Mr[0]
+    for i in range(p):
+        for j in range(i):
+            XX[i, j] = XX[j, i]
+    return F, XX, Xy, yy, n
+
+
+class Blocks(NamedTuple):
+    """The fit's view of the statistics around a centre (see :func:`cross_products`)."""
+
+    F: np.ndarray
+    XX: np.ndarray
+    Xy: np.ndarray
+    yy: float
+    n: float
+
+
+# -- the per-group factor -----------------------------------------------------------------------
+@njit(inline="always", **_OPTS)
+def _chol(A, q, R, rel):  # pragma: no cover - numba
     """In-place lower Cholesky of ``A[:q, :q]``; returns ``log|L|``, or NaN when a pivot
     is not above ``rel · R[j, j]`` (not positive definite, to that tolerance)."""
     logdet = 0.0
@@ -132,58 +284,37 @@ def _chol_logdet(A, q, R, rel):  # pragma: no cover - numba
     return logdet
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def block_maps(P, zi, xi, yi):  # pragma: no cover - numba
-    """Columns of ``S`` holding ``ZZ`` (q×q), ``ZX`` (q×p), ``Zy`` (q), ``XX``, ``Xy``, ``yy``."""
-    q = zi.shape[0]
-    p = xi.shape[0]
-    ZZi = np.empty((q, q), dtype=np.int64)
-    ZXi = np.empty((q, p), dtype=np.int64)
-    Zyi = np.empty(q, dtype=np.int64)
-    XXi = np.empty((p, p), dtype=np.int64)
-    Xyi = np.empty(p, dtype=np.int64)
+@njit(inline="always", **_OPTS)
+def _fwd(L, x, q):  # pragma: no cover - numba
+    """``x ← L⁻¹x`` for lower-triangular ``L``."""
     for a in range(q):
-        Zyi[a] = P[zi[a], yi]
-        for b in range(q):
-            ZZi[a, b] = P[zi[a], zi[b]]
-        for j in range(p):
-            ZXi[a, j] = P[zi[a], xi[j]]
-    for i in range(p):
-        Xyi[i] = P[xi[i], yi]
-        for j in range(p):
-            XXi[i, j] = P[xi[i], xi[j]]
-    return ZZi, ZXi, Zyi, XXi, Xyi, P[yi, yi]
+        t = x[a]
+        for c in range(a):
+            t -= L[a, c] * x[c]
+        x[a] = t / L[a, a]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _scratch(q, p):  # pragma: no cover - numba
-    """Per-group work arrays: ``L, W`` (q×q), ``RZX`` (q×p), ``cu, u, b`` (q)."""
-    return (
-        np.empty((q, q)),
-        np.empty((q, q)),
-        np.empty((q, p)),
-        np.empty(q),
-        np.empty(q),
-        np.empty(q),
-    )
+@njit(inline="always", **_OPTS)
+def _bwd(L, x, q):  # pragma: no cover - numba
+    """``x ← L'⁻¹x`` for lower-triangular ``L``."""
+    for a in range(q - 1, -1, -1):
+        t = x[a]
+        for c in range(a + 1, q):
+            t -= L[c, a] * x[c]
+        x[a] = t / L[a, a]
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W):  # pragma: no cover - numba
-    """Fill ``L_g``, ``RZX_g`` and ``cu_g`` from one group's row ``Sr``; return ``log|L_g|``.
-
-    ``W`` is q×q scratch. All arrays are preallocated by the caller.
-    """
-    q = ZZi.shape[0]
-    p = ZXi.shape[1]
+@njit(inline="always", **_OPTS)
+def group_factor(Fr, q, p, lam, L, RZX, cu, W):  # pragma: no cover - numba
+    """Fill ``L_g``, ``RZX_g`` and ``cu_g`` from one group's blocks; return ``log|L_g|``."""
     # W = ZZ Λ
     for a in range(q):
         for b in range(q):
             s = 0.0
             for c in range(b, q):  # Λ is lower triangular
-                s += Sr[ZZi[a, c]] * lam[c, b]
+                s += Fr[a * q + c] * lam[c, b]
             W[a, b] = s
-    # L = Λ'W + I
+    # L = Λ'W + I (lower triangle), then factorised in place
     for a in range(q):
         for b in range(a + 1):
             s = 0.0
@@ -191,114 +322,36 @@ def group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W):  # pragma: no cover - n
                 s += lam[c, a] * W[c, b]
             L[a, b] = s
         L[a, a] += 1.0
-    for a in range(q):
-        for b in range(a + 1, q):
-            L[a, b] = L[b, a]
-    logdet = _chol_logdet(L, q, L, 0.0)
-    # RZX = L⁻¹ Λ'ZX,  cu = L⁻¹ Λ'Zy  (forward substitution, column by column)
+    logdet = _chol(L, q, L, 0.0)
+    # RZX = L⁻¹ Λ'ZX,  cu = L⁻¹ Λ'Zy
+    zx = q * q
+    zy = q * q + q * p
     for a in range(q):
         for j in range(p):
             s = 0.0
             for c in range(a, q):
-                s += lam[c, a] * Sr[ZXi[c, j]]
+                s += lam[c, a] * Fr[zx + c * p + j]
             for c in range(a):
                 s -= L[a, c] * RZX[c, j]
             RZX[a, j] = s / L[a, a]
         s = 0.0
         for c in range(a, q):
-            s += lam[c, a] * Sr[Zyi[c]]
+            s += lam[c, a] * Fr[zy + c]
         for c in range(a):
             s -= L[a, c] * cu[c]
         cu[a] = s / L[a, a]
     return logdet
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _pls_range(S, lo, hi, ZZi, ZXi, Zyi, XXi, Xyi, yyi, lam, A, c, XX, Xy, sc):  # pragma: no cover
-    """Add groups ``lo..hi-1`` into ``A, c, XX, Xy`` (upper triangles) and
-    ``sc = [Σ log|L_g|, Σ‖cu_g‖², yy, n]``."""
-    q = ZZi.shape[0]
-    p = ZXi.shape[1]
-    L, W, RZX, cu, u, b = _scratch(q, p)
-    for r in range(lo, hi):
-        Sr = S[r]
-        sc[0] += group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
-        for i in range(p):
-            for j in range(i, p):
-                t = 0.0
-                for a in range(q):
-                    t += RZX[a, i] * RZX[a, j]
-                A[i, j] += t
-                XX[i, j] += Sr[XXi[i, j]]
-            t = 0.0
-            for a in range(q):
-                t += RZX[a, i] * cu[a]
-            c[i] += t
-            Xy[i] += Sr[Xyi[i]]
-        for a in range(q):
-            sc[1] += cu[a] * cu[a]
-        sc[2] += Sr[yyi]
-        sc[3] += Sr[0]
-
-
-PLS_CHUNK = 4096  # groups per parallel chunk; the chunking depends on G only, so the
-# sums are the same whatever the number of threads
-
-
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
-    """Sums over groups that the profiled deviance needs (DESIGN §2).
-
-    Returns ``(Σ log|L_g|, Σ RZX'RZX, Σ RZX'cu, Σ‖cu‖², XX, Xy, yy, n)``. Groups are
-    summed in fixed chunks, in parallel, and the chunks are added in order.
-    """
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    p = xi.shape[0]
-    nc = max(1, (G + PLS_CHUNK - 1) // PLS_CHUNK)
-    Ak = np.zeros((nc, p, p))
-    ck = np.zeros((nc, p))
-    XXk = np.zeros((nc, p, p))
-    Xyk = np.zeros((nc, p))
-    sck = np.zeros((nc, 4))
-    for k in prange(nc):
-        lo = k * PLS_CHUNK
-        hi = min(G, lo + PLS_CHUNK)
-        _pls_range(
-            S, lo, hi, ZZi, ZXi, Zyi, XXi, Xyi, yyi, lam, Ak[k], ck[k], XXk[k], Xyk[k], sck[k]
-        )
-    A = np.zeros((p, p))
-    c = np.zeros(p)
-    XX = np.zeros((p, p))
-    Xy = np.zeros(p)
-    sc = np.zeros(4)
-    for k in range(nc):
-        A += Ak[k]
-        c += ck[k]
-        XX += XXk[k]
-        Xy += Xyk[k]
-        sc += sck[k]
-    for i in range(p):
-        for j in range(i):
-            A[i, j] = A[j, i]
-            XX[i, j] = XX[j, i]
-    return sc[0], A, c, sc[1], XX, Xy, sc[2], sc[3]
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def _blup_into(L, RZX, cu, lam, beta, u, b):  # pragma: no cover - numba
+@njit(inline="always", **_OPTS)
+def _blup_into(L, RZX, cu, lam, beta, u, b, q, p):  # pragma: no cover - numba
     """``u = L'⁻¹(cu − RZX β)`` and ``b = Λ u`` for one group."""
-    q = L.shape[0]
-    p = beta.shape[0]
     for a in range(q):
         t = cu[a]
         for j in range(p):
             t -= RZX[a, j] * beta[j]
         u[a] = t
-    for a in range(q - 1, -1, -1):
-        t = u[a]
-        for c in range(a + 1, q):
-            t -= L[c, a] * u[c]
-        u[a] = t / L[a, a]
+    _bwd(L, u, q)
     for a in range(q):
         t = 0.0
         for c in range(a + 1):
@@ -306,11 +359,9 @@ def _blup_into(L, RZX, cu, lam, beta, u, b):  # pragma: no cover - numba
         b[a] = t
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _cond_cov_into(L, lam, Linv, out):  # pragma: no cover - numba
+@njit(inline="always", **_OPTS)
+def _cond_cov_into(L, lam, Linv, out, q):  # pragma: no cover - numba
     """``out = Λ (L L')⁻¹ Λ'`` (to be scaled by σ²): the conditional covariance."""
-    q = L.shape[0]
-    # Linv = L⁻¹ (lower)
     for j in range(q):
         for i in range(q):
             Linv[i, j] = 0.0
@@ -320,12 +371,10 @@ def _cond_cov_into(L, lam, Linv, out):  # pragma: no cover - numba
             for c in range(j, i):
                 t -= L[i, c] * Linv[c, j]
             Linv[i, j] = t / L[i, i]
-    # M = L⁻¹ Λ'  → out = M'M
     for a in range(q):
         for b in range(a + 1):
             t = 0.0
             for c in range(q):
-                # (L⁻¹Λ')[c, a] = Σ_d Linv[c, d] Λ[a, d]
                 mca = 0.0
                 mcb = 0.0
                 for d in range(c + 1):
@@ -336,117 +385,253 @@ def _cond_cov_into(L, lam, Linv, out):  # pragma: no cover - numba
             out[b, a] = t
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
+# -- sums over groups -----------------------------------------------------------------------------
+@njit(**_OPTS)
+def _pls_chunk(F, lo, hi, q, p, lam, out):  # pragma: no cover - numba
+    """``out = [Σ log|L|, Σ‖cu‖², Σ RZX'RZX (p×p), Σ RZX'cu (p)]`` over groups lo..hi-1."""
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    for r in range(lo, hi):
+        out[0] += group_factor(F[r], q, p, lam, L, RZX, cu, W)
+        for a in range(q):
+            out[1] += cu[a] * cu[a]
+        for i in range(p):
+            t = 0.0
+            for a in range(q):
+                t += RZX[a, i] * cu[a]
+            out[2 + p * p + i] += t
+            for j in range(i, p):
+                t = 0.0
+                for a in range(q):
+                    t += RZX[a, i] * RZX[a, j]
+                out[2 + i * p + j] += t
+
+
+@njit(**_OPTS)
+def _pls_serial(F, G, q, p, lam, parts):  # pragma: no cover - numba
+    for ch in range(parts.shape[0]):
+        _pls_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, parts[ch])
+
+
+@njit(parallel=True, **_OPTS)
+def _pls_parallel(F, G, q, p, lam, parts):  # pragma: no cover - numba
+    for ch in prange(parts.shape[0]):
+        _pls_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, parts[ch])
+
+
+class PlsSums(NamedTuple):
+    """Sums over groups of the profiled criterion at one Λ (docs/math.md §2)."""
+
+    logdet: float  # Σ log|L_g|
+    cu2: float  # Σ ‖cu_g‖²
+    A: np.ndarray  # Σ RZX_g'RZX_g
+    c: np.ndarray  # Σ RZX_g'cu_g
+
+
+def _chunks(G: int) -> int:
+    return max(1, (G + CHUNK - 1) // CHUNK)
+
+
+def pls_sums(F: np.ndarray, q: int, p: int, lam: np.ndarray, parallel: bool) -> PlsSums:
+    """The sums over groups that the profiled deviance needs, at Λ."""
+    G = F.shape[0]
+    parts = np.zeros((_chunks(G), 2 + p * p + p))
+    (_pls_parallel if parallel else _pls_serial)(F, G, q, p, lam, parts)
+    s = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
+    A = s[2 : 2 + p * p].reshape(p, p)
+    A = np.triu(A) + np.triu(A, 1).T
+    return PlsSums(float(s[0]), float(s[1]), A, s[2 + p * p :].copy())
+
+
+@njit(**_OPTS)
+def _grad_chunk(F, lo, hi, q, p, lam, beta, Cinv, out):  # pragma: no cover - numba
+    """Add groups lo..hi-1 into ``out = [G1 (q×q), G2 (q×q), G3 (q×q)]`` of :func:`grad_sums`."""
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    b = np.empty(q)
+    T = np.empty((q, q))
+    V = np.empty((q, p))
+    B = np.empty((q, p))
+    BC = np.empty((q, p))
+    res = np.empty(q)
+    col = np.empty(q)
+    zx = q * q
+    zy = q * q + q * p
+    for r in range(lo, hi):
+        Fr = F[r]
+        group_factor(Fr, q, p, lam, L, RZX, cu, W)
+        _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
+        # T = M⁻¹ Λ'ZZ = L'⁻¹ L⁻¹ Λ'ZZ, column by column
+        for c in range(q):
+            for a in range(q):
+                t = 0.0
+                for d in range(a, q):
+                    t += lam[d, a] * Fr[d * q + c]
+                col[a] = t
+            _fwd(L, col, q)
+            _bwd(L, col, q)
+            for a in range(q):
+                T[a, c] = col[a]
+        # V = L'⁻¹ RZX;  B = ZX − ZZ Λ V
+        for j in range(p):
+            for a in range(q):
+                col[a] = RZX[a, j]
+            _bwd(L, col, q)
+            for a in range(q):
+                V[a, j] = col[a]
+        for a in range(q):
+            for j in range(p):
+                t = Fr[zx + a * p + j]
+                for c in range(q):
+                    lv = 0.0
+                    for d in range(c + 1):
+                        lv += lam[c, d] * V[d, j]
+                    t -= Fr[a * q + c] * lv
+                B[a, j] = t
+        for a in range(q):
+            for j in range(p):
+                t = 0.0
+                for kk in range(p):
+                    t += B[a, kk] * Cinv[kk, j]
+                BC[a, j] = t
+        # res'Z = Zy − ZXβ − ZZ b
+        for a in range(q):
+            t = Fr[zy + a]
+            for j in range(p):
+                t -= Fr[zx + a * p + j] * beta[j]
+            for c in range(q):
+                t -= Fr[a * q + c] * b[c]
+            res[a] = t
+        for a in range(q):
+            for c in range(q):
+                out[a * q + c] += T[a, c]
+                out[2 * q * q + a * q + c] += res[a] * u[c]
+                t = 0.0
+                for d in range(a, q):
+                    bcb = 0.0
+                    for j in range(p):
+                        bcb += BC[d, j] * B[c, j]
+                    t += lam[d, a] * bcb
+                out[q * q + a * q + c] += t
+
+
+@njit(**_OPTS)
+def _grad_serial(F, G, q, p, lam, beta, Cinv, parts):  # pragma: no cover - numba
+    for ch in range(parts.shape[0]):
+        _grad_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, beta, Cinv, parts[ch])
+
+
+@njit(parallel=True, **_OPTS)
+def _grad_parallel(F, G, q, p, lam, beta, Cinv, parts):  # pragma: no cover - numba
+    for ch in prange(parts.shape[0]):
+        _grad_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, beta, Cinv, parts[ch])
+
+
+def grad_sums(F, q: int, p: int, lam, beta, Cinv, parallel: bool):
+    """Sums over groups for the gradient of the profiled criterion in Λ.
+
+    With ``M_g = L_gL_g'``, ``u_g`` the spherical BLUP at β, ``res'Z_g = Zy_g − ZX_gβ −
+    ZZ_gΛu_g`` and ``B_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g``, returns
+    ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ = (RX'RX)⁻¹``.
+    A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
+    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
+    """
+    G = F.shape[0]
+    parts = np.zeros((_chunks(G), 3 * q * q))
+    (_grad_parallel if parallel else _grad_serial)(F, G, q, p, lam, beta, Cinv, parts)
+    s = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
+    qq = q * q
+    return s[:qq].reshape(q, q), s[qq : 2 * qq].reshape(q, q), s[2 * qq :].reshape(q, q)
+
+
+@njit(**_OPTS)
+def blups(F, q, p, lam, beta):  # pragma: no cover - numba
     """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    q = zi.shape[0]
-    p = xi.shape[0]
-    L, W, RZX, cu, u, b = _scratch(q, p)
+    G = F.shape[0]
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
     u = np.empty(q)
     B = np.empty((G, q))
     V = np.empty((G, q, q))
     for r in range(G):
-        group_factor(S[r], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
-        _blup_into(L, RZX, cu, lam, beta, u, B[r])
-        _cond_cov_into(L, lam, W, V[r])
+        group_factor(F[r], q, p, lam, L, RZX, cu, W)
+        _blup_into(L, RZX, cu, lam, beta, u, B[r], q, p)
+        _cond_cov_into(L, lam, W, V[r], q)
     return B, V
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
-    """Sums over groups for one ML-EM step in the Λ form (DESIGN §3).
+@njit(**_OPTS)
+def em_sums(F, q, p, lam, beta):  # pragma: no cover - numba
+    """Sums over groups for one ML-EM step in the Λ form (docs/math.md §3).
 
     With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
     ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
     """
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    q = zi.shape[0]
-    p = xi.shape[0]
-    L, W, RZX, cu, u, b = _scratch(q, p)
+    G = F.shape[0]
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    b = np.empty(q)
     K = np.empty((q, q))
     Sbb = np.zeros((q, q))
     SK = np.zeros((q, q))
     T = np.zeros(p)
     rss = 0.0
     trK = 0.0
+    zx = q * q
+    zy = q * q + q * p
     for r in range(G):
-        group_factor(S[r], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
-        _blup_into(L, RZX, cu, lam, beta, u, b)
-        _cond_cov_into(L, lam, W, K)
+        Fr = F[r]
+        group_factor(Fr, q, p, lam, L, RZX, cu, W)
+        _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
+        _cond_cov_into(L, lam, W, K, q)
         for a in range(q):
-            ra = S[r, Zyi[a]]
+            ra = Fr[zy + a]
             for j in range(p):
-                ra -= S[r, ZXi[a, j]] * beta[j]
+                ra -= Fr[zx + a * p + j] * beta[j]
             rss -= 2.0 * b[a] * ra
             for c in range(q):
                 Sbb[a, c] += b[a] * b[c]
                 SK[a, c] += K[a, c]
-                zz = S[r, ZZi[a, c]]
+                zz = Fr[a * q + c]
                 rss += zz * b[a] * b[c]
                 trK += zz * K[c, a]
         for j in range(p):
             t = 0.0
             for a in range(q):
-                t += S[r, ZXi[a, j]] * b[a]
+                t += Fr[zx + a * p + j] * b[a]
             T[j] += t
     return Sbb, SK, rss, trK, T
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def predict_rows(S, rows, A, shift, fac, P, zi, xi, yi, lam, beta, out):  # pragma: no cover
-    """:func:`predict_one` for every event: ``out[e]`` from group row ``rows[e]`` (−1:
-    unseen), union values ``A[e]`` and forgetting factor ``fac[e]``."""
-    for e in range(rows.shape[0]):
-        out[e] = predict_one(S, rows[e], A[e], shift, fac[e], P, zi, xi, yi, lam, beta)
+@njit(**_OPTS)
+def predict_group(Fr, q, p, lam, beta, b):  # pragma: no cover - numba
+    """One group's BLUP ``b = Λu`` from its blocks ``Fr`` (e.g. :func:`group_row`)."""
+    L = np.empty((q, q))
+    W = np.empty((q, q))
+    RZX = np.empty((q, p))
+    cu = np.empty(q)
+    u = np.empty(q)
+    group_factor(Fr, q, p, lam, L, RZX, cu, W)
+    _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def accumulate_one(S, tg, r, a, y, shift, w, t, inv_half_life, P, v):  # pragma: no cover
-    """One event into row ``r`` (the ``learn_one`` path); ``v`` is (k+1) scratch."""
-    k = a.shape[0]
-    for i in range(k):
-        v[i] = a[i] - shift[i]
-    v[k] = y - shift[k]
-    _add_event(S, tg, r, v, w, t, inv_half_life, P)
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
-def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
-    """``shift_y + x̃'β + z̃'b_g`` for one event; ``f`` scales the group's statistics
-    (its forgetting factor), ``r < 0`` is an unseen group. NaN features count as the
-    reference value (x̃ = 0)."""
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    q = zi.shape[0]
-    p = xi.shape[0]
-    yhat = shift[yi]
-    for j in range(p):
-        v = a[xi[j]] - shift[xi[j]]
-        if v == v:
-            yhat += v * beta[j]
-    if r < 0:
-        return yhat
-    L, W, RZX, cu, u, b = _scratch(q, p)
-    Sr = S[r : r + 1].copy()
-    if f != 1.0:
-        for c in range(Sr.shape[1]):
-            Sr[0, c] *= f
-    group_factor(Sr[0], ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
-    _blup_into(L, RZX, cu, lam, beta, u, b)
-    for i in range(q):
-        v = a[zi[i]] - shift[zi[i]]
-        if v == v:
-            yhat += v * b[i]
-    return yhat
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(**_OPTS)
 def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - numba
-    """The global p×p step of the profiled deviance (DESIGN §2) from :func:`pls_sums`.
+    """The global p×p step of the profiled deviance (docs/math.md §2).
 
     Returns ``(ok, d, β, σ², RX)``; ``ok`` is False where the criterion is undefined:
-    ``RX'RX`` not positive definite (too few events or collinear fixed columns), or
-    the penalised residual sum of squares at rounding level (data fit exactly).
+    ``RX'RX`` not positive definite, or the penalised residual sum of squares at
+    rounding level (data fit exactly).
     """
     p = Xy.shape[0]
     Lx = XX - A  # RX'RX, factorised in place: Lx = RX'
@@ -454,24 +639,17 @@ def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - nu
     dof = n - p if reml else n
     if not dof > 0.0:
         return False, np.inf, beta, np.nan, Lx
-    logdet_rx = _chol_logdet(Lx, p, XX, 1e-20)  # RX[j, j] > 1e-10 √XX[j, j]
+    logdet_rx = _chol(Lx, p, XX, 1e-20)  # RX[j, j] > 1e-10 √XX[j, j]
     if not np.isfinite(logdet_rx):
         return False, np.inf, beta, np.nan, Lx
     cbeta = Xy - c
-    for i in range(p):  # RX' cβ = Xy − c
-        t = cbeta[i]
-        for k in range(i):
-            t -= Lx[i, k] * cbeta[k]
-        cbeta[i] = t / Lx[i, i]
-    for i in range(p - 1, -1, -1):  # RX β = cβ
-        t = cbeta[i]
-        for k in range(i + 1, p):
-            t -= Lx[k, i] * beta[k]
-        beta[i] = t / Lx[i, i]
+    _fwd(Lx, cbeta, p)  # RX' cβ = Xy − c
+    for i in range(p):
+        beta[i] = cbeta[i]
+    _bwd(Lx, beta, p)  # RX β = cβ
     r2 = yy - s
     for i in range(p):
         r2 -= cbeta[i] * cbeta[i]
-    # r² at rounding level (≤ p distinct events fit exactly): σ̂ = 0 and d(θ) = −∞
     if not (r2 > 1e-13 * yy and np.isfinite(r2)):
         return False, np.inf, beta, np.nan, Lx
     dev = 2.0 * logdet + dof * (1.0 + np.log(2.0 * np.pi) + np.log(r2 / dof))
@@ -480,126 +658,20 @@ def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - nu
     return True, dev, beta, r2 / dof, Lx.T.copy()
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def _grad_range(S, lo, hi, ZZi, ZXi, Zyi, lam, beta, Cinv, G1, G2, G3):  # pragma: no cover
-    """Add groups ``lo..hi-1`` into the gradient sums of :func:`grad_sums`."""
-    q = ZZi.shape[0]
-    p = ZXi.shape[1]
-    L, W, RZX, cu, u, b = _scratch(q, p)
-    T = np.empty((q, q))
-    V = np.empty((q, p))
-    B = np.empty((q, p))
-    BC = np.empty((q, p))
-    res = np.empty(q)
-    for r in range(lo, hi):
-        Sr = S[r]
-        group_factor(Sr, ZZi, ZXi, Zyi, lam, L, RZX, cu, W)
-        _blup_into(L, RZX, cu, lam, beta, u, b)  # b = Λu
-        # T = Λ'ZZ, then T ← M⁻¹T = L'⁻¹L⁻¹T (column by column)
-        for a in range(q):
-            for c in range(q):
-                t = 0.0
-                for d in range(a, q):
-                    t += lam[d, a] * Sr[ZZi[d, c]]
-                T[a, c] = t
-        for c in range(q):
-            for a in range(q):  # forward: L x = T[:, c]
-                t = T[a, c]
-                for d in range(a):
-                    t -= L[a, d] * T[d, c]
-                T[a, c] = t / L[a, a]
-            for a in range(q - 1, -1, -1):  # backward: L' x = ...
-                t = T[a, c]
-                for d in range(a + 1, q):
-                    t -= L[d, a] * T[d, c]
-                T[a, c] = t / L[a, a]
-        # V = L'⁻¹RZX;  B = ZX − ZZ Λ V
-        for j in range(p):
-            for a in range(q - 1, -1, -1):
-                t = RZX[a, j]
-                for d in range(a + 1, q):
-                    t -= L[d, a] * V[d, j]
-                V[a, j] = t / L[a, a]
-        for a in range(q):
-            for j in range(p):
-                t = Sr[ZXi[a, j]]
-                for c in range(q):
-                    lv = 0.0
-                    for d in range(c + 1):
-                        lv += lam[c, d] * V[d, j]
-                    t -= Sr[ZZi[a, c]] * lv
-                B[a, j] = t
-        # BC = B C⁻¹;  G2 += Λ' (BC) B'
-        for a in range(q):
-            for j in range(p):
-                t = 0.0
-                for k in range(p):
-                    t += B[a, k] * Cinv[k, j]
-                BC[a, j] = t
-        # res'Z = Zy − ZXβ − ZZ b
-        for a in range(q):
-            t = Sr[Zyi[a]]
-            for j in range(p):
-                t -= Sr[ZXi[a, j]] * beta[j]
-            for c in range(q):
-                t -= Sr[ZZi[a, c]] * b[c]
-            res[a] = t
-        for a in range(q):
-            for c in range(q):
-                G1[a, c] += T[a, c]
-                G3[a, c] += res[a] * u[c]
-                t = 0.0
-                for d in range(a, q):
-                    bcb = 0.0
-                    for j in range(p):
-                        bcb += BC[d, j] * B[c, j]
-                    t += lam[d, a] * bcb
-                G2[a, c] += t
-
-
-@njit(cache=True, nogil=True, error_model="numpy", parallel=True)
-def grad_sums(S, G, P, zi, xi, yi, lam, beta, Cinv):  # pragma: no cover - numba
-    """Sums over groups for the gradient of the profiled criterion in Λ.
-
-    With ``M_g = L_gL_g'``, ``u_g`` the spherical BLUP at β, ``res'Z_g = Zy_g − ZX_gβ −
-    ZZ_gΛu_g`` and ``B_g = Z_g'V̄_g⁻¹X_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g``, returns
-    ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ = (RX'RX)⁻¹``.
-    A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
-    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
-    """
-    ZZi, ZXi, Zyi, XXi, Xyi, yyi = block_maps(P, zi, xi, yi)
-    q = zi.shape[0]
-    nc = max(1, (G + PLS_CHUNK - 1) // PLS_CHUNK)
-    G1k = np.zeros((nc, q, q))
-    G2k = np.zeros((nc, q, q))
-    G3k = np.zeros((nc, q, q))
-    for k in prange(nc):
-        lo = k * PLS_CHUNK
-        hi = min(G, lo + PLS_CHUNK)
-        _grad_range(S, lo, hi, ZZi, ZXi, Zyi, lam, beta, Cinv, G1k[k], G2k[k], G3k[k])
-    G1 = np.zeros((q, q))
-    G2 = np.zeros((q, q))
-    G3 = np.zeros((q, q))
-    for k in range(nc):
-        G1 += G1k[k]
-        G2 += G2k[k]
-        G3 += G3k[k]
-    return G1, G2, G3
-
-
-@njit(cache=True, nogil=True, error_model="numpy")
+# -- column helpers for validation ------------------------------------------------------------
+@njit(**_OPTS)
 def copy_checked(dst, col):  # pragma: no cover - numba
-    """``dst[:] = col`` as floats in one pass; returns the first row holding ±inf, or -1.
-    NaN (a missing value) is copied as is."""
+    """``dst[:] = col`` as floats in one pass; returns the first row holding ±inf or a
+    value beyond ±1e150, or -1. NaN (a missing value) is copied as is."""
     for r in range(col.shape[0]):
         v = float(col[r])
         dst[r] = v
-        if v == v and v - v != 0.0:
+        if v == v and not abs(v) <= 1e150:
             return r
     return -1
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
+@njit(**_OPTS)
 def nan_rows(A, y, miss):  # pragma: no cover - numba
     """``miss[e] |= any NaN in A[e] or y[e]``."""
     k = A.shape[1]
@@ -608,3 +680,39 @@ def nan_rows(A, y, miss):  # pragma: no cover - numba
         for i in range(k):
             bad |= A[e, i] != A[e, i]
         miss[e] |= bad
+
+
+@njit(**_OPTS)
+def predict_event(M, r, a, c, f, vpos, zi, xi, k, P, lam, beta, blk, b):  # pragma: no cover
+    """``ŷ = c_y + x̃'β̃ + z̃'b̃_g`` for one event with union values ``a``: the group's
+    BLUP from its current statistics (row ``r``, scaled by its forgetting factor ``f``;
+    ``r < 0``: an unseen group, fixed part only). A NaN feature takes the centre value."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    yhat = c[k]
+    for j in range(p):
+        v = a[xi[j]] - c[xi[j]]
+        if v == v:
+            yhat += v * beta[j]
+    if r < 0:
+        return yhat
+    group_row(M[r], vpos, c, zi, xi, k, P, blk)
+    if f != 1.0:
+        for i in range(blk.shape[0]):
+            blk[i] *= f
+    predict_group(blk, q, p, lam, beta, b)
+    for i in range(q):
+        v = a[zi[i]] - c[zi[i]]
+        if v == v:
+            yhat += v * b[i]
+    return yhat
+
+
+@njit(**_OPTS)
+def predict_rows(M, rows, A, c, fac, vpos, zi, xi, k, P, lam, beta, out):  # pragma: no cover
+    """:func:`predict_event` for every row of ``A``."""
+    q = zi.shape[0]
+    blk = np.empty(q * q + q * xi.shape[0] + q)
+    b = np.empty(q)
+    for e in range(rows.shape[0]):
+        out[e] = predict_event(M, rows[e], A[e], c, fac[e], vpos, zi, xi, k, P, lam, beta, blk, b)

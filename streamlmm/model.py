@@ -15,14 +15,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 from river import base
 
-from streamlmm import estimate, kernels
-from streamlmm.formula import INTERCEPT, parse_formula
+from streamlmm import checks, estimate, kernels
+from streamlmm.formula import parse_formula
 from streamlmm.rows import RowReader
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
@@ -83,6 +82,7 @@ class MixedLM(base.MiniBatchRegressor):
         missing: str = "raise",
         em_every: int = 1_000,
         refit_every: int = 50_000,
+        threads: int | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -96,13 +96,16 @@ class MixedLM(base.MiniBatchRegressor):
         self.missing = missing
         self.em_every = em_every
         self.refit_every = refit_every
+        self.threads = threads
         self._formula = parse_formula(formula)
         self._reader = RowReader(self._formula, time_key, missing)
         self._stats = GroupStats(self._formula, half_life)
-        self._theta: np.ndarray | None = None  # shifted coordinates
-        self._profile: estimate.Profile | None = None
-        self._lam = np.zeros((self._formula.q, self._formula.q))
-        self._beta = np.zeros(self._formula.p)
+        self._par: _Params | None = None  # parameters in the last fit's coordinates
+        self._lam_u: np.ndarray | None = None  # Λ in the user's coordinates (warm starts)
+        self._param_source: tuple[str, int] = ("", -1)
+        self._last_good: dict[str, Any] | None = None  # last finite snapshot estimates
+        self._colinfo: dict[str, Any] = {}
+        self.opt_summary: estimate.OptSummary | None = None
         self.n_events = 0
         self.n_skipped = 0
         self.n_refits = 0
@@ -112,8 +115,10 @@ class MixedLM(base.MiniBatchRegressor):
         self._next_refit = 1
         self._next_em = math.inf
         self._refreshed_at = -1
-        k = self._formula.k
+        k, q, p = self._formula.k, self._formula.q, self._formula.p
         self._A1 = np.empty((1, k))  # no views between buffers: they must survive pickling
+        self._blk = np.empty(q * q + q * p + q)
+        self._b1 = np.empty(q)
 
     @classmethod
     def _unit_test_params(cls):
@@ -149,8 +154,23 @@ class MixedLM(base.MiniBatchRegressor):
         t = reader.time(x) if self.time_key is not None else float(self.n_events + 1)
         if wt == 0.0:
             return
+        if wt > 1.0:  # |v| ≤ MAX_ABS, so only a weight above 1 can overflow w·v·v'
+            self._check_products(self._A1, np.array([float(y)]), np.array([wt]))
         self._stats.add_one(key, self._A1[0], float(y), wt, t)
         self.n_events += 1
+
+    def _check_products(self, A, y, w) -> None:
+        """``ValueError`` naming the row and field whose weighted products would overflow."""
+        e = self._stats.check(A, y, w)
+        if e < 0:
+            return
+        names = [*self._formula.columns, self._formula.response]
+        vals = np.abs(np.append(A[e], y[e]))
+        field = names[int(np.argmax(vals))]
+        where = f"row {e}: " if A.shape[0] > 1 else ""
+        raise ValueError(
+            f"{where}field {field!r}: weight {w[e]:g} × value² would overflow the statistics"
+        )
 
     def learn_many(self, X, y, w=None) -> None:
         """Accumulate a batch (pandas DataFrame and Series), exactly as a ``learn_one`` loop.
@@ -159,34 +179,33 @@ class MixedLM(base.MiniBatchRegressor):
         naming the row and field) and nothing changes; with ``"skip"`` rows with a
         missing value are dropped and counted in ``n_skipped``.
         """
-        cols = {c: X[c].to_numpy() for c in X.columns} if hasattr(X, "columns") else X
-        yv = y.to_numpy() if hasattr(y, "to_numpy") else y
-        wv = w.to_numpy() if hasattr(w, "to_numpy") else w
+        cols, yv, wv = _batch_columns(X, y, w)
         n = len(yv)
         codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv)
+        self._check_products(A, yk, wk)
         self.n_skipped += n - kept.shape[0]
         # new groups get rows in the order of their first kept event, as in a learn_one loop
         if kept.shape[0] == n and (wk > 0).all():
             idx = np.arange(len(uniques))  # factorize already orders by first appearance
         else:
+            import pandas as pd
+
             idx = pd.unique(codes[wk > 0])
         urows = np.full(len(uniques), -1, dtype=np.int64)
         urows[idx] = self._stats.rows([uniques[j] for j in idx])
         self._accumulate(urows[codes], A, yk, wk, tk)
 
-    def learn_batch(self, keys, A, y, w, t=None, parts=None) -> None:
+    def learn_batch(self, keys, A, y, w, t=None) -> None:
         """Accumulate a batch that is already validated (the stream engine's path).
 
         ``keys`` are checked group keys, ``A`` the union columns (``formula.columns``),
-        ``t`` the event times (``None`` without ``time_key``), ``parts`` the source
-        partition of each event (a new group's home partition).
+        ``t`` the event times (``None`` without ``time_key``).
         """
+        self._check_products(A, y, w)
         keep = w > 0
         rows = np.full(len(keys), -1, dtype=np.int64)
         idx = np.flatnonzero(keep)
-        rows[idx] = self._stats.rows(
-            [keys[i] for i in idx], None if parts is None else [parts[i] for i in idx]
-        )
+        rows[idx] = self._stats.rows([keys[i] for i in idx])
         self._accumulate(rows, A, y, w, t)
 
     def _accumulate(self, rows, A, y, w, t) -> None:
@@ -207,31 +226,51 @@ class MixedLM(base.MiniBatchRegressor):
     def reml(self) -> bool:
         return self.method == "REML"
 
-    def _set_theta(self, theta: np.ndarray, prof: estimate.Profile | None = None) -> bool:
-        prof = prof or estimate.profile(self._stats, theta, self.reml)
-        if prof is None:
+    def _problem(self) -> estimate.Problem:
+        prob, self._colinfo = estimate.make_problem(
+            self._stats, self._formula, self.reml, threads=self.threads
+        )
+        return prob
+
+    def _warm_theta(self, prob: estimate.Problem) -> np.ndarray | None:
+        if self._lam_u is None or self._lam_u.shape != (prob.q, prob.q):
+            return None
+        return prob.theta(prob.from_user_lam(self._lam_u))
+
+    def _adopt(self, prob: estimate.Problem, prof: estimate.Profile, source: str) -> bool:
+        """Take the parameters at ``prof`` if they are finite; a failed step never
+        replaces good parameters."""
+        lam = prob.lam(prof.theta)
+        if not (np.all(np.isfinite(lam)) and np.all(np.isfinite(prof.beta))):
             return False
-        self._theta = prof.theta
-        self._profile = prof
-        self._lam = estimate.lam_of(prof.theta, self._formula.q)
-        self._beta = prof.beta
+        if not (math.isfinite(prof.sigma2) and prof.sigma2 > 0):
+            return False
+        self._par = _Params(prob.c, prob.xi, prob.zi, lam, prof.beta, prof.sigma2)
+        self._lam_u = prob.to_user_lam(lam)
+        self._param_source = (source, self.n_events)
         return True
 
-    def fit(self, max_evals: int = 5000) -> MixedLM:
+    def fit(self, max_evals: int = 500) -> MixedLM:
         """Exact REML/ML optimum from the current statistics (warm-started); returns self.
 
-        ``max_evals`` bounds the criterion evaluations of one L-BFGS-B run; scheduled
-        refits use a smaller budget, so that a young stream whose random effects are
-        barely identified (n ≤ q·groups) cannot stall learning.
+        The optimizer summary is :attr:`opt_summary`; lme4's checks of the result are
+        emitted as :class:`~streamlmm.checks.FitWarning` when a snapshot is taken. If
+        the fit fails, the previous parameters stay in place.
         """
-        self._stats.decay_to_now()
         t0 = time.perf_counter()
-        prof, evals = estimate.fit_theta(self._stats, self.reml, self._theta, max_evals=max_evals)
-        ok = prof is not None and self._set_theta(prof.theta, prof)
+        prob = self._problem()
+        prof, summary = estimate.fit_theta(prob, self._warm_theta(prob), max_evals=max_evals)
+        ok = prof is not None and self._adopt(prob, prof, "refit")
+        if prof is not None and not ok:
+            summary.converged = False
+            summary.return_code = "non-finite estimates"
+            summary.messages.append("the fit gave non-finite estimates; kept the previous ones")
+        summary.n_events = self.n_events
+        self.opt_summary = summary
         self.n_refits += 1
         self.last_refit = {
             "n_events": self.n_events,
-            "evals": evals,
+            "evals": summary.evals,
             "seconds": time.perf_counter() - t0,
             "ok": bool(ok),
         }
@@ -243,13 +282,17 @@ class MixedLM(base.MiniBatchRegressor):
         return self
 
     def em_step(self) -> MixedLM:
-        """One ML-EM step from the current parameters (DESIGN §3); returns self."""
-        if self._profile is None:
+        """One ML-EM step from the current parameters (docs/math.md §3); returns self."""
+        if self._par is None:
             return self.fit()
-        self._stats.decay_to_now()
-        prof = estimate.profile(self._stats, self._theta, self.reml) or self._profile
-        theta, _, _ = estimate.em_step(self._stats, prof.theta, prof.beta, prof.sigma2)
-        self._set_theta(theta)
+        prob = self._problem()
+        theta = self._warm_theta(prob)
+        prof = prob.profile(theta) if theta is not None else None
+        if prof is not None:
+            theta_new, _, _ = estimate.em_step(prob, prof.theta, prof.beta, prof.sigma2)
+            new = prob.profile(theta_new)
+            if new is not None:
+                self._adopt(prob, new, "em")
         self.n_em_steps += 1
         self._next_em = self.n_events + self.em_every
         self._refreshed_at = self.n_events
@@ -276,23 +319,16 @@ class MixedLM(base.MiniBatchRegressor):
             return -1
         return self._stats.row(check_key(key, self._formula.group))
 
-    def _decay_factors(self, rows: np.ndarray) -> np.ndarray:
-        """Each group's forgetting factor to now (1 without forgetting or if unseen)."""
-        st = self._stats
-        fac = np.ones(rows.shape[0])
-        if st.half_life:
-            seen = rows >= 0
-            dt = st.now - st.tg[rows[seen]]
-            fac[seen] = 2.0 ** (-np.maximum(dt, 0.0) * st.inv_half_life)
-        return fac
-
     def _fallback(self) -> float | None:
-        """The prediction before any fit: 0 with no data, else the reference response."""
+        """The prediction before any fit: 0 with no data, else the first response seen."""
         self.refresh()
+        if self._par is not None:
+            return None
         st = self._stats
-        if st.shift is None:
+        if st.n_groups == 0:
             return 0.0
-        return float(st.shift[-1]) if self._profile is None else None
+        w = st.counts()
+        return float(np.average(st.means()[:, -1], weights=w)) if w.sum() > 0 else 0.0
 
     def predict_one(self, x: Mapping[str, Any]) -> float:
         """Fixed part plus the group's current BLUP (fixed part only for an unseen group).
@@ -305,16 +341,28 @@ class MixedLM(base.MiniBatchRegressor):
         fallback = self._fallback()
         if fallback is not None:
             return fallback
-        st = self._stats
-        f = 1.0
-        if st.half_life and r >= 0:
-            f = 2.0 ** (-max(st.now - st.tg[r], 0.0) * st.inv_half_life)
-        return kernels.predict_one(
-            st.S, r, a, st.shift, f, st.P, st.zi, st.xi, st.yi, self._lam, self._beta
+        st, par = self._stats, self._par
+        return kernels.predict_event(
+            st.M,
+            r,
+            a,
+            par.c,
+            st.decay_factor(r),
+            st.vpos,
+            par.zi,
+            par.xi,
+            st.k,
+            st.P,
+            par.lam,
+            par.beta,
+            self._blk,
+            self._b1,
         )
 
     def predict_many(self, X):
         """Predictions for a DataFrame, equal to ``predict_one`` row by row."""
+        import pandas as pd
+
         f = self._formula
         n = len(X)
         A = self._reader.union_columns({c: X[c].to_numpy() for c in X.columns}, n)
@@ -331,65 +379,132 @@ class MixedLM(base.MiniBatchRegressor):
         if fallback is not None:
             out[:] = fallback
         else:
-            st = self._stats
-            fac = self._decay_factors(rows)
+            st, par = self._stats, self._par
+            fac = np.array([st.decay_factor(r) for r in rows]) if st.half_life else np.ones(n)
             kernels.predict_rows(
-                st.S, rows, A, st.shift, fac, st.P, st.zi, st.xi, st.yi, self._lam, self._beta, out
+                st.M,
+                rows,
+                A,
+                par.c,
+                fac,
+                st.vpos,
+                par.zi,
+                par.xi,
+                st.k,
+                st.P,
+                par.lam,
+                par.beta,
+                out,
             )
         return pd.Series(out, index=X.index)
 
     # -- results --------------------------------------------------------------------------
+    @property
+    def converged(self) -> bool:
+        """True when the current parameters are a verified optimum of the current data:
+        an exact refit (not an EM step) at this event count that passed lme4's checks."""
+        s = self.opt_summary
+        return (
+            s is not None
+            and s.converged
+            and self._param_source == ("refit", self.n_events)
+            and s.n_events == self.n_events
+        )
+
     def snapshot(self, offsets: Mapping[str, int] | None = None, **meta) -> Snapshot:
         """Immutable estimates at the current statistics and parameters.
 
         β̂ and σ̂ are profiled at the current θ from the current statistics, and every
-        group's BLUP and conditional covariance is recomputed. The snapshot also
-        carries the exact state, so :meth:`from_snapshot` resumes from it.
+        group's BLUP and conditional covariance is recomputed. When that is not possible
+        (too few events), the last finite estimates are kept and the snapshot says it is
+        not converged. lme4's checks are emitted as :class:`~streamlmm.checks.FitWarning`
+        and recorded in ``warnings``. The snapshot also carries the exact state, so
+        :meth:`from_snapshot` resumes from it.
         """
         self.refresh()
-        st = self._stats
-        st.decay_to_now()
-        f = self._formula
-        prof = None
-        if self._theta is not None:
-            prof = estimate.profile(st, self._theta, self.reml)
+        st, f = self._stats, self._formula
         G = st.n_groups
-        if prof is None:
-            nan = math.nan
-            beta_u = np.full(f.p, nan)
-            vcov = np.full((f.p, f.p), nan)
-            theta_u = np.full(f.q * (f.q + 1) // 2, nan)
-            b, condvar, sigma2, crit = np.zeros((G, f.q)), np.zeros((G, f.q, f.q)), nan, nan
+        est = None
+        prob = self._problem() if G else None
+        if prob is not None and self._lam_u is not None:
+            theta = self._warm_theta(prob)
+            pr = prob.profile(theta) if theta is not None else None
+            if pr is not None:
+                est = estimate.estimates_at(prob, pr)
+                if not (np.all(np.isfinite(est.b)) and math.isfinite(est.sigma2)):
+                    est = None
+        if est is not None:
+            good = {
+                "fixef": est.fixef,
+                "vcov": est.vcov,
+                "theta": est.theta,
+                "re_cov": est.re_cov,
+                "sigma2": est.sigma2,
+                "criterion": est.criterion,
+                "keep": est.keep,
+            }
+            self._last_good = good
+            b, condvar = est.b, est.condvar
         else:
-            self._set_theta(prof.theta, prof)
-            lam = self._lam
-            B, K = kernels.blups(st.S, G, st.P, f.zi, f.xi, st.yi, lam, prof.beta)
-            RXinv = np.linalg.inv(prof.RX)
-            beta_u, vcov, theta_u, b, condvar = estimate.unshift(
-                st, prof.beta, prof.sigma2 * RXinv @ RXinv.T, prof.theta, B, prof.sigma2 * K
+            good = self._last_good
+            if good is None:
+                nan = math.nan
+                good = {
+                    "fixef": np.full(f.p, nan),
+                    "vcov": np.full((f.p, f.p), nan),
+                    "theta": np.full(len(estimate.theta_index(f.blocks, f.q)[0]), nan),
+                    "re_cov": np.full((f.q, f.q), nan),
+                    "sigma2": nan,
+                    "criterion": nan,
+                    "keep": np.ones(f.p, dtype=bool),
+                }
+            b = np.zeros((G, f.q))
+            condvar = np.broadcast_to(good["re_cov"], (G, f.q, f.q)).copy()
+        lam_u = np.zeros((f.q, f.q))
+        lam_u[estimate.theta_index(f.blocks, f.q)] = good["theta"]
+        singular = bool(np.any(np.diag(lam_u) < estimate.SINGULAR_TOL))
+        dropped = tuple(name for name, k in zip(f.fixed, good["keep"]) if not k)
+        warns = checks.fit_messages(
+            group=f.group,
+            n_obs=st.n_obs,
+            n_groups=G,
+            q=f.q,
+            re_names=f.random,
+            dropped=dropped,
+            singular=singular and est is not None,
+            summary=self.opt_summary if self._param_source[0] == "refit" else None,
+            fixed_sd=self._colinfo.get("sd", {}),
+        )
+        if est is None and G:
+            warns.append(
+                "no finite estimates at the current data (too few observations, or the "
+                "criterion is undefined): the snapshot keeps the last finite ones"
             )
-            sigma2, crit = prof.sigma2, prof.criterion
-        lam_u = estimate.lam_of(theta_u, f.q)
-        diag = np.diag(lam_u) if prof is not None else np.ones(f.q)
+        checks.warn_all(warns)
+        identified = not any("refuses" in w for w in warns)
         return Snapshot(
             formula=self.formula,
             method=self.method,
-            fixef=dict(zip(f.fixed, beta_u)),
-            fixef_se=dict(zip(f.fixed, np.sqrt(np.diag(vcov)))),
-            re_cov=sigma2 * lam_u @ lam_u.T,
-            sigma=math.sqrt(sigma2),
-            theta=theta_u,
-            criterion=crit,
+            fixef=dict(zip(f.fixed, good["fixef"])),
+            fixef_se=dict(zip(f.fixed, np.sqrt(np.diag(good["vcov"])))),
+            fixef_vcov=good["vcov"],
+            re_cov=good["re_cov"],
+            sigma=math.sqrt(good["sigma2"]),
+            theta=good["theta"],
+            criterion=good["criterion"],
             n_obs=st.n_obs,
-            singular=bool(np.any(diag < estimate.SINGULAR_TOL)),
-            converged=prof is not None,
+            singular=singular,
+            converged=bool(est is not None and self.converged and identified),
             n_events=self.n_events,
             keys=st.keys,
             b=b,
             condvar=condvar,
-            group_n=st.S[:G, 0],
+            group_n=st.counts(),
             group_ybar=self._group_ybar(),
-            fixef_vcov=vcov,
+            re_names=f.random,
+            dropped=dropped,
+            warnings=warns,
+            optinfo=self.opt_summary.to_dict() if self.opt_summary is not None else {},
             history=self._history,
             offsets=offsets,
             meta={"created": time.time(), **meta},
@@ -398,53 +513,30 @@ class MixedLM(base.MiniBatchRegressor):
 
     def _group_ybar(self) -> np.ndarray:
         """Each group's raw (weighted, decayed) mean response, from the statistics."""
-        st, f = self._stats, self._formula
-        G = st.n_groups
-        if INTERCEPT not in f.columns or st.shift is None:
-            return np.full(G, np.nan)
-        col = st.P[f.columns.index(INTERCEPT), st.yi]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return st.S[:G, col] / st.S[:G, 0] + st.shift[-1]
+        return self._stats.means()[:, -1].copy()
 
     def _record_history(self, kind: str) -> None:
         """Append a small model-level record (bounded: thinned by half when full)."""
-        prof = self._profile
-        if prof is None:
+        par = self._par
+        if par is None or self._lam_u is None:
             return
-        q = self._formula.q
-        beta, _, theta, _, _ = estimate.unshift(
-            self._stats,
-            prof.beta,
-            np.zeros((len(prof.beta),) * 2),
-            prof.theta,
-            np.zeros((0, q)),
-            np.zeros((0, q, q)),
-        )
-        lam = estimate.lam_of(theta, q)
         self._history.append(
             {
                 "kind": kind,
                 "n_events": self.n_events,
                 "time": time.time(),
-                "sigma": math.sqrt(prof.sigma2),
-                "re_cov": (prof.sigma2 * lam @ lam.T).tolist(),
-                "fixef": dict(zip(self._formula.fixed, beta.tolist())),
+                "sigma": math.sqrt(par.sigma2),
+                "re_cov": (par.sigma2 * self._lam_u @ self._lam_u.T).tolist(),
             }
         )
         if len(self._history) > HISTORY_MAX:
             self._history = self._history[::2]
 
     def _state(self) -> dict[str, Any]:
-        st = self._stats
-        G = st.n_groups
+        st = self._stats.to_state()
         return {
-            "S": st.S[:G].copy(),
-            "tg": st.tg[:G].copy() if st.half_life else np.zeros(0),
-            "part": st.part[:G].astype(float),
-            "shift": st.shift.copy() if st.shift is not None else np.zeros(0),
-            "theta_shifted": self._theta.copy() if self._theta is not None else np.zeros(0),
-            "now": st.now if math.isfinite(st.now) else None,
-            "half_life": self.half_life,
+            **st,
+            "lam_user": self._lam_u.ravel().copy() if self._lam_u is not None else np.zeros(0),
             "time_key": self.time_key,
             "missing": self.missing,
             "em_every": self.em_every,
@@ -462,8 +554,8 @@ class MixedLM(base.MiniBatchRegressor):
     @classmethod
     def from_snapshots(cls, snaps: list[Snapshot]) -> MixedLM:
         """One model from the states of several snapshots, e.g. of engines that each own
-        some partitions of a topic: statistics are additive (DESIGN §6), so the merged
-        model fits exactly as one engine that read every partition would."""
+        some partitions of a topic: statistics are additive (docs/design.md), so the
+        merged model fits exactly as one engine that read every partition would."""
         models = [cls._from_state(s) for s in snaps]
         m = models[0]
         if len(models) > 1:
@@ -473,11 +565,20 @@ class MixedLM(base.MiniBatchRegressor):
             m._stats = GroupStats.merge([o._stats for o in models])
             m.n_events = sum(o.n_events for o in models)
             m.n_skipped = sum(o.n_skipped for o in models)
-            m._theta, m._profile = None, None  # θ̃ is per shift: refit from Λ = I
         m._refreshed_at = m.n_events
-        m._next_refit = m.n_events + m.refit_every if m._profile is not None else 1
+        m._next_refit = m.n_events + m.refit_every if m._lam_u is not None else 1
         m._next_em = m.n_events + m.em_every
+        if m._lam_u is not None and m.n_events:
+            m._restore_params()
         return m
+
+    def _restore_params(self) -> None:
+        """Parameters at the restored Λ (profiled β, σ²) for predictions."""
+        prob = self._problem()
+        theta = self._warm_theta(prob)
+        pr = prob.profile(theta) if theta is not None else None
+        if pr is not None:
+            self._adopt(prob, pr, "restored")
 
     @classmethod
     def _from_state(cls, snap: Snapshot) -> MixedLM:
@@ -493,22 +594,57 @@ class MixedLM(base.MiniBatchRegressor):
             em_every=s["em_every"],
             refit_every=s["refit_every"],
         )
-        st = m._stats
-        G = snap.n_groups
-        st._grow(max(G, 64))
-        st.S[:G] = s["S"]
-        if st.half_life:
-            st.tg[:G] = s["tg"]
-        if "part" in s:
-            st.part[:G] = s["part"]
-        st.keys = list(snap.keys)
-        st.index = {k: i for i, k in enumerate(st.keys)}
-        st.shift = np.array(s["shift"]) if len(s["shift"]) else None
-        st.now = s["now"] if s["now"] is not None else -math.inf
+        m._stats = GroupStats.from_state(m._formula, snap.keys, s)
         m.n_events = snap.n_events
         m.n_skipped = s["n_skipped"]
         m.n_refits = s["n_refits"]
         m._history = [dict(h) for h in s.get("history", [])]
-        if len(s["theta_shifted"]):
-            m._set_theta(np.array(s["theta_shifted"]))
+        lam = np.asarray(s["lam_user"], dtype=float)
+        if lam.size:
+            m._lam_u = lam.reshape(m._formula.q, m._formula.q)
         return m
+
+
+def _batch_columns(X, y, w):
+    """Columns of ``X`` and the arrays of ``y`` and ``w``, with errors that name what is
+    wrong: ``X`` must be a DataFrame; ``y`` and ``w`` one value per row, aligned with
+    ``X``'s index when they have one (never matched by position silently)."""
+    if not hasattr(X, "columns"):
+        raise ValueError(
+            f"learn_many expects a pandas DataFrame for X, got {type(X).__name__}"
+            + (
+                " (use learn_one for dicts, or pandas.DataFrame(rows))"
+                if isinstance(X, list)
+                else ""
+            )
+        )
+    out = []
+    for name, v in (("y", y), ("w", w)):
+        if v is None:
+            out.append(None)
+            continue
+        if hasattr(v, "columns"):
+            raise ValueError(f"{name} must be a Series or a 1-d array, got a DataFrame")
+        if hasattr(v, "index") and not v.index.equals(X.index):
+            raise ValueError(
+                f"{name}'s index differs from X's: align them (e.g. {name}.loc[X.index]) — "
+                "rows are never matched by position"
+            )
+        arr = v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v)
+        if arr.ndim != 1 or arr.shape[0] != len(X):
+            raise ValueError(
+                f"{name} has shape {arr.shape}; expected ({len(X)},), one per row of X"
+            )
+        out.append(arr)
+    return {c: X[c].to_numpy() for c in X.columns}, out[0], out[1]
+
+
+class _Params(NamedTuple):
+    """What a prediction needs, in the coordinates of the fit that produced it."""
+
+    c: np.ndarray
+    xi: np.ndarray
+    zi: np.ndarray
+    lam: np.ndarray
+    beta: np.ndarray
+    sigma2: float

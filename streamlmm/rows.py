@@ -16,7 +16,8 @@ import numpy as np
 
 from streamlmm import kernels
 from streamlmm.formula import INTERCEPT, Formula
-from streamlmm.stats import check_key
+from streamlmm.keys import check_key
+from streamlmm.stats import MAX_ABS
 
 __all__ = ["RowReader", "MISSING_POLICIES", "MAX_BATCH"]
 
@@ -39,7 +40,7 @@ def number(name: str, v: Any) -> float:
     ValueError: field 'x': expected a number, got str
 
     """
-    if type(v) is float and v - v == 0.0:  # fast path: a finite float (inf - inf is NaN)
+    if type(v) is float and -MAX_ABS <= v <= MAX_ABS:  # fast path (NaN fails both)
         return v
     if v is None:
         raise Missing(f"field {name!r}: missing")
@@ -53,6 +54,10 @@ def number(name: str, v: Any) -> float:
         if math.isnan(f):
             raise Missing(f"field {name!r}: NaN")
         raise ValueError(f"field {name!r}: not finite ({f})")
+    if not -MAX_ABS <= f <= MAX_ABS:
+        raise ValueError(
+            f"field {name!r}: {f:g} is beyond ±{MAX_ABS:g}, where its products would overflow"
+        )
     return f
 
 
@@ -105,7 +110,7 @@ class RowReader:
             a[i] = 1.0
         for i, c in self.features:
             v = x.get(c)
-            if type(v) is float and v - v == 0.0:
+            if type(v) is float and -MAX_ABS <= v <= MAX_ABS:
                 a[i] = v
                 continue
             try:
@@ -232,7 +237,9 @@ class RowReader:
         if arr.dtype.kind in "iuf":
             r = kernels.copy_checked(out, arr)
             if r >= 0:
-                raise ValueError(f"row {r}: field {name!r}: not finite ({out[r]})")
+                raise ValueError(
+                    f"row {r}: field {name!r}: {out[r]:g} is not finite or beyond ±{MAX_ABS:g}"
+                )
             return out
         if arr.dtype.kind != "O":
             raise ValueError(f"field {name!r}: expected numbers, got dtype {arr.dtype}")

@@ -1,9 +1,20 @@
-"""GroupStats: per-group sufficient statistics in contiguous arrays.
+"""GroupStats: per-group sufficient statistics as weighted means and centred co-moments.
 
-One row per group holds ``n_g`` and the packed cross-product of ``v = [a − c, y − c_y]``
-(DESIGN §2), where ``c`` is a fixed reference shift chosen from the first events
-(DESIGN §4). With q = 2 and p = 3 a row is 11 floats. A dict maps each group key to its
-row; no raw event is kept.
+For each group ``g`` one row holds, for the vector ``v = [a_1 … a_{k'}, y]`` of the
+non-constant union columns and the response (docs/math.md §2)::
+
+    n_g = Σ w,    m_g = Σ w v / n_g,    C_g = Σ w (v − m_g)(v − m_g)'   (packed)
+
+This is Welford's/West's update, so a row's numbers are accurate to rounding *of its
+own spread*, whatever the values' magnitude or the order of arrival: an extreme first
+event, a Unix timestamp or a 10⁶ offset cannot cancel away another group's digits.
+The cross-products the likelihood needs are formed per fit, around a centre ``c`` the
+fit chooses (:meth:`GroupStats.cross_products`)::
+
+    Σ w (v − c)(v − c)' = C_g + n_g (m_g − c)(m_g − c)'
+
+The intercept (a column of ones) is implicit: its moments are ``n_g`` and ``n_g m_g``.
+A dict maps each group key to its row; no raw event is kept.
 
 """
 
@@ -11,23 +22,27 @@ from __future__ import annotations
 
 import math
 import sys
+from typing import Any
 
 import numpy as np
 
 from streamlmm import kernels
-from streamlmm.formula import INTERCEPT, Formula
+from streamlmm.formula import INTERCEPT
 from streamlmm.keys import check_key
 
-__all__ = ["GroupStats", "check_key"]
+__all__ = ["GroupStats", "check_key", "MAX_ABS"]
+
+MAX_ABS = 1e150  # |value| at which w·v·v' could overflow: such an event is refused
 
 
 class GroupStats:
-    """Sufficient statistics of a mixed model, grouped, shifted and (optionally) decayed.
+    """Sufficient statistics of a mixed model, grouped and (optionally) decayed.
 
     Parameters
     ----------
-    formula
-        The parsed formula; fixes the union columns and the blocks.
+    spec
+        The column specification (a parsed formula or design): ``columns`` (union
+        column names, ``(Intercept)`` for the column of ones), ``k = len(columns)``.
     half_life
         Forgetting half-life in event-time units, or ``None`` for no forgetting.
     capacity
@@ -37,32 +52,39 @@ class GroupStats:
     --------
     >>> from streamlmm.formula import parse_formula
     >>> st = GroupStats(parse_formula("y ~ x + (1 | g)"))
-    >>> A = np.array([[1.0, 2.0], [1.0, 4.0]]); y = np.array([1.0, 3.0])
-    >>> st.add(st.rows(["a", "b"]), A, y, np.ones(2), np.zeros(2))
-    >>> st.n_groups, st.n_obs, st.shift.tolist()
-    (2, 2.0, [0.0, 2.0, 1.0])
+    >>> A = np.array([[1.0, 2.0], [1.0, 4.0], [1.0, 6.0]]); y = np.array([1.0, 3.0, 4.0])
+    >>> st.add(st.rows(["a", "b", "a"]), A, y, np.ones(3), np.zeros(3))
+    >>> st.n_groups, st.n_obs
+    (2, 3.0)
+    >>> st.means()[st.row("a")].tolist()  # [mean x, mean y] of group "a"
+    [4.0, 2.5]
 
     """
 
-    def __init__(self, formula: Formula, half_life: float | None = None, capacity: int = 64):
+    def __init__(self, spec, half_life: float | None = None, capacity: int = 64):
         if half_life is not None and not (math.isfinite(half_life) and half_life > 0):
             raise ValueError(f"half_life must be a positive finite number, got {half_life!r}")
-        self.formula = formula
+        self.spec = spec
         self.half_life = half_life
-        self.m = formula.k + 1
-        self.P = kernels.packed_index(self.m)
-        self._v = np.empty(self.m)  # learn_one scratch
-        self.width = 1 + self.m * (self.m + 1) // 2
-        self.S = np.zeros((capacity, self.width))
+        self._layout(spec)
+        self.M = np.zeros((capacity, self.width))
         self.tg = np.full(capacity, -np.inf) if half_life else np.zeros(0)
-        self.part = np.full(capacity, -1, dtype=np.int32)  # home partition; -1: in-process
         self.index: dict[str | int, int] = {}
         self.keys: list[str | int] = []
-        self.shift: np.ndarray | None = None
         self.now = -math.inf
-        self.xi = formula.xi
-        self.zi = formula.zi
-        self.yi = formula.k
+
+    def _layout(self, spec) -> None:
+        cols = tuple(spec.columns)
+        self.k = len(cols)
+        self.vi = np.array([i for i, c in enumerate(cols) if c != INTERCEPT], dtype=np.int64)
+        self.m = self.vi.shape[0] + 1  # the response is v's last entry
+        vpos = np.full(self.k + 1, -1, dtype=np.int64)
+        vpos[self.vi] = np.arange(self.m - 1)
+        vpos[self.k] = self.m - 1
+        self.vpos = vpos  # union position (k = response) -> index in v, -1: intercept
+        self.P = kernels.packed_index(self.m)
+        self.width = 1 + self.m + self.m * (self.m + 1) // 2
+        self._v = np.empty(self.m)  # learn_one scratch
 
     # -- sizes ------------------------------------------------------------------------
     @property
@@ -73,153 +95,169 @@ class GroupStats:
     @property
     def n_obs(self) -> float:
         """Total frequency weight Σ n_g (decayed to the latest update under forgetting)."""
-        return float(self.S[: self.n_groups, 0].sum())
+        return float(self.M[: self.n_groups, 0].sum())
 
     @property
     def inv_half_life(self) -> float:
         """``1 / half_life``, or 0 without forgetting."""
         return 1.0 / self.half_life if self.half_life else 0.0
 
+    @property
+    def active(self) -> np.ndarray:
+        """The filled rows (a view): ``[n, m (m entries), C packed]`` per group."""
+        return self.M[: self.n_groups]
+
+    def counts(self) -> np.ndarray:
+        """Each group's ``n_g`` (a view)."""
+        return self.M[: self.n_groups, 0]
+
+    def means(self) -> np.ndarray:
+        """Each group's weighted means of ``v`` (non-constant union columns, then y)."""
+        return self.M[: self.n_groups, 1 : 1 + self.m]
+
     # -- key index --------------------------------------------------------------------
     def row(self, key: str | int) -> int:
         """Row of ``key``, or -1 for an unseen group (no row is created)."""
         return self.index.get(key, -1)
 
-    def rows(self, keys, parts=None) -> np.ndarray:
-        """Rows of ``keys`` (already validated), creating rows for new groups.
-
-        ``parts`` gives each event's source partition; a new group's row records it as
-        the group's home partition (the engine keeps every group on one partition).
-        """
+    def rows(self, keys) -> np.ndarray:
+        """Rows of ``keys`` (already validated), creating rows for new groups in order."""
         index = self.index
         out = np.empty(len(keys), dtype=np.int64)
         for e, key in enumerate(keys):
             r = index.get(key)
             if r is None:
                 r = self._new_row(key)
-                if parts is not None:
-                    self.part[r] = parts[e]
             out[e] = r
         return out
 
     def _new_row(self, key: str | int) -> int:
         r = len(self.keys)
-        if r == self.S.shape[0]:
+        if r == self.M.shape[0]:
             self._grow(max(2 * r, 64))
         self.index[key] = r
         self.keys.append(key)
         return r
 
     def _grow(self, capacity: int) -> None:
-        S = np.zeros((capacity, self.width))
-        S[: self.S.shape[0]] = self.S
-        self.S = S
-        part = np.full(capacity, -1, dtype=np.int32)
-        part[: self.part.shape[0]] = self.part
-        self.part = part
+        M = np.zeros((capacity, self.width))
+        M[: self.M.shape[0]] = self.M
+        self.M = M
         if self.half_life:
             tg = np.full(capacity, -np.inf)
             tg[: self.tg.shape[0]] = self.tg
             self.tg = tg
 
     # -- updates ----------------------------------------------------------------------
-    def choose_shift(self, A: np.ndarray, y: np.ndarray) -> None:
-        """Fix the reference shift from the first event, once.
-
-        The first event (rather than, say, the first batch's means) makes ``learn_many``
-        accumulate exactly what a ``learn_one`` loop does, bit for bit.
-        """
-        if self.shift is not None or A.shape[0] == 0:
-            return
-        mask = self.formula.shiftable
-        c = np.concatenate([A[0], y[:1]])
-        self.shift = np.where(mask, c, 0.0)
+    def check(self, A: np.ndarray, y: np.ndarray, w: np.ndarray) -> int:
+        """First event whose products ``w·v·v'`` could overflow, or -1 (changes nothing)."""
+        return kernels.first_overflow(A, y, w, self.vi, MAX_ABS * MAX_ABS)
 
     def add(self, rows: np.ndarray, A: np.ndarray, y: np.ndarray, w: np.ndarray, t: np.ndarray):
         """Accumulate validated events: union values ``A`` (N×k), targets, weights, times.
 
-        Rows must come from :meth:`rows` on the same keys. The caller has validated
-        every value, so this cannot fail half-way.
+        Rows must come from :meth:`rows` on the same keys, and :meth:`check` must have
+        passed, so this cannot fail half-way.
         """
-        self.choose_shift(A, y)
         if self.half_life and t.shape[0]:
             self.now = max(self.now, float(t.max()))
-        kernels.accumulate(
-            self.S, self.tg, rows, A, y, self.shift, w, t, self.inv_half_life, self.P
-        )
+        kernels.accumulate(self.M, self.tg, rows, A, y, w, t, self.vi, self.inv_half_life, self.P)
 
     def add_one(self, key: str | int, a: np.ndarray, y: float, w: float, t: float) -> None:
         """Accumulate one validated event (the ``learn_one`` path)."""
-        if self.shift is None:
-            self.choose_shift(a[None, :], np.array([y]))
         r = self.index.get(key)
         if r is None:
             r = self._new_row(key)
         if self.half_life and t > self.now:
             self.now = t
         kernels.accumulate_one(
-            self.S, self.tg, r, a, y, self.shift, w, t, self.inv_half_life, self.P, self._v
+            self.M, self.tg, r, a, y, w, t, self.vi, self.inv_half_life, self.P, self._v
         )
 
     def decay_to_now(self) -> None:
         """Bring every group to the latest event time (before a refit or a snapshot)."""
         if self.half_life and self.n_groups:
-            kernels.decay_all(self.S, self.tg, self.n_groups, self.now, self.inv_half_life)
+            kernels.decay_all(self.M, self.tg, self.n_groups, self.m, self.now, self.inv_half_life)
 
-    # -- views ------------------------------------------------------------------------
-    @property
-    def active(self) -> np.ndarray:
-        """The filled rows of ``S`` (a view)."""
-        return self.S[: self.n_groups]
+    def decay_factor(self, r: int) -> float:
+        """Row ``r``'s forgetting factor from its last update to now (1 if none)."""
+        if not self.half_life or r < 0:
+            return 1.0
+        return 2.0 ** (-max(self.now - self.tg[r], 0.0) * self.inv_half_life)
 
-    def shifted(self, A: np.ndarray) -> np.ndarray:
-        """Union values ``A`` minus the reference shift (zeros before the first event)."""
-        if self.shift is None:
-            return np.asarray(A, dtype=float)
-        return A - self.shift[:-1]
+    # -- cross-products for a fit -----------------------------------------------------
+    def center(self) -> np.ndarray:
+        """A centre ``c`` (k + 1 entries, the response last) for the fit's cross-products.
 
+        The median of the group means on the columns in ``spec.shiftable`` (the
+        likelihood is invariant to shifting them, docs/math.md §4), 0 elsewhere. A
+        median, not a mean, so that one extreme event cannot drag the centre away from
+        every other group.
+        """
+        c = np.zeros(self.k + 1)
+        if self.n_groups == 0:
+            return c
+        mask = np.asarray(self.spec.shiftable, dtype=bool)
+        means = self.means()
+        for i in np.flatnonzero(mask):
+            c[i] = float(np.median(means[:, self.vpos[i]]))
+        return c
+
+    def cross_products(self, c: np.ndarray, zi: np.ndarray, xi: np.ndarray):
+        """Per-group blocks ``F = [ZZ_g (q×q), ZX_g (q×p), Zy_g (q)]`` around ``c`` and
+        the global ``XX, Xy, yy, n`` (docs/math.md §2), for fixed columns ``xi``."""
+        return kernels.Blocks(
+            *kernels.cross_products(self.M, self.n_groups, self.vpos, c, zi, xi, self.k, self.P)
+        )
+
+    def group_blocks(self, r: int, c: np.ndarray, zi: np.ndarray, xi: np.ndarray, out):
+        """Row ``r``'s ``[ZZ, ZX, Zy]`` around ``c`` into ``out``, decayed to now."""
+        kernels.group_row(self.M[r], self.vpos, c, zi, xi, self.k, self.P, out)
+        f = self.decay_factor(r)
+        if f != 1.0:
+            out *= f
+
+    # -- structure --------------------------------------------------------------------
     def copy(self) -> GroupStats:
-        """An independent copy (for snapshots that carry the state)."""
+        """An independent copy."""
         other = GroupStats.__new__(GroupStats)
         other.__dict__.update(self.__dict__)
-        other.S = self.S[: self.n_groups].copy()
+        other.M = self.M[: self.n_groups].copy()
         other.tg = self.tg[: self.n_groups].copy() if self.half_life else self.tg
-        other.part = self.part[: self.n_groups].copy()
         other.index = dict(self.index)
         other.keys = list(self.keys)
-        other.shift = None if self.shift is None else self.shift.copy()
+        other._v = np.empty(self.m)
         return other
 
-    def reshift(self, shift: np.ndarray) -> None:
-        """Re-express every row around another reference shift, exactly.
-
-        With ``δ = shift − c`` and ``v' = v − δ``, each row becomes
-        ``Σwv'v'' = Σwvv' − δm₁' − m₁δ' + nδδ'`` where ``m₁ = Σwv`` is the row's
-        intercept column (a shiftable column implies an intercept, DESIGN §4).
-        """
-        shift = np.asarray(shift, dtype=float)
-        if self.shift is None:
-            self.shift = shift.copy()
-            return
-        d = shift - self.shift
-        if not d.any():
-            return
-        G, P = self.n_groups, self.P
-        M = self.S[:G][:, P]  # (G, m, m), symmetric
-        m1 = M[:, self.formula.columns.index(INTERCEPT), :]
-        n = self.S[:G, 0]
-        M -= m1[:, :, None] * d[None, None, :] + d[None, :, None] * m1[:, None, :]
-        M += n[:, None, None] * np.outer(d, d)[None]
-        iu = np.triu_indices(self.m)
-        self.S[:G, P[iu]] = M[:, iu[0], iu[1]]
-        self.shift = shift.copy()
+    def widen(self, spec) -> None:
+        """Adopt ``spec`` whose union columns extend this one's (a factor level seen
+        for the first time). Earlier events had 0 in the new columns, so their means
+        and co-moments there are exactly 0: widening loses nothing."""
+        old_cols = tuple(self.spec.columns)
+        new_cols = tuple(spec.columns)
+        if new_cols[: len(old_cols)] != old_cols:
+            raise ValueError("columns may only be appended")
+        old = (self.m, self.P, self.M)
+        self.spec = spec
+        self._layout(spec)
+        m0, P0, M0 = old
+        M = np.zeros((M0.shape[0], self.width))
+        M[:, 0] = M0[:, 0]
+        # v = [old non-intercept columns, new ones, y]: old index i -> new index
+        remap = np.arange(m0)
+        remap[m0 - 1] = self.m - 1
+        M[:, 1 + remap] = M0[:, 1 : 1 + m0]
+        for i in range(m0):
+            for j in range(i, m0):
+                M[:, 1 + self.m + self.P[remap[i], remap[j]]] = M0[:, 1 + m0 + P0[i, j]]
+        self.M = M
 
     @classmethod
     def merge(cls, shards: list[GroupStats]) -> GroupStats:
-        """Combine shards' statistics exactly (DESIGN §6: they are additive).
+        """Combine shards' statistics exactly (they are additive, docs/design.md).
 
-        Shards are re-centred to the first shard's shift and, under forgetting, decayed
-        to the latest time; a group present in several shards gets the sum of its rows.
+        Under forgetting every shard is decayed to the latest time first; a group
+        present in several shards gets the pooled row (Chan's parallel update).
         """
         first = shards[0]
         out = first.copy()
@@ -227,26 +265,51 @@ class GroupStats:
             out.now = max(s.now for s in shards)
             out.decay_to_now()
         for other in shards[1:]:
-            if other.formula != first.formula or other.half_life != first.half_life:
-                raise ValueError("only statistics of the same formula and half_life merge")
+            if tuple(other.spec.columns) != tuple(first.spec.columns) or (
+                other.half_life != first.half_life
+            ):
+                raise ValueError("only statistics of the same columns and half_life merge")
             o = other.copy()
-            if o.shift is None:
-                continue
-            if out.shift is None:
-                out.shift = o.shift.copy()
-            o.reshift(out.shift)
             if first.half_life:
                 o.now = out.now
                 o.decay_to_now()
-            rows = out.rows(o.keys, o.part)
-            np.add.at(out.S, rows, o.S[: o.n_groups])
+            rows = out.rows(o.keys)
+            kernels.merge_rows(out.M, rows, o.M[: o.n_groups], out.P)
             if first.half_life:
                 out.tg[rows] = out.now
         return out
 
+    # -- serialisation ----------------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        """Arrays and JSON-ready values that :meth:`from_state` restores exactly."""
+        G = self.n_groups
+        return {
+            "M": self.M[:G].copy(),
+            "tg": self.tg[:G].copy() if self.half_life else np.zeros(0),
+            "now": self.now if math.isfinite(self.now) else None,
+            "half_life": self.half_life,
+        }
+
+    @classmethod
+    def from_state(cls, spec, keys, state) -> GroupStats:
+        """Statistics for ``keys`` (row order) from :meth:`to_state`'s output."""
+        st = cls(spec, state["half_life"], capacity=max(len(keys), 64))
+        M = np.asarray(state["M"], dtype=float)
+        if M.shape != (len(keys), st.width):
+            raise ValueError(f"state of shape {M.shape} does not fit {len(keys)} groups")
+        st.M[: len(keys)] = M
+        if st.half_life:
+            st.tg[: len(keys)] = state["tg"]
+        st.keys = list(keys)
+        st.index = {k: i for i, k in enumerate(st.keys)}
+        if len(st.index) != len(st.keys):
+            raise ValueError("duplicate group keys in the state")
+        st.now = state["now"] if state["now"] is not None else -math.inf
+        return st
+
     def nbytes(self) -> int:
         """Approximate memory held: arrays, key index and key objects."""
-        total = self.S.nbytes + self.tg.nbytes + self.part.nbytes + sys.getsizeof(self.index)
+        total = self.M.nbytes + self.tg.nbytes + sys.getsizeof(self.index)
         total += sys.getsizeof(self.keys)
         total += sum(sys.getsizeof(k) + sys.getsizeof(r) for k, r in self.index.items())
         return total

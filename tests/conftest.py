@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamlmm import estimate, kernels
+from streamlmm import estimate
 from streamlmm.formula import INTERCEPT, Formula, parse_formula
 from streamlmm.stats import GroupStats
 
@@ -141,15 +141,20 @@ class ReferenceCase:
         """The union columns ``a`` of every row (intercept = 1), unshifted."""
         return union_matrix(self.formula, self.data)
 
-    def unshifted_stats(self) -> GroupStats:
-        """Statistics in the user's coordinates (shift zero), as lme4 sees the data."""
+    def stats(self) -> GroupStats:
+        """The case's statistics, every row in file order."""
         f = self.formula
         st = GroupStats(f)
-        st.shift = np.zeros(f.k + 1)
         n = len(self.data)
         w = np.ones(n) if self.w is None else self.w.to_numpy(dtype=float)
         st.add(st.rows(list(self.data["g"])), self.design(), self.y.to_numpy(float), w, np.zeros(n))
         return st
+
+    def user_problem(self) -> estimate.Problem:
+        """The fit's problem in the user's coordinates (centre 0), as lme4 sees the data."""
+        f = self.formula
+        prob, _ = estimate.make_problem(self.stats(), f, self.reml, center=np.zeros(f.k + 1))
+        return prob
 
     def dense(self) -> DenseLMM:
         """The dense independent computation on this case's data (weights repeated)."""
@@ -219,7 +224,8 @@ class DenseLMM:
         return cls(A[:, f.xi], A[:, f.zi], frame[y].to_numpy(float), frame[f.group], w)
 
     def _blocks(self, theta):
-        lam = estimate.lam_of(np.asarray(theta, float), self.q)
+        lam = np.zeros((self.q, self.q))
+        lam[tuple(estimate.theta_index([tuple(range(self.q))], self.q))] = np.asarray(theta, float)
         D = lam @ lam.T
         for g, ix in self.groups.items():
             Xg, Zg, yg = self.X[ix], self.Z[ix], self.y[ix]
@@ -282,35 +288,25 @@ def lower_factor(F: np.ndarray) -> np.ndarray:
 def estimates_at(model, theta_user) -> dict[str, Any]:
     """Profiled estimates of ``model``'s statistics at a θ in the user's coordinates.
 
-    The model keeps its statistics around its own reference shift ``c`` (DESIGN §4); in
-    those coordinates ``b̃ = T_z⁻¹ b`` with ``T_z = I − e₀ c_z'``, so the user's Λ maps
-    to a lower-triangular factor of ``T_z⁻¹ ΛΛ' T_z⁻ᵀ``. Returns the criterion and the
-    estimates mapped back to the user's columns.
+    The fit works around a centre ``c``; there ``b̃ = T_z⁻¹ b``, so the user's Λ maps to
+    a lower-triangular factor of ``T_z⁻¹ ΛΛ' T_z⁻ᵀ`` (``Problem.from_user_lam``).
+    Returns the criterion and the estimates mapped back to the user's columns.
     """
-    st = model._stats
-    st.decay_to_now()
-    f = st.formula
-    c = st.shift if st.shift is not None else np.zeros(f.k + 1)
-    Tz = np.eye(f.q)
-    if c[f.zi].any():
-        Tz[0] -= c[f.zi]
-    lam_s = lower_factor(np.linalg.solve(Tz, estimate.lam_of(np.asarray(theta_user, float), f.q)))
-    theta_s = estimate.theta_of(lam_s)
-    pr = estimate.profile(st, theta_s, model.reml)
+    prob, _ = estimate.make_problem(model._stats, model._formula, model.reml)
+    lam_u = np.zeros((prob.q, prob.q))
+    lam_u[prob.tindex] = np.asarray(theta_user, float)
+    pr = prob.profile(prob.theta(prob.from_user_lam(lam_u)))
     assert pr is not None, "criterion undefined at this θ"
-    B, K = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam_s, pr.beta)
-    RXinv = np.linalg.inv(pr.RX)
-    beta, vcov, theta_u, b, condvar = estimate.unshift(
-        st, pr.beta, pr.sigma2 * RXinv @ RXinv.T, pr.theta, B, pr.sigma2 * K
-    )
+    est = estimate.estimates_at(prob, pr)
+    st = model._stats
     return {
-        "criterion": pr.criterion,
-        "fixef": beta,
-        "vcov": vcov,
-        "sigma": math.sqrt(pr.sigma2),
-        "theta": theta_u,
-        "b": {k: b[i] for i, k in enumerate(st.keys)},
-        "condvar": {k: condvar[i] for i, k in enumerate(st.keys)},
+        "criterion": est.criterion,
+        "fixef": est.fixef,
+        "vcov": est.vcov,
+        "sigma": math.sqrt(est.sigma2),
+        "theta": est.theta,
+        "b": {k: est.b[i] for i, k in enumerate(st.keys)},
+        "condvar": {k: est.condvar[i] for i, k in enumerate(st.keys)},
     }
 
 
@@ -324,9 +320,9 @@ def model_state(model) -> bytes:
 
 
 def active_stats(model) -> tuple[np.ndarray, list, np.ndarray | None]:
-    """The filled statistics rows, the keys in row order and the shift."""
+    """The filled statistics rows, the keys in row order and the forgetting clock."""
     st = model._stats
-    return st.active.copy(), list(st.keys), None if st.shift is None else st.shift.copy()
+    return st.active.copy(), list(st.keys), st.now
 
 
 def stats_by_key(model) -> dict[Any, np.ndarray]:

@@ -28,12 +28,30 @@ def data():
 
 @pytest.fixture(scope="module")
 def stats(data, helpers):
-    """Statistics in the user's coordinates (shift zero)."""
+    """The statistics of ``data``, every event in order."""
     st = GroupStats(FORMULA)
-    st.shift = np.zeros(FORMULA.k + 1)
     A = helpers.union_matrix(FORMULA, data)
     st.add(st.rows(list(data.g)), A, data.y.to_numpy(), data.w.to_numpy(float), np.zeros(len(data)))
     return st
+
+
+# centres of the cross-products: the user's coordinates, the fit's default, an arbitrary one
+CENTRES = ["zero", "default", "other"]
+
+
+def _centre(st, which):
+    if which == "zero":
+        return np.zeros(FORMULA.k + 1)
+    if which == "default":
+        return st.center()
+    return np.array([0.0, 1.7, -0.4, 3.1])  # the intercept column is never shifted
+
+
+@pytest.fixture(scope="module", params=CENTRES)
+def blocks(request, stats):
+    """``(c, Blocks)``: the fit's per-group blocks around each centre in turn."""
+    c = _centre(stats, request.param)
+    return c, stats.cross_products(c, FORMULA.zi, FORMULA.xi)
 
 
 LAMBDAS = [
@@ -43,16 +61,29 @@ LAMBDAS = [
 ]
 
 
-def _blocks(st, r):
-    f = st.formula
-    M = st.active[r][st.P]
+def _naive(data, helpers, c):
+    """Per-group ``ZZ, ZX, Zy`` and global ``XX, Xy, yy, n`` around ``c`` by plain numpy
+    on the raw events, keyed by group."""
+    f = FORMULA
+    A = helpers.union_matrix(f, data) - c[: f.k]
+    y = data.y.to_numpy() - c[f.k]
+    w = data.w.to_numpy(float)
+    X, Z = A[:, f.xi], A[:, f.zi]
+    per = {}
+    for key in dict.fromkeys(data.g):
+        s = (data.g == key).to_numpy()
+        Zw = Z[s].T * w[s]
+        per[key] = (Zw @ Z[s], Zw @ X[s], Zw @ y[s])
+    return per, ((X.T * w) @ X, (X.T * w) @ y, (w * y) @ y, w.sum())
+
+
+def _group(F, r):
+    q, p = FORMULA.q, FORMULA.p
+    Fr = F[r]
     return (
-        M[np.ix_(f.zi, f.zi)],
-        M[np.ix_(f.zi, f.xi)],
-        M[f.zi, st.yi],
-        M[np.ix_(f.xi, f.xi)],
-        M[f.xi, st.yi],
-        M[st.yi, st.yi],
+        Fr[: q * q].reshape(q, q),
+        Fr[q * q : q * q + q * p].reshape(q, p),
+        Fr[q * q + q * p :],
     )
 
 
@@ -60,43 +91,81 @@ def test_packed_index_is_a_symmetric_bijection():
     for m in range(1, 6):
         P = kernels.packed_index(m)
         np.testing.assert_array_equal(P, P.T)
-        assert sorted(P[np.triu_indices(m)].tolist()) == list(range(1, 1 + m * (m + 1) // 2))
+        assert sorted(P[np.triu_indices(m)].tolist()) == list(range(m * (m + 1) // 2))
+
+
+def test_cross_products_equal_numpy(stats, blocks, data, helpers):
+    """``F[g] = [ZZ, ZX, Zy]`` and ``XX, Xy, yy, n`` around c equal the raw sums."""
+    c, b = blocks
+    per, (XX, Xy, yy, n) = _naive(data, helpers, c)
+    assert b.F.shape == (stats.n_groups, FORMULA.q * (FORMULA.q + FORMULA.p + 1))
+    assert b.F.flags.c_contiguous
+    for key, want in per.items():
+        got = _group(b.F, stats.row(key))
+        for name, g, w in zip(("ZZ", "ZX", "Zy"), got, want):
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * np.abs(w).max(), err_msg=name)
+    np.testing.assert_allclose(b.XX, XX, rtol=1e-12, atol=1e-12 * np.abs(XX).max())
+    np.testing.assert_allclose(b.Xy, Xy, rtol=1e-12, atol=1e-12 * np.abs(Xy).max())
+    assert b.yy == pytest.approx(yy, rel=1e-12)
+    assert b.n == n
 
 
 @pytest.mark.parametrize("lam", LAMBDAS)
-def test_pls_sums_equal_numpy(stats, lam):
-    st, f = stats, stats.formula
-    logdet, A, c, s, XX, Xy, yy, n = kernels.pls_sums(
-        st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam
-    )
-    want = dict(logdet=0.0, A=0, c=0, s=0.0, XX=0, Xy=0, yy=0.0, n=0.0)
-    for r in range(st.n_groups):
-        ZZ, ZX, Zy, XXg, Xyg, yyg = _blocks(st, r)
-        L = np.linalg.cholesky(lam.T @ ZZ @ lam + np.eye(f.q))
+def test_pls_sums_equal_numpy(blocks, lam):
+    _, bl = blocks
+    F, q, p = bl.F, FORMULA.q, FORMULA.p
+    got = kernels.pls_sums(F, q, p, lam, parallel=False)
+    want = dict(logdet=0.0, cu2=0.0, A=0, c=0)
+    for r in range(F.shape[0]):
+        ZZ, ZX, Zy = _group(F, r)
+        L = np.linalg.cholesky(lam.T @ ZZ @ lam + np.eye(q))
         RZX = np.linalg.solve(L, lam.T @ ZX)
         cu = np.linalg.solve(L, lam.T @ Zy)
         want["logdet"] += np.log(np.diag(L)).sum()
         want["A"] = want["A"] + RZX.T @ RZX
         want["c"] = want["c"] + RZX.T @ cu
-        want["s"] += cu @ cu
-        want["XX"] = want["XX"] + XXg
-        want["Xy"] = want["Xy"] + Xyg
-        want["yy"] += yyg
-        want["n"] += st.active[r, 0]
-    for name, got in zip(want, (logdet, A, c, s, XX, Xy, yy, n)):
-        np.testing.assert_allclose(got, want[name], rtol=1e-12, err_msg=name)
+        want["cu2"] += cu @ cu
+    for name in want:
+        np.testing.assert_allclose(getattr(got, name), want[name], rtol=1e-12, err_msg=name)
+    # the parallel kernel sums the same chunks in the same order
+    par = kernels.pls_sums(F, q, p, lam, parallel=True)
+    for name in want:
+        np.testing.assert_array_equal(getattr(par, name), getattr(got, name), err_msg=name)
+
+
+def test_pls_sums_do_not_depend_on_the_number_of_chunks():
+    """More groups than one chunk: serial and parallel give bitwise the same sums."""
+    rng = np.random.default_rng(0)
+    G, q, p = 2 * kernels.CHUNK + 17, 2, 3
+    Z = rng.normal(size=(G, 6, q))
+    X = rng.normal(size=(G, 6, p))
+    y = rng.normal(size=(G, 6))
+    F = np.concatenate(
+        [
+            np.einsum("gia,gib->gab", Z, Z).reshape(G, -1),
+            np.einsum("gia,gij->gaj", Z, X).reshape(G, -1),
+            np.einsum("gia,gi->ga", Z, y),
+        ],
+        axis=1,
+    )
+    lam = LAMBDAS[0]
+    a = kernels.pls_sums(F, q, p, lam, parallel=False)
+    b = kernels.pls_sums(F, q, p, lam, parallel=True)
+    for name in ("logdet", "cu2", "A", "c"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
 @pytest.mark.parametrize("lam", LAMBDAS)
 def test_blups_and_condcov_equal_dense(stats, data, dense_lmm, lam):
     """b_g = ΛΛ'Z'V⁻¹(y − Xβ) for any β, and K_g = Λ(L_gL_g')⁻¹Λ' = D − DZ'V⁻¹ZD."""
-    st, f = stats, stats.formula
+    f = FORMULA
+    F = stats.cross_products(np.zeros(f.k + 1), f.zi, f.xi).F
     beta = np.array([0.7, 0.3, -1.2])
-    B, K = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, beta)
+    B, K = kernels.blups(F, f.q, f.p, lam, beta)
     dense = dense_lmm.from_frame(f, data, data.w.to_numpy())
     D = lam @ lam.T
     for key, ix in dense.groups.items():
-        r = st.row(key)
+        r = stats.row(key)
         Xg, Zg, yg = dense.X[ix], dense.Z[ix], dense.y[ix]
         V = np.eye(len(ix)) + Zg @ D @ Zg.T
         b = D @ Zg.T @ np.linalg.solve(V, yg - Xg @ beta)
@@ -105,16 +174,17 @@ def test_blups_and_condcov_equal_dense(stats, data, dense_lmm, lam):
         np.testing.assert_allclose(K[r], C, rtol=1e-10, atol=1e-12)
 
 
-def test_em_sums_equal_numpy(stats):
-    st, f = stats, stats.formula
+def test_em_sums_equal_numpy(blocks):
+    _, bl = blocks
+    F, q, p = bl.F, FORMULA.q, FORMULA.p
     lam = LAMBDAS[0]
     beta = np.array([0.7, 0.3, -1.2])
-    Sbb, SK, rss, trK, T = kernels.em_sums(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, beta)
-    B, K = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, beta)
+    Sbb, SK, rss, trK, T = kernels.em_sums(F, q, p, lam, beta)
+    B, K = kernels.blups(F, q, p, lam, beta)
     want_rss = want_trK = 0.0
-    want_T = np.zeros(f.p)
-    for r in range(st.n_groups):
-        ZZ, ZX, Zy, *_ = _blocks(st, r)
+    want_T = np.zeros(p)
+    for r in range(F.shape[0]):
+        ZZ, ZX, Zy = _group(F, r)
         b = B[r]
         want_rss += b @ ZZ @ b - 2 * b @ (Zy - ZX @ beta)
         want_trK += np.trace(ZZ @ K[r])
@@ -126,39 +196,66 @@ def test_em_sums_equal_numpy(stats):
     np.testing.assert_allclose(T, want_T, rtol=1e-10)
 
 
-def test_predict_rows_fixed_part_plus_blup(stats):
-    st, f = stats, stats.formula
+def _predict(st, rows, A, c, fac, lam, beta):
+    f = FORMULA
+    out = np.empty(len(rows))
+    kernels.predict_rows(
+        st.M, np.asarray(rows), A, c, np.asarray(fac, float), st.vpos, f.zi, f.xi, f.k, st.P,
+        lam, beta, out,
+    )  # fmt: skip
+    return out
+
+
+@pytest.mark.parametrize("which", CENTRES)
+def test_predict_rows_fixed_part_plus_blup(stats, which):
+    """ŷ = c_y + (x − c_x)'β̃ + (z − c_z)'b̃_g with b̃ the BLUP of the blocks around c."""
+    st, f = stats, FORMULA
+    c = _centre(st, which)
     lam, beta = LAMBDAS[0], np.array([0.7, 0.3, -1.2])
-    B, _ = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, beta)
+    B, _ = kernels.blups(st.cross_products(c, f.zi, f.xi).F, f.q, f.p, lam, beta)
     A = np.array([[1.0, 2.0, -1.0], [1.0, -0.5, 0.25]])
-    shift = np.array([0.0, 0.0, 0.0, 10.0])  # only the response is shifted here
-    rows = np.array([3, -1])
-    out = np.empty(2)
-    kernels.predict_rows(st.S, rows, A, shift, np.ones(2), st.P, f.zi, f.xi, st.yi, lam, beta, out)
-    assert out[0] == pytest.approx(10.0 + A[0] @ beta + A[0, f.zi] @ B[3], rel=1e-13)
-    assert out[1] == pytest.approx(10.0 + A[1] @ beta, rel=1e-13)
+    out = _predict(st, [3, -1], A, c, [1.0, 1.0], lam, beta)
+    Ac = A - c[: f.k]
+    assert out[0] == pytest.approx(c[-1] + Ac[0, f.xi] @ beta + Ac[0, f.zi] @ B[3], rel=1e-13)
+    assert out[1] == pytest.approx(c[-1] + Ac[1, f.xi] @ beta, rel=1e-13)
+    # one event at a time gives the same
+    blk = np.empty(st.cross_products(c, f.zi, f.xi).F.shape[1])
+    b = np.empty(f.q)
+    one = kernels.predict_event(
+        st.M, 3, A[0], c, 1.0, st.vpos, f.zi, f.xi, f.k, st.P, lam, beta, blk, b
+    )
+    assert one == out[0]
+    np.testing.assert_allclose(b, B[3], rtol=1e-13)
+
+
+def test_predict_rows_takes_the_centre_for_a_missing_feature(stats):
+    st = stats
+    c = _centre(st, "other")
+    lam, beta = LAMBDAS[0], np.array([0.7, 0.3, -1.2])
+    A = np.array([[1.0, np.nan, -1.0], [1.0, c[1], -1.0]])
+    out = _predict(st, [3, 3], A, c, [1.0, 1.0], lam, beta)
+    assert out[0] == out[1]
 
 
 def test_predict_rows_scales_a_group_by_its_forgetting_factor(stats):
-    st, f = stats, stats.formula
+    st, f = stats, FORMULA
     lam, beta = LAMBDAS[0], np.array([0.7, 0.3, -1.2])
-    half = st.S * 0.5
-    B_half, _ = kernels.blups(half, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, beta)
+    c = np.zeros(f.k + 1)
+    half = st.cross_products(c, f.zi, f.xi).F * 0.5
+    B_half, _ = kernels.blups(half, f.q, f.p, lam, beta)
     A = np.array([[1.0, 2.0, -1.0]])
-    shift = np.zeros(4)
-    out = np.empty(1)
-    kernels.predict_rows(
-        st.S, np.array([3]), A, shift, np.array([0.5]), st.P, f.zi, f.xi, st.yi, lam, beta, out
-    )
+    out = _predict(st, [3], A, c, [0.5], lam, beta)
     assert out[0] == pytest.approx(A[0] @ beta + A[0, f.zi] @ B_half[3], rel=1e-13)
 
 
 def test_profile_equals_dense_at_several_theta(stats, data, dense_lmm):
-    dense = dense_lmm.from_frame(FORMULA, data, data.w.to_numpy())
+    f = FORMULA
+    dense = dense_lmm.from_frame(f, data, data.w.to_numpy())
     for lam in LAMBDAS[:1] + [np.array([[0.3, 0.0], [0.1, 2.0]])]:
-        theta = estimate.theta_of(lam)
         for reml in (True, False):
-            pr = estimate.profile(stats, theta, reml)
+            prob, _ = estimate.make_problem(stats, f, reml, center=np.zeros(f.k + 1))
+            theta = prob.theta(lam)
+            pr = prob.profile(theta)
             d = dense.at(theta, reml)
             assert pr.criterion == pytest.approx(d.criterion, rel=1e-11)
             np.testing.assert_allclose(pr.beta, d.beta, rtol=1e-9)

@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import pytest
 
-from streamlmm import MixedLM, estimate, kernels
+from streamlmm import MixedLM, estimate
 
 PATHS = ("learn_one", "learn_many")
 
@@ -46,13 +46,12 @@ def fit(request, case):
 @functools.cache
 def _at_lme4_theta(case):
     """Profile, BLUPs and condVar from the (unshifted) statistics at lme4's θ."""
-    st = case.unshifted_stats()
-    f = case.formula
-    pr = estimate.profile(st, case.theta, case.reml)
-    lam = estimate.lam_of(case.theta, f.q)
-    B, K = kernels.blups(st.S, st.n_groups, st.P, f.zi, f.xi, st.yi, lam, pr.beta)
-    b = {k: B[i] for i, k in enumerate(st.keys)}
-    cv = {k: pr.sigma2 * K[i] for i, k in enumerate(st.keys)}
+    st = case.stats()
+    prob = case.user_problem()
+    pr = prob.profile(case.theta)
+    est = estimate.estimates_at(prob, pr)
+    b = {k: est.b[i] for i, k in enumerate(st.keys)}
+    cv = {k: est.condvar[i] for i, k in enumerate(st.keys)}
     return pr, b, cv
 
 

@@ -77,7 +77,7 @@ def test_arrays_and_mappings_are_read_only(sleep):
     with pytest.raises(TypeError):
         s.fixef["x1"] = 0.0  # type: ignore[index]
     with pytest.raises(TypeError):
-        s.state["S"] = None  # type: ignore[index]
+        s.state["M"] = None  # type: ignore[index]
     with pytest.raises(TypeError):
         s.offsets["events:0"] = 0  # type: ignore[index]
 
@@ -87,11 +87,11 @@ def test_snapshot_does_not_alias_the_model(reference):
     model = MixedLM(case.ref["formula"], case.method)
     case.stream_many(model)
     s = model.fit().snapshot()
-    b, S = s.b.copy(), s.state["S"].copy()
+    b, S = s.b.copy(), s.state["M"].copy()
     model.learn_one({"g": "308", "x1": 3.0}, 500.0)
     model.fit()
     np.testing.assert_array_equal(s.b, b)
-    np.testing.assert_array_equal(s.state["S"], S)
+    np.testing.assert_array_equal(s.state["M"], S)
 
 
 # -- lookups ------------------------------------------------------------------------------------

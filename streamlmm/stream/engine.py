@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from streamlmm.formula import parse_formula
+from streamlmm.keys import key_from_json, key_to_json
 from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot
 from streamlmm.store import LocalStore
@@ -79,6 +80,9 @@ class Engine:
             self.formula, config.time_key, config.missing, config.max_message_bytes
         )
         self.model, self.offsets, self.meta = self._restore()
+        self.home: dict = {
+            key_from_json(k): int(p) for k, p in self.meta.get("home_partitions", [])
+        }
         self.source = source or open_source(
             config.source, config.consumer_group, config.kafka, partitions=config.partitions
         )
@@ -131,6 +135,7 @@ class Engine:
             offsets=self.offsets,
             source=self.cfg.source,
             dead_letters=self.dead.count,
+            home_partitions=[[key_to_json(k), p] for k, p in self.home.items()],
             skipped=self.decoder.n_skipped + int(self.meta.get("skipped", 0)),
         )
         self.store.write(snap)
@@ -165,15 +170,12 @@ class Engine:
         """Every group lives on one partition (producers key by group, DESIGN §6), so
         that state stays local to partitions; an event of a known group arriving on
         another partition is a dead letter, not a silent merge across partitions."""
-        st = self.model._stats
-        index, home = st.index, st.part
-        first: dict = {}
+        home = self.home
         away = np.zeros(len(batch), dtype=bool)
         where = [0] * len(batch)
         for i, (key, part) in enumerate(zip(batch.keys, batch.parts)):
-            r = index.get(key)
-            h = home[r] if r is not None else first.setdefault(key, part)
-            if h != part and h >= 0:
+            h = home.setdefault(key, part)
+            if h != part:
                 away[i], where[i] = True, int(h)
         if away.any():
             batch.drop(
@@ -217,9 +219,7 @@ class Engine:
                     if batch.dead:
                         self.dead.send(batch.dead)
                     if len(batch):
-                        self.model.learn_batch(
-                            batch.keys, batch.A, batch.y, batch.w, batch.t, batch.parts
-                        )
+                        self.model.learn_batch(batch.keys, batch.A, batch.y, batch.w, batch.t)
                     last = {(r.topic, r.partition): r.offset for r in records}
                     for (topic, part), off in last.items():
                         name = tp_name(topic, part)

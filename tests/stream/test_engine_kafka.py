@@ -70,11 +70,9 @@ def reference_case(name: str) -> tuple[dict, list[dict]]:
     return ref, events
 
 
-def in_memory(events: list[dict], shift=None) -> MixedLM:
-    """One uninterrupted pass over ``events`` in order (optionally at a given shift)."""
+def in_memory(events: list[dict]) -> MixedLM:
+    """One uninterrupted pass over ``events`` in order."""
     m = MixedLM(FORMULA)
-    if shift is not None:  # the engine's reference shift: then group rows are bitwise equal
-        m._stats.shift = np.array(shift, dtype=float)
     df = pd.DataFrame(events)
     m.learn_many(df[["g", "x1", "x2"]], df["y"], df["w"] if "w" in df.columns else None)
     return m
@@ -101,12 +99,12 @@ def assert_same_as_in_memory(snap, events: list[dict], helpers) -> None:
     assert snap.n_events == n
     assert snap.n_obs == n
     counts = Counter(e["g"] for e in events)
-    assert dict(zip(snap.keys, snap.state["S"][:, 0])) == dict(counts), "per-group counts"
+    assert dict(zip(snap.keys, snap.group_n)) == dict(counts), "per-group counts"
 
-    # Every group's statistics row, bit for bit, at the engine's own reference shift.
-    same_shift = in_memory(events, shift=snap.state["shift"])
-    ours = rows_by_key(snap.keys, snap.state["S"])
-    theirs = helpers.stats_by_key(same_shift)
+    # Every group's statistics row, bit for bit: a row depends only on its own group's
+    # events, in their order, which a partition keeps.
+    ours = rows_by_key(snap.keys, snap.state["M"])
+    theirs = helpers.stats_by_key(in_memory(events))
     assert ours.keys() == theirs.keys()
     bad = [k for k in ours if not np.array_equal(ours[k], theirs[k])]
     assert not bad, f"{len(bad)} groups' statistics differ, e.g. {bad[:3]}"
@@ -171,7 +169,7 @@ def test_sigkill_at_random_moments_neither_loses_nor_double_counts(kit, topic, t
         upto = {int(tp.rpartition(":")[2]): off for tp, off in snap.offsets.items()}
         want = Counter(e["g"] for e, (p, o) in zip(events, where) if o < upto.get(p, 0))
         assert snap.n_events == sum(upto.values()) == want.total()
-        assert dict(zip(snap.keys, snap.state["S"][:, 0])) == dict(want)
+        assert dict(zip(snap.keys, snap.group_n)) == dict(want)
 
     snap_dir, group = tmp_path / "snap", f"{topic}-engine"
     often = ("--snapshot-every-events", "5000", "--snapshot-every-seconds", "0.5")
@@ -395,8 +393,8 @@ def test_malformed_messages_go_to_the_dead_letter_topic(kit, topic, tmp_path, he
 
     # The same events, so the same statistics and estimates as the clean stream's.
     assert snap.n_obs == snap_clean.n_obs == N_CLEAN
-    n_dirty = dict(zip(snap.keys, snap.state["S"][:, 0]))
-    assert n_dirty == dict(zip(snap_clean.keys, snap_clean.state["S"][:, 0]))
+    n_dirty = dict(zip(snap.keys, snap.group_n))
+    assert n_dirty == dict(zip(snap_clean.keys, snap_clean.group_n))
     assert_same_as_in_memory(snap, clean, helpers)
     assert_same_as_in_memory(snap_clean, clean, helpers)
     theta = snap_clean.theta
@@ -554,7 +552,7 @@ def test_publish_topic_holds_the_model_and_every_groups_effects(kit, topic, tmp_
     model = newest.pop(b"__model__")
     assert model == json.loads(json.dumps(snap.to_dict()))
     assert set(newest) == {group_record_key(k) for k in snap.keys}
-    n_g = dict(zip(snap.keys, snap.state["S"][:, 0]))
+    n_g = dict(zip(snap.keys, snap.group_n))
     for i, key in enumerate(snap.keys):
         rec = newest[group_record_key(key)]
         assert rec["group"] == key
