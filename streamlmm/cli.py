@@ -24,18 +24,6 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
-def _simulate(args: argparse.Namespace) -> int:
-    from streamlmm.simulate import simulate, to_jsonl
-
-    out = sys.stdout
-    try:
-        for line in to_jsonl(simulate(args.events, args.groups, args.seed)):
-            out.write(line)
-    except BrokenPipeError:
-        return 0
-    return 0
-
-
 def _summary(args: argparse.Namespace) -> int:
     from streamlmm.snapshot import Snapshot
 
@@ -97,11 +85,17 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-seconds", type=float)
     r.set_defaults(func=_run)
 
-    s = sub.add_parser("simulate", help="write known-truth JSON events to stdout")
-    s.add_argument("--events", type=int, default=100_000)
-    s.add_argument("--groups", type=int, default=1_000)
+    from streamlmm.simulate import SCENARIOS, simulate_command
+
+    s = sub.add_parser("simulate", help="write known-truth JSON events (and their truth)")
+    s.add_argument("--scenario", choices=SCENARIOS, default="basic")
+    s.add_argument("--events", type=int, help="total events (default: the scenario's own)")
+    s.add_argument("--groups", type=int, default=1_000, help="groups of the basic scenario")
     s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_simulate)
+    s.add_argument("--rate", type=float, help="events per second at most")
+    s.add_argument("--to", default="-", help="- | jsonl:PATH | kafka://HOST:PORT/TOPIC")
+    s.add_argument("--truth", help="truth file (default: PATH.truth.json beside jsonl:PATH)")
+    s.set_defaults(func=simulate_command)
 
     m = sub.add_parser("summary", help="print the newest snapshot in a directory")
     m.add_argument("snapshot_dir")
