@@ -1,9 +1,8 @@
-"""Command line: ``streamlmm run | simulate | summary``."""
+"""Command line: ``streamlmm run | simulate | summary | plot``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -22,34 +21,6 @@ def _run(args: argparse.Namespace) -> int:
     if snap is not None:
         sys.stderr.write(f"[streamlmm] final snapshot: {snap!r}\n")
     return code
-
-
-def _summary(args: argparse.Namespace) -> int:
-    from streamlmm.snapshot import Snapshot
-
-    snap = Snapshot.load(args.snapshot_dir)
-    d = snap.to_dict(groups=args.groups)
-    if args.json:
-        print(json.dumps(d, indent=2))
-        return 0
-    print(f"Linear mixed model fit by {snap.method}: {snap.formula}")
-    print(f"  criterion {snap.criterion:.4f}   n_obs {snap.n_obs:g}   groups {snap.n_groups}")
-    print(f"  events {snap.n_events}   offsets {dict(snap.offsets)}")
-    print("Random effects (variance, sd, correlations):")
-    sd = snap.re_cov.diagonal() ** 0.5
-    for i, name in enumerate(snap.re_names):
-        corr = " ".join(
-            f"{snap.re_cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else 0.0:6.3f}"
-            for j in range(i)
-        )
-        print(f"  {name:<14s} {sd[i] ** 2:12.6g} {sd[i]:12.6g}  {corr}")
-    print(f"  {'Residual':<14s} {snap.sigma**2:12.6g} {snap.sigma:12.6g}")
-    print("Fixed effects (estimate, std. error):")
-    for k, v in snap.fixef.items():
-        print(f"  {k:<14s} {v:12.6g} {snap.fixef_se[k]:12.6g}")
-    if snap.singular:
-        print("  boundary (singular) fit")
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,11 +68,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--truth", help="truth file (default: PATH.truth.json beside jsonl:PATH)")
     s.set_defaults(func=simulate_command)
 
-    m = sub.add_parser("summary", help="print the newest snapshot in a directory")
+    from streamlmm.summary import summary_command
+
+    m = sub.add_parser("summary", help="lme4-style summary of the newest snapshot in DIR")
     m.add_argument("snapshot_dir")
     m.add_argument("--json", action="store_true")
     m.add_argument("--groups", action="store_true", help="include every group's effects")
-    m.set_defaults(func=_summary)
+    m.add_argument("--vs-truth", metavar="FILE", help="compare with a simulation's truth")
+    m.set_defaults(func=summary_command)
     return p
 
 
