@@ -452,7 +452,7 @@ def pooled_and_within_slopes(x: np.ndarray, y: np.ndarray, g: np.ndarray) -> tup
 
     >>> x = np.array([0.0, 1.0, 2.0, 3.0]); g = np.array([0, 0, 1, 1])
     >>> [round(v, 6) for v in pooled_and_within_slopes(x, np.array([1.0, 0.0, 5.0, 4.0]), g)]
-    [1.6, -1.0]
+    [1.4, -1.0]
 
     """
     pooled = float(np.polyfit(x, y, 1)[0])
