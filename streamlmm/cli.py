@@ -76,6 +76,13 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--groups", action="store_true", help="include every group's effects")
     m.add_argument("--vs-truth", metavar="FILE", help="compare with a simulation's truth")
     m.set_defaults(func=summary_command)
+
+    from streamlmm.plot import plot_command
+
+    pl = sub.add_parser("plot", help="PNG pictures of the newest snapshot in DIR")
+    pl.add_argument("snapshot_dir")
+    pl.add_argument("--out", required=True, help="directory for the PNG files")
+    pl.set_defaults(func=plot_command)
     return p
 
 
