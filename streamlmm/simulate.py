@@ -92,7 +92,10 @@ def _basic(
         ("(Intercept)", "x1"),
         cov,
         t["sigma"],
-        {f"g{i}": {"(Intercept)": b[i, 0], "x1": b[i, 1]} for i in range(n_groups)},
+        {  # group sizes are random here: n is the expected size
+            f"g{i}": {"(Intercept)": b[i, 0], "x1": b[i, 1], "n": p[i] * n_events}
+            for i in range(n_groups)
+        },
     )
     described["n_events"] = n_events
 
