@@ -242,6 +242,7 @@ def _decimals(values: Sequence[float], digits: int = 5) -> int:
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> list[str]:
     """Columns right-aligned (the first ``left`` left-aligned), one space apart."""
+    rows = [list(r) + [""] * (len(header) - len(r)) for r in rows]
     cols = list(zip(header, *rows)) if rows else [(h,) for h in header]
     widths = [max(len(c) for c in col) for col in cols]
     lines = []
