@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from streamlmm.formula import parse_formula
 from streamlmm.simulate import (
     SCENARIOS,
     pooled_and_within_slopes,
@@ -18,7 +19,6 @@ from streamlmm.simulate import (
     truth_path,
     write_events,
 )
-from streamlmm.formula import parse_formula
 
 
 def test_hospital_shape_and_truth():
