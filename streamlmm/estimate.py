@@ -1,8 +1,8 @@
 """Profiled REML/ML from the statistics, the bounded optimizer, and ML-EM steps.
 
 Everything is computed in the shifted coordinates of :class:`~streamlmm.stats.GroupStats`
-(DESIGN §4) from the blocked cross-products alone; :func:`unshift` maps the estimates
-back to the user's columns. The deviance is DESIGN §2::
+(docs/math.md §6) from the blocked cross-products alone; :func:`unshift` maps the estimates
+back to the user's columns. The deviance is docs/math.md §3::
 
     RX'RX = XX − Σ RZX_g'RZX_g,   cβ = RX'⁻¹(Xy − Σ RZX_g'cu_g),   β̂ = RX⁻¹cβ
     r²    = yy − Σ‖cu_g‖² − ‖cβ‖²
@@ -128,7 +128,7 @@ def profile(stats: GroupStats, theta: np.ndarray, reml: bool) -> Profile | None:
 def gradient(stats: GroupStats, prof: Profile) -> np.ndarray:
     """∂d/∂θ at ``prof.theta``, analytically from the statistics (one more pass).
 
-    For θ_k = Λ[i, j] (E = ∂Λ/∂θ_k) the pieces are, per DESIGN §2's quantities,
+    For θ_k = Λ[i, j] (E = ∂Λ/∂θ_k) the pieces are, per docs/math.md §3's quantities,
     ``∂Σlog|M_g| = 2 Σ (M_g⁻¹Λ'ZZ_g)[j, i]``, ``∂log|RX'RX| = −2 Σ (Λ'B_gC⁻¹B_g')[j, i]``
     and ``∂r² = −2 Σ (Z_g'res_g)[i] u_g[j]`` (the envelope theorem: β and u are optimal).
     """
@@ -333,7 +333,7 @@ def ols_start(stats: GroupStats) -> tuple[np.ndarray, float]:
 def em_step(
     stats: GroupStats, theta: np.ndarray, beta: np.ndarray, sigma2: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """One ML-EM step (DESIGN §3) in the Λ form, so a singular D is fine.
+    """One ML-EM step (docs/math.md §5) in the Λ form, so a singular D is fine.
 
     Returns the new ``(θ, β, σ²)``; ``D = σ²ΛΛ'``.
     """
@@ -353,7 +353,7 @@ def em_step(
 
 # -- back to the user's columns -----------------------------------------------------------
 def unshift(stats: GroupStats, beta, vcov_beta, theta, b, condvar):
-    """Map shifted-coordinate estimates to the user's columns (DESIGN §4).
+    """Map shifted-coordinate estimates to the user's columns (docs/math.md §6).
 
     With ``c`` the shift, ``β = T_x β̃ + c_y e₀`` and ``b = T_z b̃`` where
     ``T = I − e₀ c'`` moves the shift into the intercept; covariances map as ``T V T'``

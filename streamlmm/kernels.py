@@ -6,7 +6,7 @@ then the response). ``P`` maps a pair of positions in ``v`` to a column of ``S``
 blocks ``ZZ_g``, ``ZX_g``, ``Zy_g``, ``XX_g``, ``Xy_g``, ``yy_g`` are read through
 ``P[zi]``, ``P[xi]`` and ``P[yi]``.
 
-The one per-group step all kernels share is :func:`group_factor` (DESIGN §2)::
+The one per-group step all kernels share is :func:`group_factor` (docs/math.md §3)::
 
     L_g L_g' = Λ'ZZ_gΛ + I,   RZX_g = L_g⁻¹ Λ'ZX_g,   cu_g = L_g⁻¹ Λ'Zy_g
 
@@ -102,7 +102,7 @@ def accumulate(S, tg, rows, A, y, shift, w, t, inv_half_life, P):  # pragma: no 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def decay_all(S, tg, G, now, inv_half_life):  # pragma: no cover - numba
-    """Decay every group's statistics to time ``now`` (DESIGN §5)."""
+    """Decay every group's statistics to time ``now`` (docs/math.md §7)."""
     for r in range(G):
         _decay_row(S, tg, r, now, inv_half_life)
 
@@ -247,7 +247,7 @@ PLS_CHUNK = 4096  # groups per parallel chunk; the chunking depends on G only, s
 
 @njit(cache=True, nogil=True, error_model="numpy", parallel=True)
 def pls_sums(S, G, P, zi, xi, yi, lam):  # pragma: no cover - numba
-    """Sums over groups that the profiled deviance needs (DESIGN §2).
+    """Sums over groups that the profiled deviance needs (docs/math.md §3).
 
     Returns ``(Σ log|L_g|, Σ RZX'RZX, Σ RZX'cu, Σ‖cu‖², XX, Xy, yy, n)``. Groups are
     summed in fixed chunks, in parallel, and the chunks are added in order.
@@ -355,7 +355,7 @@ def blups(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def em_sums(S, G, P, zi, xi, yi, lam, beta):  # pragma: no cover - numba
-    """Sums over groups for one ML-EM step in the Λ form (DESIGN §3).
+    """Sums over groups for one ML-EM step in the Λ form (docs/math.md §5).
 
     With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
     ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
@@ -442,7 +442,7 @@ def predict_one(S, r, a, shift, f, P, zi, xi, yi, lam, beta):  # pragma: no cove
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - numba
-    """The global p×p step of the profiled deviance (DESIGN §2) from :func:`pls_sums`.
+    """The global p×p step of the profiled deviance (docs/math.md §3) from :func:`pls_sums`.
 
     Returns ``(ok, d, β, σ², RX)``; ``ok`` is False where the criterion is undefined:
     ``RX'RX`` not positive definite (too few events or collinear fixed columns), or

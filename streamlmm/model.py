@@ -45,7 +45,7 @@ class MixedLM(base.MiniBatchRegressor):
     method
         ``"REML"`` (lme4's default) or ``"ML"``.
     half_life
-        Forgetting half-life in event-time units (DESIGN §5); ``None`` keeps everything.
+        Forgetting half-life in event-time units (docs/math.md §7); ``None`` keeps everything.
     time_key
         Feature holding the event time for ``half_life``; without it, the n-th event
         learned has time n.
@@ -243,7 +243,7 @@ class MixedLM(base.MiniBatchRegressor):
         return self
 
     def em_step(self) -> MixedLM:
-        """One ML-EM step from the current parameters (DESIGN §3); returns self."""
+        """One ML-EM step from the current parameters (docs/math.md §5); returns self."""
         if self._profile is None:
             return self.fit()
         self._stats.decay_to_now()
@@ -462,7 +462,7 @@ class MixedLM(base.MiniBatchRegressor):
     @classmethod
     def from_snapshots(cls, snaps: list[Snapshot]) -> MixedLM:
         """One model from the states of several snapshots, e.g. of engines that each own
-        some partitions of a topic: statistics are additive (DESIGN §6), so the merged
+        some partitions of a topic: statistics are additive (docs/math.md §2), so the merged
         model fits exactly as one engine that read every partition would."""
         models = [cls._from_state(s) for s in snaps]
         m = models[0]

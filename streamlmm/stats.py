@@ -1,8 +1,8 @@
 """GroupStats: per-group sufficient statistics in contiguous arrays.
 
 One row per group holds ``n_g`` and the packed cross-product of ``v = [a − c, y − c_y]``
-(DESIGN §2), where ``c`` is a fixed reference shift chosen from the first events
-(DESIGN §4). With q = 2 and p = 3 a row is 11 floats. A dict maps each group key to its
+(docs/math.md §2), where ``c`` is a fixed reference shift chosen from the first events
+(docs/math.md §6). With q = 2 and p = 3 a row is 11 floats. A dict maps each group key to its
 row; no raw event is kept.
 
 """
@@ -195,7 +195,7 @@ class GroupStats:
 
         With ``δ = shift − c`` and ``v' = v − δ``, each row becomes
         ``Σwv'v'' = Σwvv' − δm₁' − m₁δ' + nδδ'`` where ``m₁ = Σwv`` is the row's
-        intercept column (a shiftable column implies an intercept, DESIGN §4).
+        intercept column (a shiftable column implies an intercept, docs/math.md §6).
         """
         shift = np.asarray(shift, dtype=float)
         if self.shift is None:
@@ -216,7 +216,7 @@ class GroupStats:
 
     @classmethod
     def merge(cls, shards: list[GroupStats]) -> GroupStats:
-        """Combine shards' statistics exactly (DESIGN §6: they are additive).
+        """Combine shards' statistics exactly (docs/math.md §2: they are additive).
 
         Shards are re-centred to the first shard's shift and, under forgetting, decayed
         to the latest time; a group present in several shards gets the sum of its rows.

@@ -4,7 +4,7 @@ The helpers are exposed as (session-scoped) fixtures rather than imported from t
 module, so that the suite works under any pytest import mode and next to other
 ``conftest.py`` files (``tests/stream/``).
 
-Reference data (lme4 1.1.31 fits, DESIGN §7) is read from ``../shared/reference``
+Reference data (lme4 1.1.31 fits, docs/design.md §9) is read from ``../shared/reference``
 next to the repository, or from ``$STREAMLMM_REFERENCE``.
 """
 
@@ -177,7 +177,7 @@ class DenseLMM:
     """The marginal model written out densely, one group at a time.
 
     ``y_g ~ N(X_g β, σ² V_g)`` with ``V_g = I + Z_g ΛΛ' Z_g'``. Nothing here uses the
-    sufficient statistics or the PLS formulation of DESIGN §2, so it is an independent
+    sufficient statistics or the PLS formulation of docs/math.md §3, so it is an independent
     check of both. Integer frequency weights are handled by repeating rows.
     """
 
@@ -268,7 +268,7 @@ def lower_factor(F: np.ndarray) -> np.ndarray:
 def estimates_at(model, theta_user) -> dict[str, Any]:
     """Profiled estimates of ``model``'s statistics at a θ in the user's coordinates.
 
-    The model keeps its statistics around its own reference shift ``c`` (DESIGN §4); in
+    The model keeps its statistics around its own reference shift ``c`` (docs/math.md §6); in
     those coordinates ``b̃ = T_z⁻¹ b`` with ``T_z = I − e₀ c_z'``, so the user's Λ maps
     to a lower-triangular factor of ``T_z⁻¹ ΛΛ' T_z⁻ᵀ``. Returns the criterion and the
     estimates mapped back to the user's columns.
