@@ -1,9 +1,8 @@
-"""Command line: ``streamlmm run | simulate | summary``."""
+"""Command line: ``streamlmm run | simulate | summary | plot``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 
@@ -22,46 +21,6 @@ def _run(args: argparse.Namespace) -> int:
     if snap is not None:
         sys.stderr.write(f"[streamlmm] final snapshot: {snap!r}\n")
     return code
-
-
-def _simulate(args: argparse.Namespace) -> int:
-    from streamlmm.simulate import simulate, to_jsonl
-
-    out = sys.stdout
-    try:
-        for line in to_jsonl(simulate(args.events, args.groups, args.seed)):
-            out.write(line)
-    except BrokenPipeError:
-        return 0
-    return 0
-
-
-def _summary(args: argparse.Namespace) -> int:
-    from streamlmm.snapshot import Snapshot
-
-    snap = Snapshot.load(args.snapshot_dir)
-    d = snap.to_dict(groups=args.groups)
-    if args.json:
-        print(json.dumps(d, indent=2))
-        return 0
-    print(f"Linear mixed model fit by {snap.method}: {snap.formula}")
-    print(f"  criterion {snap.criterion:.4f}   n_obs {snap.n_obs:g}   groups {snap.n_groups}")
-    print(f"  events {snap.n_events}   offsets {dict(snap.offsets)}")
-    print("Random effects (variance, sd, correlations):")
-    sd = snap.re_cov.diagonal() ** 0.5
-    for i, name in enumerate(snap.re_names):
-        corr = " ".join(
-            f"{snap.re_cov[i, j] / (sd[i] * sd[j]) if sd[i] * sd[j] > 0 else 0.0:6.3f}"
-            for j in range(i)
-        )
-        print(f"  {name:<14s} {sd[i] ** 2:12.6g} {sd[i]:12.6g}  {corr}")
-    print(f"  {'Residual':<14s} {snap.sigma**2:12.6g} {snap.sigma:12.6g}")
-    print("Fixed effects (estimate, std. error):")
-    for k, v in snap.fixef.items():
-        print(f"  {k:<14s} {v:12.6g} {snap.fixef_se[k]:12.6g}")
-    if snap.singular:
-        print("  boundary (singular) fit")
-    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -97,17 +56,33 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--progress-seconds", type=float)
     r.set_defaults(func=_run)
 
-    s = sub.add_parser("simulate", help="write known-truth JSON events to stdout")
-    s.add_argument("--events", type=int, default=100_000)
-    s.add_argument("--groups", type=int, default=1_000)
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_simulate)
+    from streamlmm.simulate import SCENARIOS, simulate_command
 
-    m = sub.add_parser("summary", help="print the newest snapshot in a directory")
+    s = sub.add_parser("simulate", help="write known-truth JSON events (and their truth)")
+    s.add_argument("--scenario", choices=SCENARIOS, default="basic")
+    s.add_argument("--events", type=int, help="total events (default: the scenario's own)")
+    s.add_argument("--groups", type=int, default=1_000, help="groups of the basic scenario")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--rate", type=float, help="events per second at most")
+    s.add_argument("--to", default="-", help="- | jsonl:PATH | kafka://HOST:PORT/TOPIC")
+    s.add_argument("--truth", help="truth file (default: PATH.truth.json beside jsonl:PATH)")
+    s.set_defaults(func=simulate_command)
+
+    from streamlmm.summary import summary_command
+
+    m = sub.add_parser("summary", help="lme4-style summary of the newest snapshot in DIR")
     m.add_argument("snapshot_dir")
     m.add_argument("--json", action="store_true")
     m.add_argument("--groups", action="store_true", help="include every group's effects")
-    m.set_defaults(func=_summary)
+    m.add_argument("--vs-truth", metavar="FILE", help="compare with a simulation's truth")
+    m.set_defaults(func=summary_command)
+
+    from streamlmm.plot import plot_command
+
+    pl = sub.add_parser("plot", help="PNG pictures of the newest snapshot in DIR")
+    pl.add_argument("snapshot_dir")
+    pl.add_argument("--out", required=True, help="directory for the PNG files")
+    pl.set_defaults(func=plot_command)
     return p
 
 

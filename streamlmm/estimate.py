@@ -1,7 +1,7 @@
 """Profiled REML/ML from the blocked cross-products, the optimizer, lme4's checks, and EM.
 
 A fit works on a :class:`Problem`: the statistics' blocks around a centre ``c``
-(docs/math.md §2, §4), the kept fixed columns (lme4's rank check) and the structure of
+(docs/math.md §2, §6), the kept fixed columns (lme4's rank check) and the structure of
 Λ. The profiled criterion is::
 
     RX'RX = XX − Σ RZX_g'RZX_g,   cβ = RX'⁻¹(Xy − Σ RZX_g'cu_g),   β̂ = RX⁻¹cβ
@@ -698,7 +698,7 @@ def ols_start(prob: Problem) -> tuple[np.ndarray, float]:
 def em_step(
     prob: Problem, theta: np.ndarray, beta: np.ndarray, sigma2: float
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """One ML-EM step (docs/math.md §3) in the Λ form, so a singular D is fine.
+    """One ML-EM step (docs/math.md §5) in the Λ form, so a singular D is fine.
 
     Returns the new ``(θ, β, σ²)``; ``D = σ²ΛΛ'``. Off-block entries of the update of
     D are dropped (the EM update of a block-diagonal D is block by block).

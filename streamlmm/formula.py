@@ -100,7 +100,7 @@ class Formula:
 
     @functools.cached_property
     def shiftable(self) -> np.ndarray:
-        """Which union columns may be centred without changing the model (DESIGN §4).
+        """Which union columns may be centred without changing the model (docs/math.md §6).
 
         A column may be shifted when every part it belongs to (fixed, random) has an
         intercept that absorbs the shift. The response is shiftable when the fixed part

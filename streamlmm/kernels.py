@@ -160,7 +160,7 @@ def accumulate_one(M, tg, r, a, y, w, t, vi, inv_half_life, P, v):  # pragma: no
 
 @njit(**_OPTS)
 def decay_all(M, tg, G, m, now, inv_half_life):  # pragma: no cover - numba
-    """Decay every group's statistics to time ``now`` (docs/math.md §5)."""
+    """Decay every group's statistics to time ``now`` (docs/math.md §7)."""
     for r in range(G):
         _decay_row(M, tg, r, now, inv_half_life, m)
 
@@ -422,7 +422,7 @@ def _pls_parallel(F, G, q, p, lam, parts):  # pragma: no cover - numba
 
 
 class PlsSums(NamedTuple):
-    """Sums over groups of the profiled criterion at one Λ (docs/math.md §2)."""
+    """Sums over groups of the profiled criterion at one Λ (docs/math.md §3)."""
 
     logdet: float  # Σ log|L_g|
     cu2: float  # Σ ‖cu_g‖²
@@ -569,7 +569,7 @@ def blups(F, q, p, lam, beta):  # pragma: no cover - numba
 
 @njit(**_OPTS)
 def em_sums(F, q, p, lam, beta):  # pragma: no cover - numba
-    """Sums over groups for one ML-EM step in the Λ form (docs/math.md §3).
+    """Sums over groups for one ML-EM step in the Λ form (docs/math.md §5).
 
     With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
     ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
@@ -627,7 +627,7 @@ def predict_group(Fr, q, p, lam, beta, b):  # pragma: no cover - numba
 
 @njit(**_OPTS)
 def profile_tail(logdet, A, c, s, XX, Xy, yy, n, reml):  # pragma: no cover - numba
-    """The global p×p step of the profiled deviance (docs/math.md §2).
+    """The global p×p step of the profiled deviance (docs/math.md §3).
 
     Returns ``(ok, d, β, σ², RX)``; ``ok`` is False where the criterion is undefined:
     ``RX'RX`` not positive definite, or the penalised residual sum of squares at

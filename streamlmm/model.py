@@ -44,7 +44,7 @@ class MixedLM(base.MiniBatchRegressor):
     method
         ``"REML"`` (lme4's default) or ``"ML"``.
     half_life
-        Forgetting half-life in event-time units (DESIGN §5); ``None`` keeps everything.
+        Forgetting half-life in event-time units (docs/math.md §7); ``None`` keeps everything.
     time_key
         Feature holding the event time for ``half_life``; without it, the n-th event
         learned has time n.
@@ -282,7 +282,7 @@ class MixedLM(base.MiniBatchRegressor):
         return self
 
     def em_step(self) -> MixedLM:
-        """One ML-EM step from the current parameters (docs/math.md §3); returns self."""
+        """One ML-EM step from the current parameters (docs/math.md §5); returns self."""
         if self._par is None:
             return self.fit()
         prob = self._problem()

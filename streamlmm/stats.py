@@ -190,7 +190,7 @@ class GroupStats:
         """A centre ``c`` (k + 1 entries, the response last) for the fit's cross-products.
 
         The median of the group means on the columns in ``spec.shiftable`` (the
-        likelihood is invariant to shifting them, docs/math.md §4), 0 elsewhere. A
+        likelihood is invariant to shifting them, docs/math.md §6), 0 elsewhere. A
         median, not a mean, so that one extreme event cannot drag the centre away from
         every other group.
         """

@@ -4,7 +4,7 @@ The helpers are exposed as (session-scoped) fixtures rather than imported from t
 module, so that the suite works under any pytest import mode and next to other
 ``conftest.py`` files (``tests/stream/``).
 
-Reference data (lme4 1.1.31 fits, DESIGN §7) is read from the repository's ``tests/data``
+Reference data (lme4 1.1.31 fits, scripts/reference/README.md) is read from the repository's ``tests/data``
 (see its README.md), or from ``$STREAMLMM_REFERENCE``.
 """
 
@@ -196,7 +196,7 @@ class DenseLMM:
     """The marginal model written out densely, one group at a time.
 
     ``y_g ~ N(X_g β, σ² V_g)`` with ``V_g = I + Z_g ΛΛ' Z_g'``. Nothing here uses the
-    sufficient statistics or the PLS formulation of DESIGN §2, so it is an independent
+    sufficient statistics or the PLS formulation of docs/math.md §3, so it is an independent
     check of both. Integer frequency weights are handled by repeating rows.
     """
 

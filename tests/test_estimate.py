@@ -1,4 +1,4 @@
-"""Profiled REML/ML, the bounded optimizer, the ML log-likelihood and ML-EM (DESIGN §2–3)."""
+"""Profiled REML/ML, the bounded optimizer, the ML log-likelihood and ML-EM (docs/math.md §3, §5)."""
 
 from __future__ import annotations
 
@@ -410,7 +410,7 @@ def test_ols_start_equals_least_squares(reference):
 
 
 def test_em_step_equals_design_formulas_in_d_form(reference):
-    """One step in the Λ form equals DESIGN §3's D-form step, written out in numpy from
+    """One step in the Λ form equals docs/math.md §5's D-form step, written out in numpy from
     the raw data (no sufficient statistics)."""
     case = reference("pub_slopes_ml")
     prob = case.user_problem()
@@ -467,7 +467,7 @@ def em_path(reference):
 
 
 def test_em_reproduces_design_loglik_sequence(em_path):
-    """DESIGN §3 documents the first six steps' ML log-likelihoods on pub_slopes.csv."""
+    """docs/math.md §5 documents the first six steps' ML log-likelihoods on pub_slopes.csv."""
     _, _, path = em_path
     documented = [-7437.5, -7191.9, -7182.2, -7181.5, -7181.4, -7181.34]
     for (_, _, _, ll), want in zip(path, documented):

@@ -559,7 +559,7 @@ def test_invalid_parameters_raise(kw, words):
 
 # -- numerics ----------------------------------------------------------------------------------------
 def test_large_offsets_do_not_change_the_fit(reference):
-    """x1 + 1e4 and y + 1e6: same σ, slope variance and criterion (DESIGN §4)."""
+    """x1 + 1e4 and y + 1e6: same σ, slope variance and criterion (docs/math.md §6)."""
     case = reference("pub_slopes_reml")
     plain = _learn(_model(case), case.data).fit().snapshot()
     shifted_data = case.data.assign(x1=case.data.x1 + 1e4, y=case.data.y + 1e6)

@@ -1,4 +1,4 @@
-"""Agreement with lme4 1.1.31 on every core case in ``tests/data`` (DESIGN §7).
+"""Agreement with lme4 1.1.31 on every core case in ``tests/data`` (format: scripts/reference/README.md).
 
 Each case is streamed in file order through ``learn_one`` and, separately, through
 ``learn_many`` in chunks of 1,000 rows; then ``fit()`` and ``snapshot()``. The

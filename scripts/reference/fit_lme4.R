@@ -15,7 +15,7 @@
 #   levels    (optional) {"column": ["level", ...]}
 # The grouping column `g` is always read as character (keys are strings).
 #
-# The JSON is DESIGN §7's format plus `messages`, `dropped`, `optinfo`,
+# The JSON is the format of scripts/reference/README.md plus `messages`, `dropped`, `optinfo`,
 # `varcorr_terms` and (several terms on g only) `condvar_blocks`; scripts/reference/README.md describes it. A case
 # lmer() refuses is written with `error` (lme4's message) and no estimates.
 

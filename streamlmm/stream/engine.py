@@ -167,7 +167,7 @@ class Engine:
         signal.signal(signal.SIGINT, handler)
 
     def _keep_groups_home(self, batch) -> None:
-        """Every group lives on one partition (producers key by group, DESIGN §6), so
+        """Every group lives on one partition (producers key by group, docs/design.md §6), so
         that state stays local to partitions; an event of a known group arriving on
         another partition is a dead letter, not a silent merge across partitions."""
         home = self.home

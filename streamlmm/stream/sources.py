@@ -206,7 +206,7 @@ def open_source(
     """``kafka://HOST:PORT/TOPIC``, ``jsonl:PATH`` or ``jsonl:-``.
 
     ``partitions`` ("0,2") limits a Kafka source to those partitions: several engines,
-    each with its own partitions and snapshot directory, share the work (DESIGN §6).
+    each with its own partitions and snapshot directory, share the work (docs/design.md §6).
     """
     wanted = None
     if partitions:

@@ -1,0 +1,229 @@
+"""``streamlmm summary`` and ``streamlmm plot``: content checked against the snapshot."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from streamlmm import MixedLM
+from streamlmm.plot import (
+    caterpillar_data,
+    plot_all,
+    raw_vs_blup_data,
+    shrinkage_data,
+    trajectory_data,
+)
+from streamlmm.simulate import scenario
+from streamlmm.snapshot import Snapshot
+from streamlmm.summary import (
+    compare_with_truth,
+    fixef_correlation,
+    format_summary,
+    information_criteria,
+    load_snapshot,
+    summary_dict,
+)
+
+QUANTILES = {"min": -3.1, "1Q": -0.67, "median": 0.01, "3Q": 0.66, "max": 3.4}
+
+
+def _fit(method: str = "REML", n: int = 6_000, seed: int = 9):
+    sim = scenario("basic", n, seed=seed, n_groups=40)
+    df = pd.DataFrame(list(sim.events))
+    m = MixedLM(sim.formula, method=method, em_every=500, refit_every=2_000)
+    for start in range(0, len(df), 500):  # in batches, so that the history has records
+        part = df.iloc[start : start + 500]
+        m.learn_many(part[["g", "x1", "x2"]], part["y"])
+        m.predict_one({"g": "g0", "x1": 0.0, "x2": 0.0})
+    s = m.fit().snapshot(offsets={"jsonl:0": n})
+    fields = {k: getattr(s, k) for k in Snapshot.__slots__ if not k.startswith("_")}
+    fields.pop("n_groups")
+    fields["resid_quantiles"] = QUANTILES
+    fields["warnings"] = ("an example warning",)
+    return Snapshot(**fields), sim.truth
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    return _fit()
+
+
+def test_text_summary_numbers(fitted):
+    snap, _ = fitted
+    text = format_summary(snap)
+    lines = text.splitlines()
+    assert lines[0] == "Linear mixed model fit by REML"
+    assert lines[1] == f"Formula: {snap.formula}"
+    assert f"REML criterion at convergence: {snap.criterion:.1f}" in text
+    assert "AIC" not in text  # lme4 prints no AIC/BIC for REML fits
+    assert "approximate" in text and "-0.6700" in text and "3.4000" in text
+    assert f"Number of obs: {snap.n_obs:g}, groups:  g, {snap.n_groups}" in text
+    assert "warning: an example warning" in text
+    assert "offsets: jsonl:0=6000" in text
+    row = next(line for line in lines if line.startswith(" x2 "))
+    est, se, t = map(float, row.split()[1:])
+    assert est == pytest.approx(snap.fixef["x2"], abs=1e-4)
+    assert se == pytest.approx(snap.fixef_se["x2"], rel=1e-3)
+    assert t == pytest.approx(snap.fixef["x2"] / snap.fixef_se["x2"], rel=1e-3)
+    vc = next(line for line in lines if line.startswith(" g "))
+    assert vc.split()[1] == "(Intercept)"
+    assert float(vc.split()[2]) == pytest.approx(snap.re_cov[0, 0], rel=1e-3)
+    assert float(vc.split()[3]) == pytest.approx(math.sqrt(snap.re_cov[0, 0]), rel=1e-3)
+    slope = next(line for line in lines if line.strip().startswith("x1") and "." in line)
+    corr = snap.re_cov[0, 1] / math.sqrt(snap.re_cov[0, 0] * snap.re_cov[1, 1])
+    assert float(slope.split()[-1]) == pytest.approx(corr, abs=0.006)
+    resid = next(line for line in lines if line.startswith(" Residual"))
+    assert float(resid.split()[-1]) == pytest.approx(snap.sigma, rel=1e-3)
+    assert "Correlation of Fixed Effects:" in text
+    c = fixef_correlation(snap)
+    x2row = [line for line in lines if line.startswith(" x2 ") and len(line.split()) == 3][0]
+    assert [float(v) for v in x2row.split()[1:]] == pytest.approx(c[2, :2].tolist(), abs=6e-4)
+
+
+def test_json_summary(fitted):
+    snap, truth = fitted
+    d = summary_dict(snap, groups=True, truth=truth)
+    json.dumps(d)  # JSON-ready
+    assert d["fixef"] == dict(snap.fixef) and d["group_factor"] == "g"
+    assert d["information"]["logLik"] == pytest.approx(-snap.criterion / 2)
+    assert d["information"]["AIC"] is None
+    assert d["varcorr"][-1] == {
+        "groups": "Residual",
+        "name": "",
+        "variance": snap.sigma**2,
+        "sd": snap.sigma,
+        "corr": [],
+    }
+    g = d["groups"][3]
+    assert g["group"] == snap.keys[3] and g["ranef"] == snap.ranef(snap.keys[3])
+    assert g["shrinkage"] == snap.shrinkage(snap.keys[3])
+    assert g["raw_mean"] == pytest.approx(snap.group_ybar[3])
+    assert d["resid_quantiles"] == QUANTILES and d["resid_quantiles_approximate"]
+
+
+def test_ml_information_criteria():
+    snap, _ = _fit("ML", n=3_000)
+    info = information_criteria(snap)
+    k = 3 + 3 + 1  # p + θ + σ, as lme4 counts
+    assert info["AIC"] == pytest.approx(snap.criterion + 2 * k)
+    assert info["BIC"] == pytest.approx(snap.criterion + k * math.log(snap.n_obs))
+    assert info["df.resid"] == snap.n_obs - k
+    text = format_summary(snap)
+    assert "maximum likelihood" in text and f"{info['AIC']:.1f}" in text
+    assert f"{info['logLik']:.1f}" in text
+
+
+def test_vs_truth(fitted):
+    snap, truth = fitted
+    cmp = compare_with_truth(snap, truth)
+    rows = {(r["kind"], r["name"]): r for r in cmp["rows"]}
+    r = rows[("fixef", "x2")]
+    assert r["truth"] == -1.2 and r["diff"] == pytest.approx(snap.fixef["x2"] + 1.2)
+    assert r["z"] == pytest.approx(r["diff"] / snap.fixef_se["x2"])
+    assert rows[("re_sd", "x1")]["truth"] == 0.5
+    assert rows[("re_corr", "(Intercept),x1")]["truth"] == pytest.approx(0.3)
+    assert rows[("sigma", "Residual")]["truth"] == 1.0
+    assert abs(r["z"]) < 4 and abs(rows[("sigma", "Residual")]["diff"]) < 0.05
+    assert cmp["groups"]["(Intercept)"]["corr"] > 0.95
+    text = format_summary(snap, truth=truth, groups=True)
+    assert "Compared with the simulated truth:" in text and "Group effects (BLUPs" in text
+
+
+def test_cli_summary_and_plot(fitted, tmp_path):
+    snap, truth = fitted
+    d = tmp_path / "snaps"
+    snap.save(d)
+    tf = tmp_path / "truth.json"
+    tf.write_text(json.dumps(truth))
+    run = [sys.executable, "-m", "streamlmm.cli"]
+    out = subprocess.run(
+        run + ["summary", str(d), "--vs-truth", str(tf)], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == format_summary(load_snapshot(d), truth=truth) + "\n"
+    js = subprocess.run(run + ["summary", str(d), "--json", "--groups"], capture_output=True)
+    assert json.loads(js.stdout)["n_groups"] == snap.n_groups
+    missing = tmp_path / "nothing-here"
+    bad = subprocess.run(run + ["summary", str(missing)], capture_output=True, text=True)
+    assert bad.returncode == 2 and "no snapshot directory" in bad.stderr
+    assert not missing.exists()  # reading never creates anything
+    bad = subprocess.run(run + ["plot", str(missing), "--out", str(tmp_path / "p")])
+    assert bad.returncode == 2 and not missing.exists()
+    pl = subprocess.run(run + ["plot", str(d), "--out", str(tmp_path / "p")], capture_output=True)
+    assert pl.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
+        "caterpillar.png",
+        "raw_vs_blup.png",
+        "shrinkage.png",
+        "trajectories.png",
+    ]
+
+
+# -- plots -------------------------------------------------------------------------------------
+def _png_size(path) -> tuple[int, int]:
+    data = open(path, "rb").read(32)
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_pngs(fitted, tmp_path):
+    snap, _ = fitted
+    paths = plot_all(snap, tmp_path / "plots")
+    assert set(paths) == {"shrinkage", "caterpillar", "raw_vs_blup", "trajectories"}
+    for p in paths.values():
+        w, h = _png_size(p)
+        assert 400 <= w <= 2000 and 300 <= h <= 1500
+
+
+def test_shrinkage_data(fitted):
+    snap, _ = fitted
+    d = shrinkage_data(snap)
+    assert np.array_equal(d["n"], snap.group_n)
+    want = [snap.shrinkage(k)["(Intercept)"] for k in snap.keys]
+    assert d["factor"] == pytest.approx(want, abs=1e-12)
+    tau2, s2 = snap.re_cov[0, 0], snap.sigma**2
+    assert d["curve"] == pytest.approx(tau2 / (tau2 + s2 / d["curve_n"]))
+    assert d["curve_n"].min() <= snap.group_n.min() and d["curve_n"].max() >= snap.group_n.max()
+
+
+def test_caterpillar_data(fitted):
+    snap, _ = fitted
+    for t in range(2):
+        d = caterpillar_data(snap, t)
+        assert np.all(np.diff(d["b"]) >= 0)
+        i = list(snap.keys).index(d["keys"][0])
+        sd = math.sqrt(snap.condvar[i, t, t])
+        assert d["b"][0] == snap.b[i, t]
+        assert (d["lo"][0], d["hi"][0]) == pytest.approx(
+            (snap.b[i, t] - 1.96 * sd, snap.b[i, t] + 1.96 * sd), rel=1e-4
+        )
+
+
+def test_raw_vs_blup_data(fitted):
+    snap, _ = fitted
+    d = raw_vs_blup_data(snap)
+    assert np.array_equal(d["raw"], snap.group_ybar)
+    assert d["mu"] == pytest.approx(np.mean(snap.group_ybar - snap.b[:, 0]))
+    assert d["blup"] == pytest.approx(d["mu"] + snap.b[:, 0])
+    # shrinkage: each BLUP-based mean lies between the raw mean and the population mean
+    # when the covariates barely differ between groups
+    assert np.mean(np.abs(d["blup"] - d["mu"]) <= np.abs(d["raw"] - d["mu"]) + 0.2) > 0.9
+
+
+def test_trajectory_data(fitted):
+    snap, _ = fitted
+    d = trajectory_data(snap)
+    assert len(d["events"]) == len(snap.history) >= 3
+    last = max(snap.history, key=lambda h: h["n_events"])
+    cov = np.array(last["re_cov"])
+    assert d["sd"][-1] == pytest.approx(np.sqrt(np.diag(cov)))
+    assert d["corr"][-1, 0] == pytest.approx(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]))
+    assert d["sigma"][-1] == pytest.approx(last["sigma"], rel=1e-12)
+    assert set(d["kind"]) <= {"refit", "em"}
