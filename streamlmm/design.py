@@ -386,8 +386,8 @@ class Design:
                     else:
                         a[i] = number(c, v)
                 return a
-            except Missing:
-                pass  # re-read: a bad value elsewhere in the row is reported first
+            except ValueError:
+                pass  # re-read: a bad value is reported before a missing one, with why
         return self._encode(x, a, learn)
 
     def _read(self, x: Mapping[str, Any], vals: list):
@@ -411,6 +411,8 @@ class Design:
                 if type(v) is float and v - v == 0.0:
                     vals[j] = v
                     continue
+                if isinstance(v, str):
+                    raise ValueError(self._not_number(fld, "str"))
                 try:
                     vals[j] = number(fld, v)
                 except Missing as e:
@@ -518,6 +520,12 @@ class Design:
         return e.evaluate([v])
 
     # -- columns --------------------------------------------------------------------------
+    def _not_number(self, fld: str, got: str) -> str:
+        why = self._numeric_only.get(fld)
+        return f"field {fld!r}: expected a number, got {got}" + (
+            f" ({why})" if why and got == "str" else ""
+        )
+
     def _num_column(self, fld: str, arr: np.ndarray, n: int) -> np.ndarray:
         if arr.dtype.kind in "iuf":
             out = arr.astype(float)
@@ -532,12 +540,14 @@ class Design:
                 if arr.dtype.kind == "b"
                 else ("str" if arr.dtype.kind in "US" else arr.dtype)
             )
-            raise ValueError(f"field {fld!r}: expected numbers, got {got}")
+            raise ValueError(self._not_number(fld, str(got)))
         out = np.empty(n)
         for r, v in enumerate(arr.tolist()):
             if type(v) is float and v - v == 0.0:
                 out[r] = v
                 continue
+            if isinstance(v, str):
+                raise ValueError(f"row {r}: {self._not_number(fld, 'str')}")
             try:
                 out[r] = number(fld, v)
             except Missing:
@@ -586,6 +596,8 @@ class Design:
                 num[j] = np.full(n, math.nan)
                 continue
             arr = np.asarray(cols[fld])
+            if arr.dtype.kind in "US" and not isinstance(cols[fld], np.ndarray):
+                arr = np.asarray(cols[fld], dtype=object)  # a list mixing str and numbers
             if arr.shape != (n,):
                 raise ValueError(f"field {fld!r}: expected {n} values, got shape {arr.shape}")
             kind = self._kind[fld] or self._infer(fld, arr)
@@ -741,7 +753,10 @@ class Design:
             version = int(state["version"])
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"design state is malformed: {e}") from None
-        d = cls(formula_text, levels={f: v for f, v in levels.items() if kinds.get(f) == FAC})
+        try:
+            d = cls(formula_text, levels={f: v for f, v in levels.items() if kinds.get(f) == FAC})
+        except ValueError as e:
+            raise ValueError(f"design state does not fit the formula: {e}") from None
         for f, k in kinds.items():
             if (
                 f not in d._kind

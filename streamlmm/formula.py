@@ -340,7 +340,8 @@ def _vector(node, index: dict[str, int]) -> Callable[[Sequence[np.ndarray]], np.
                     return float(fn(x))
                 except (ValueError, OverflowError):
                     return math.nan
-            return vec(x)
+            with np.errstate(all="ignore"):
+                return vec(x)
 
         return call
     a, b = _vector(node[2], index), _vector(node[3], index)
