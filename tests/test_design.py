@@ -450,5 +450,6 @@ def test_encode_one_timing_is_reported():
         d.encode_one({**x, "severity": "low"} if "severity" in x else x, np.empty(8), learn=True)
         a = d.encode_one(x, np.empty(8), learn=True)
         n = 20000
-        t = timeit.timeit(lambda: d.encode_one(x, a, learn=True), number=n) / n * 1e6
+        t = timeit.timeit(lambda d=d, x=x, a=a: d.encode_one(x, a, learn=True), number=n)
+        t = t / n * 1e6
         print(f"{text}: {t:.2f} µs")
