@@ -582,7 +582,7 @@ class Design:
 
         >>> d = Design("y ~ x1 * f + (1 | g)")
         >>> A = d.encode_columns({"x1": [1.0, 2.0, 3.0], "f": ["a", "b", None]}, 3, learn=True)
-        >>> d.columns, A[1].tolist(), np.isnan(A[2]).all()
+        >>> d.columns, A[1].tolist(), bool(np.isnan(A[2]).all())
         (('(Intercept)', 'x1', 'fb', 'x1:fb'), [1.0, 2.0, 1.0, 2.0], True)
         """
         m = len(self.fields)
