@@ -21,7 +21,7 @@ import numpy as np
 from river import base
 
 from streamlmm import checks, estimate, kernels
-from streamlmm.formula import parse_formula
+from streamlmm.design import Design
 from streamlmm.rows import RowReader
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
@@ -83,6 +83,7 @@ class MixedLM(base.MiniBatchRegressor):
         em_every: int = 1_000,
         refit_every: int = 50_000,
         threads: int | None = None,
+        levels: Mapping[str, list[str]] | None = None,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -97,9 +98,11 @@ class MixedLM(base.MiniBatchRegressor):
         self.em_every = em_every
         self.refit_every = refit_every
         self.threads = threads
-        self._formula = parse_formula(formula)
-        self._reader = RowReader(self._formula, time_key, missing)
-        self._stats = GroupStats(self._formula, half_life)
+        self.levels = levels
+        self._design = Design(formula, levels)
+        self._formula = self._design.formula
+        self._reader = RowReader(self._design, time_key, missing)
+        self._stats = GroupStats(self._design, half_life)
         self._par: _Params | None = None  # parameters in the last fit's coordinates
         self._lam_u: np.ndarray | None = None  # Λ in the user's coordinates (warm starts)
         self._param_source: tuple[str, int] = ("", -1)
@@ -115,10 +118,8 @@ class MixedLM(base.MiniBatchRegressor):
         self._next_refit = 1
         self._next_em = math.inf
         self._refreshed_at = -1
-        k, q, p = self._formula.k, self._formula.q, self._formula.p
-        self._A1 = np.empty((1, k))  # no views between buffers: they must survive pickling
-        self._blk = np.empty(q * q + q * p + q)
-        self._b1 = np.empty(q)
+        self._blk = np.empty(0)  # predict_one scratch, sized by the parameters' q and p
+        self._b1 = np.empty(0)
 
     @classmethod
     def _unit_test_params(cls):
@@ -146,25 +147,56 @@ class MixedLM(base.MiniBatchRegressor):
     def learn_one(self, x: Mapping[str, Any], y: float, w: float = 1.0) -> None:
         """Accumulate one event. Invalid input raises ``ValueError`` and changes nothing."""
         reader = self._reader
-        key = reader.read(x, y, self._A1[0])
         wt = reader.weight(w)
-        if key is None:
-            self.n_skipped += 1
-            return
         t = reader.time(x) if self.time_key is not None else float(self.n_events + 1)
         if wt == 0.0:
             return
+        design = self._design
+        before = design.to_state() if wt > 1.0 else None
+        key = reader.read(x, y)
+        if key is None:
+            self.n_skipped += 1
+            return
+        a = reader.a
         if wt > 1.0:  # |v| ≤ MAX_ABS, so only a weight above 1 can overflow w·v·v'
-            self._check_products(self._A1, np.array([float(y)]), np.array([wt]))
-        self._stats.add_one(key, self._A1[0], float(y), wt, t)
+            try:
+                self._check_products(a[None, : design.k], np.array([reader.y]), np.array([wt]))
+            except ValueError:
+                self._restore_design(before)
+                raise
+        if design.k != self._stats.k:
+            self._widen()
+        self._stats.add_one(key, a, reader.y, wt, t)
         self.n_events += 1
+
+    def _restore_design(self, before: dict[str, Any]) -> None:
+        """Put the design back to ``before`` if a failed call taught it anything."""
+        if self._design.to_state() != before:
+            self._set_design(Design.from_state(self.formula, before))
+
+    def _set_design(self, design: Design) -> None:
+        """Adopt ``design`` (a restored one: a failed batch must leave no level behind)."""
+        self._design = design
+        self._formula = design.formula
+        self._reader.design = design
+        self._stats.spec = design
+
+    def _widen(self) -> None:
+        """New union columns (a factor level seen for the first time): widen the
+        statistics with exact zeros, and the fit's centre with zeros too."""
+        k_old = self._stats.k
+        self._stats.widen(self._design)
+        if self._par is not None:
+            c = self._par.c
+            grown = np.concatenate([c[:k_old], np.zeros(self._stats.k - k_old), c[k_old:]])
+            self._par = self._par._replace(c=grown)
 
     def _check_products(self, A, y, w) -> None:
         """``ValueError`` naming the row and field whose weighted products would overflow."""
         e = self._stats.check(A, y, w)
         if e < 0:
             return
-        names = [*self._formula.columns, self._formula.response]
+        names = [*self._design.columns, self._formula.response_field]
         vals = np.abs(np.append(A[e], y[e]))
         field = names[int(np.argmax(vals))]
         where = f"row {e}: " if A.shape[0] > 1 else ""
@@ -181,8 +213,15 @@ class MixedLM(base.MiniBatchRegressor):
         """
         cols, yv, wv = _batch_columns(X, y, w)
         n = len(yv)
-        codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv)
-        self._check_products(A, yk, wk)
+        before = self._design.to_state()
+        try:
+            codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv)
+            self._check_products(A, yk, wk)
+        except ValueError:
+            self._restore_design(before)
+            raise
+        if self._design.k != self._stats.k:
+            self._widen()
         self.n_skipped += n - kept.shape[0]
         # new groups get rows in the order of their first kept event, as in a learn_one loop
         if kept.shape[0] == n and (wk > 0).all():
@@ -202,6 +241,8 @@ class MixedLM(base.MiniBatchRegressor):
         ``t`` the event times (``None`` without ``time_key``).
         """
         self._check_products(A, y, w)
+        if self._design.k != self._stats.k:
+            self._widen()
         keep = w > 0
         rows = np.full(len(keys), -1, dtype=np.int64)
         idx = np.flatnonzero(keep)
@@ -228,7 +269,7 @@ class MixedLM(base.MiniBatchRegressor):
 
     def _problem(self) -> estimate.Problem:
         prob, self._colinfo = estimate.make_problem(
-            self._stats, self._formula, self.reml, threads=self.threads
+            self._stats, self._design, self.reml, threads=self.threads
         )
         return prob
 
@@ -246,6 +287,8 @@ class MixedLM(base.MiniBatchRegressor):
         if not (math.isfinite(prof.sigma2) and prof.sigma2 > 0):
             return False
         self._par = _Params(prob.c, prob.xi, prob.zi, lam, prof.beta, prof.sigma2)
+        q, p = prob.q, prob.p
+        self._blk, self._b1 = np.empty(q * q + q * p + q), np.empty(q)
         self._lam_u = prob.to_user_lam(lam)
         self._param_source = (source, self.n_events)
         return True
@@ -335,12 +378,11 @@ class MixedLM(base.MiniBatchRegressor):
 
         Under ``missing="skip"`` a missing feature takes its reference value.
         """
-        a = self._A1[0]
-        self._reader.features_into(x, a, impute=self._reader.skip)
-        r = self._group_row(x)
         fallback = self._fallback()
         if fallback is not None:
             return fallback
+        a = self._reader.features(x, impute=self._reader.skip)
+        r = self._group_row(x)
         st, par = self._stats, self._par
         return kernels.predict_event(
             st.M,
@@ -365,10 +407,15 @@ class MixedLM(base.MiniBatchRegressor):
 
         f = self._formula
         n = len(X)
-        A = self._reader.union_columns({c: X[c].to_numpy() for c in X.columns}, n)
-        if not self._reader.skip and np.isnan(A).any():
-            r, i = np.argwhere(np.isnan(A))[0]
-            raise ValueError(f"row {r}: field {f.columns[i]!r}: missing")
+        cols = {c: X[c].to_numpy() for c in X.columns}
+        A = self._reader.union_columns(cols, n)
+        holes = np.flatnonzero(np.isnan(A).any(axis=1))
+        if holes.shape[0] and not self._reader.skip:
+            r = int(holes[0])
+            try:
+                self.predict_one({c: v[r] for c, v in cols.items()})
+            except ValueError as e:
+                raise ValueError(f"row {r}: {e}") from None
         rows = np.full(n, -1, dtype=np.int64)
         if f.group in X.columns:
             for e, key in enumerate(X[f.group].to_numpy()):
@@ -396,6 +443,8 @@ class MixedLM(base.MiniBatchRegressor):
                 par.beta,
                 out,
             )
+        for r in holes:  # a missing feature (missing="skip") takes its centre value
+            out[r] = self.predict_one({c: v[r] for c, v in cols.items()})
         return pd.Series(out, index=X.index)
 
     # -- results --------------------------------------------------------------------------
@@ -422,7 +471,7 @@ class MixedLM(base.MiniBatchRegressor):
         :meth:`from_snapshot` resumes from it.
         """
         self.refresh()
-        st, f = self._stats, self._formula
+        st, f = self._stats, self._design
         G = st.n_groups
         est = None
         prob = self._problem() if G else None
@@ -435,6 +484,7 @@ class MixedLM(base.MiniBatchRegressor):
                     est = None
         if est is not None:
             good = {
+                "names": f.fixed,
                 "fixef": est.fixef,
                 "vcov": est.vcov,
                 "theta": est.theta,
@@ -446,7 +496,7 @@ class MixedLM(base.MiniBatchRegressor):
             self._last_good = good
             b, condvar = est.b, est.condvar
         else:
-            good = self._last_good
+            good = _reindexed(self._last_good, f.fixed)
             if good is None:
                 nan = math.nan
                 good = {
@@ -457,6 +507,7 @@ class MixedLM(base.MiniBatchRegressor):
                     "sigma2": nan,
                     "criterion": nan,
                     "keep": np.ones(f.p, dtype=bool),
+                    "names": f.fixed,
                 }
             b = np.zeros((G, f.q))
             condvar = np.broadcast_to(good["re_cov"], (G, f.q, f.q)).copy()
@@ -465,7 +516,7 @@ class MixedLM(base.MiniBatchRegressor):
         singular = bool(np.any(np.diag(lam_u) < estimate.SINGULAR_TOL))
         dropped = tuple(name for name, k in zip(f.fixed, good["keep"]) if not k)
         warns = checks.fit_messages(
-            group=f.group,
+            group=self._formula.group,
             n_obs=st.n_obs,
             n_groups=G,
             q=f.q,
@@ -508,6 +559,7 @@ class MixedLM(base.MiniBatchRegressor):
             history=self._history,
             offsets=offsets,
             meta={"created": time.time(), **meta},
+            design=f.to_state(),
             state=self._state(),
         )
 
@@ -536,9 +588,11 @@ class MixedLM(base.MiniBatchRegressor):
         st = self._stats.to_state()
         return {
             **st,
+            "design": self._design.to_state(),
             "lam_user": self._lam_u.ravel().copy() if self._lam_u is not None else np.zeros(0),
             "time_key": self.time_key,
             "missing": self.missing,
+            "levels": self.levels,
             "em_every": self.em_every,
             "refit_every": self.refit_every,
             "n_skipped": self.n_skipped,
@@ -593,15 +647,17 @@ class MixedLM(base.MiniBatchRegressor):
             missing=s["missing"],
             em_every=s["em_every"],
             refit_every=s["refit_every"],
+            levels=s.get("levels"),
         )
-        m._stats = GroupStats.from_state(m._formula, snap.keys, s)
+        m._set_design(Design.from_state(snap.formula, s["design"]))
+        m._stats = GroupStats.from_state(m._design, snap.keys, s)
         m.n_events = snap.n_events
         m.n_skipped = s["n_skipped"]
         m.n_refits = s["n_refits"]
         m._history = [dict(h) for h in s.get("history", [])]
         lam = np.asarray(s["lam_user"], dtype=float)
         if lam.size:
-            m._lam_u = lam.reshape(m._formula.q, m._formula.q)
+            m._lam_u = lam.reshape(m._design.q, m._design.q)
         return m
 
 
@@ -637,6 +693,24 @@ def _batch_columns(X, y, w):
             )
         out.append(arr)
     return {c: X[c].to_numpy() for c in X.columns}, out[0], out[1]
+
+
+def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:
+    """Last good estimates laid out for the fixed columns ``names`` (columns that
+    appeared since get NaN)."""
+    if good is None or tuple(good["names"]) == tuple(names):
+        return good
+    pos = {n: i for i, n in enumerate(good["names"])}
+    ix = [pos.get(n, -1) for n in names]
+    p = len(names)
+    fixef, vcov, keep = np.full(p, np.nan), np.full((p, p), np.nan), np.zeros(p, dtype=bool)
+    for i, j in enumerate(ix):
+        if j >= 0:
+            fixef[i], keep[i] = good["fixef"][j], good["keep"][j]
+            for i2, j2 in enumerate(ix):
+                if j2 >= 0:
+                    vcov[i, i2] = good["vcov"][j, j2]
+    return {**good, "names": tuple(names), "fixef": fixef, "vcov": vcov, "keep": keep}
 
 
 class _Params(NamedTuple):

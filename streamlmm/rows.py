@@ -2,7 +2,8 @@
 
 Every path into the statistics, ``learn_one``, ``learn_many`` and the stream decoder,
 goes through :class:`RowReader`, so all of them accept and reject the same things and
-name the offending field the same way.
+name the offending field the same way. The union columns themselves (factors,
+interactions, transforms) come from the formula's :class:`~streamlmm.design.Design`.
 
 """
 
@@ -15,59 +16,23 @@ from typing import Any
 import numpy as np
 
 from streamlmm import kernels
-from streamlmm.formula import INTERCEPT, Formula
+from streamlmm.design import Design
 from streamlmm.keys import check_key
-from streamlmm.stats import MAX_ABS
+from streamlmm.values import MAX_ABS, Missing, number
 
-__all__ = ["RowReader", "MISSING_POLICIES", "MAX_BATCH"]
+__all__ = ["RowReader", "MISSING_POLICIES", "MAX_BATCH", "Missing", "number"]
 
 MISSING_POLICIES = ("raise", "skip")
 MAX_BATCH = 50_000_000  # rows per learn_many call
 
 
-class Missing(ValueError):
-    """A field is absent, None or NaN (``missing="skip"`` drops such rows)."""
-
-
-def number(name: str, v: Any) -> float:
-    """A finite float from ``v``, or ``ValueError`` naming the field.
-
-    >>> number("x", 2)
-    2.0
-    >>> number("x", "2")
-    Traceback (most recent call last):
-    ...
-    ValueError: field 'x': expected a number, got str
-
-    """
-    if type(v) is float and -MAX_ABS <= v <= MAX_ABS:  # fast path (NaN fails both)
-        return v
-    if v is None:
-        raise Missing(f"field {name!r}: missing")
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
-        raise ValueError(f"field {name!r}: expected a number, got {type(v).__name__}")
-    try:
-        f = float(v)
-    except OverflowError:  # an int beyond float range
-        raise ValueError(f"field {name!r}: not finite (integer out of range)") from None
-    if not math.isfinite(f):
-        if math.isnan(f):
-            raise Missing(f"field {name!r}: NaN")
-        raise ValueError(f"field {name!r}: not finite ({f})")
-    if not -MAX_ABS <= f <= MAX_ABS:
-        raise ValueError(
-            f"field {name!r}: {f:g} is beyond ±{MAX_ABS:g}, where its products would overflow"
-        )
-    return f
-
-
 class RowReader:
-    """Reads validated events for a formula into preallocated buffers.
+    """Reads validated events of a design into union vectors.
 
     Parameters
     ----------
-    formula
-        The parsed formula.
+    design
+        The formula's encoder (it learns factor levels as events arrive).
     time_key
         Field holding the event time, or ``None`` (time is then the event count).
     missing
@@ -76,66 +41,84 @@ class RowReader:
 
     Examples
     --------
-    >>> from streamlmm.formula import parse_formula
-    >>> rr = RowReader(parse_formula("y ~ x + (1 | g)"))
-    >>> a = np.empty(2)
-    >>> rr.read({"g": "a", "x": 2.5}, 1.0, a), a.tolist()
-    ('a', [1.0, 2.5])
-    >>> rr.read({"g": "a"}, 1.0, a)
+    >>> rr = RowReader(Design("y ~ x + (1 | g)"))
+    >>> rr.read({"g": "a", "x": 2.5}, 1.0), rr.a.tolist(), rr.y
+    ('a', [1.0, 2.5], 1.0)
+    >>> rr.read({"g": "a"}, 1.0)
     Traceback (most recent call last):
     ...
     ValueError: field 'x': missing
 
     """
 
-    def __init__(self, formula: Formula, time_key: str | None = None, missing: str = "raise"):
+    def __init__(self, design: Design, time_key: str | None = None, missing: str = "raise"):
         if missing not in MISSING_POLICIES:
             raise ValueError(f"missing must be one of {MISSING_POLICIES}, got {missing!r}")
-        self.formula = formula
+        self.design = design
+        self.group = design.formula.group
+        self.response = design.formula.response_field
         self.time_key = time_key
         self.skip = missing == "skip"
-        self.features = [(i, c) for i, c in enumerate(formula.columns) if c != INTERCEPT]
-        self.ones = [i for i, c in enumerate(formula.columns) if c == INTERCEPT]
+        self.a = np.empty(max(design.k, 1))  # the last event's union values
+        self.y = math.nan  # the last event's response (transformed)
+
+    def __getstate__(self) -> dict:
+        """Everything but the per-event scratch (:attr:`a`, :attr:`y`)."""
+        return {k: v for k, v in self.__dict__.items() if k not in ("a", "y")}
+
+    def __setstate__(self, st: dict) -> None:
+        self.__dict__.update(st)
+        self.a = np.empty(max(self.design.k, 1))
+        self.y = math.nan
 
     # -- one event ----------------------------------------------------------------------
-    def features_into(self, x: Mapping[str, Any], a: np.ndarray, *, impute: bool) -> None:
-        """Fill union values ``a`` from ``x``; with ``impute``, a missing feature is NaN."""
-        try:
-            self._features(x, a, impute)
-        except Missing as e:
-            raise ValueError(str(e)) from None
-
-    def _features(self, x: Mapping[str, Any], a: np.ndarray, impute: bool) -> None:
-        for i in self.ones:
-            a[i] = 1.0
-        for i, c in self.features:
-            v = x.get(c)
-            if type(v) is float and -MAX_ABS <= v <= MAX_ABS:
-                a[i] = v
-                continue
-            try:
-                a[i] = number(c, v)
-            except Missing:
-                if not impute:
-                    raise
-                a[i] = math.nan
-
-    def read(self, x: Mapping[str, Any], y: Any, a: np.ndarray):
-        """Validate one event into ``a``; returns the group key (``None``: row skipped)."""
+    def read(self, x: Mapping[str, Any], y: Any):
+        """Validate one event into :attr:`a` and :attr:`y`; returns the group key
+        (``None``: the row is skipped). Learns new factor levels."""
         if type(x) is not dict and not isinstance(x, Mapping):
             raise ValueError(f"features must be a mapping, got {type(x).__name__}")
         try:
-            key = x.get(self.formula.group)
+            key = x.get(self.group)
             if key is None:
-                raise Missing(f"field {self.formula.group!r}: group key is missing")
-            key = check_key(key, self.formula.group)
-            self._features(x, a, impute=False)
-            number(self.formula.response, y)
+                raise Missing(f"field {self.group!r}: group key is missing")
+            key = check_key(key, self.group)
+            yv = self.design.response_one(y)
+            if self.a.shape[0] < self.design.k:  # a restored or replaced design
+                self.a = np.empty(self.design.k)
+            self.a = self.design.encode_one(x, self.a, learn=True)
         except Missing as e:
             if self.skip:
                 return None
             raise ValueError(str(e)) from None
+        self.y = yv
         return key
+
+    def features(self, x: Mapping[str, Any], *, impute: bool) -> np.ndarray:
+        """Union values of ``x`` for a prediction (no level is learned). With ``impute``,
+        columns that depend on a missing field are NaN (the caller takes the centre)."""
+        d = self.design
+        if self.a.shape[0] < d.k:
+            self.a = np.empty(d.k)
+        try:
+            self.a = d.encode_one(x, self.a, learn=False)
+            return self.a
+        except Missing as e:
+            if not impute:
+                raise ValueError(str(e)) from None
+        # encode twice with different stand-ins for the missing fields: the columns that
+        # change are the ones that depend on them
+        gone = [f for f in d.fields if x.get(f) is None or _is_nan(x.get(f))]
+        subs = []
+        for stand_in in (1.0, 2.0):
+            xs = dict(x)
+            for f in gone:
+                levels = d.factors.get(f)
+                xs[f] = (levels[min(int(stand_in) - 1, len(levels) - 1)]) if levels else stand_in
+            subs.append(d.encode_one(xs, np.empty(d.k), learn=False).copy())
+        out = subs[0]
+        out[subs[0] != subs[1]] = math.nan
+        self.a = out
+        return out
 
     def weight(self, w: Any) -> float:
         """A frequency weight: a finite number ≥ 0 (``None`` means 1)."""
@@ -152,83 +135,91 @@ class RowReader:
 
     # -- a batch ------------------------------------------------------------------------
     def read_columns(self, cols: Mapping[str, Any], y, w):
-        """Validate a batch given as columns; nothing is changed anywhere.
+        """Validate a batch given as columns; learns its new factor levels, in row order.
 
         Returns ``(codes, uniques, A, y, w, t, kept)`` for the kept rows: each kept row's
         group is ``uniques[codes[e]]`` and ``kept`` is its index in the batch. Raises
-        ``ValueError`` naming the first bad row and field; with ``missing="skip"`` rows
-        with a missing value are dropped.
+        ``ValueError`` naming the first bad row and field, and then nothing is learned;
+        with ``missing="skip"`` rows with a missing value are dropped.
         """
-        y = self._column(self.formula.response, y)
-        n = y.shape[0]
+        d = self.design
+        yv = np.asarray(y)
+        n = yv.shape[0] if yv.ndim == 1 else -1
         if n > MAX_BATCH:
             raise ValueError(f"batch of {n} rows exceeds the limit of {MAX_BATCH}")
-        f = self.formula
-        A = self.union_columns(cols, n)
-        miss = np.zeros(n, dtype=bool)
-        kernels.nan_rows(A, y, miss)
-        wv = np.ones(n) if w is None else self._column("w", w, n)
+        wv = np.ones(max(n, 0)) if w is None else self.column("w", w, n)
         if np.isnan(wv).any():
             raise ValueError(f"field 'w': NaN in row {int(np.argmax(np.isnan(wv)))}")
         if (wv < 0).any():
             raise ValueError(f"field 'w': negative weight in row {int(np.argmax(wv < 0))}")
+        t = None
         if self.time_key is not None:
             if self.time_key not in cols:
                 raise ValueError(f"field {self.time_key!r}: missing (no such column)")
-            t = self._column(self.time_key, cols[self.time_key], n)
-            miss |= np.isnan(t)
-        else:
-            t = None
-        if f.group in cols:
-            codes, uniques = self._keys(cols[f.group], n)
+            t = self.column(self.time_key, cols[self.time_key], n)
+        if self.group in cols:
+            codes, uniques = self._keys(cols[self.group], n)
         elif self.skip:
             codes, uniques = np.full(n, -1, dtype=np.int64), []
         else:
-            raise ValueError(f"field {f.group!r}: missing (no such column)")
-        key_miss = codes < 0
-        miss |= key_miss
+            raise ValueError(f"field {self.group!r}: missing (no such column)")
+        if not self.skip:
+            for f in d.fields:
+                if f not in cols:
+                    raise ValueError(f"field {f!r}: missing (no such column)")
+        yk = d.response_columns(yv)
+        miss = codes < 0
+        miss |= np.isnan(yk)
+        if t is not None:
+            miss |= np.isnan(t)
+        # rows the batch drops anyway teach no level: mask them before encoding
+        learn_cols = cols
         if miss.any():
             if not self.skip:
                 r = int(np.argmax(miss))
-                raise ValueError(f"row {r}: {self._why_missing(r, A, y, t, key_miss)}")
+                raise ValueError(f"row {r}: {self._why_missing(r, cols, yk, t, codes)}")
+            learn_cols = _masked(cols, d.fields, miss)
+        A = d.encode_columns(learn_cols, n, learn=True)
+        miss_a = np.zeros(n, dtype=bool)
+        kernels.nan_rows(A, yk, miss_a)
+        miss |= miss_a
+        if miss.any():
+            if not self.skip:
+                r = int(np.argmax(miss))
+                raise ValueError(f"row {r}: {self._why_missing(r, cols, yk, t, codes)}")
             kept = np.flatnonzero(~miss)
         else:
             kept = np.arange(n)
         if kept.shape[0] < n:
             codes = codes[kept]
-            A, y, wv = A[kept], y[kept], wv[kept]
+            A, yk, wv = A[kept], yk[kept], wv[kept]
             t = None if t is None else t[kept]
-        return codes, uniques, A, y, wv, t, kept
+        return codes, uniques, A, yk, wv, t, kept
 
     def union_columns(self, cols: Mapping[str, Any], n: int) -> np.ndarray:
-        """The union matrix ``A`` (n×k) from columns; a missing value is NaN, and a
-        missing column is an error unless ``missing="skip"`` (then all NaN)."""
-        A = np.empty((n, self.formula.k))
-        for i in self.ones:
-            A[:, i] = 1.0
-        for i, c in self.features:
-            if c not in cols:
-                if not self.skip:
-                    raise ValueError(f"field {c!r}: missing (no such column)")
-                A[:, i] = math.nan
-            else:
-                self._column(c, cols[c], n, out=A[:, i])
-        return A
+        """Union values of a batch for predictions (no level is learned); a missing value
+        makes its row's columns NaN."""
+        if not self.skip:
+            for f in self.design.fields:
+                if f not in cols:
+                    raise ValueError(f"field {f!r}: missing (no such column)")
+        return self.design.encode_columns(cols, n, learn=False)
 
-    def _why_missing(self, r, A, y, t, key_miss) -> str:
-        if key_miss[r]:
-            return f"field {self.formula.group!r}: group key is missing"
+    def _why_missing(self, r, cols, y, t, codes) -> str:
+        if codes[r] < 0:
+            return f"field {self.group!r}: group key is missing"
         if np.isnan(y[r]):
-            return f"field {self.formula.response!r}: missing or NaN"
-        for i, c in self.features:
-            if np.isnan(A[r, i]):
-                return f"field {c!r}: missing or NaN"
+            return f"field {self.response!r}: missing or NaN"
+        for f in self.design.fields:
+            v = np.asarray(cols[f])[r] if f in cols else None
+            if v is None or _is_nan(v):
+                return f"field {f!r}: missing or NaN"
         return f"field {self.time_key!r}: missing or NaN"
 
     @staticmethod
-    def _column(name: str, col, n: int | None = None, out: np.ndarray | None = None):
-        """A float column (into ``out`` if given): ±inf or a non-number is a
-        ``ValueError`` naming the row; a missing value is NaN."""
+    def column(name: str, col, n: int | None = None, out: np.ndarray | None = None):
+        """A float column (into ``out`` if given): ±inf, a value beyond ±1e150 or a
+        non-number is a ``ValueError`` naming the row; a missing value is NaN."""
         arr = np.asarray(col)
         if n is not None and arr.shape != (n,):
             raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
@@ -256,7 +247,7 @@ class RowReader:
         """Factorize, then validate each distinct key once; code -1 marks a missing key."""
         import pandas as pd
 
-        name = self.formula.group
+        name = self.group
         arr = np.asarray(col)
         if arr.shape != (n,):
             raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
@@ -280,3 +271,18 @@ class RowReader:
                 bad = int(np.argmax(codes == j))
                 raise ValueError(f"row {bad}: {e}") from None
         return codes, checked
+
+
+def _is_nan(v: Any) -> bool:
+    return isinstance(v, (float, np.floating)) and v != v
+
+
+def _masked(cols: Mapping[str, Any], fields, miss: np.ndarray) -> dict[str, Any]:
+    """``cols`` with the design's fields set to missing on the rows in ``miss``."""
+    out = dict(cols)
+    for f in fields:
+        if f in cols:
+            arr = np.array(cols[f], dtype=object)
+            arr[miss] = None
+            out[f] = arr
+    return out

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from streamlmm.formula import INTERCEPT, parse_formula
+from streamlmm.formula import parse_formula
 from streamlmm.keys import check_key
 
 __all__ = ["Snapshot", "SnapshotError", "FORMAT_VERSION"]
@@ -96,8 +96,10 @@ class Snapshot:
         "b",
         "condvar",
         "state",
+        "design",
         "_index",
         "_formula",
+        "_design",
     )
 
     def __init__(
@@ -130,6 +132,7 @@ class Snapshot:
         offsets: Mapping[str, int] | None = None,
         meta: Mapping[str, Any] | None = None,
         state: Mapping[str, Any] | None = None,
+        design: Mapping[str, Any] | None = None,
     ):
         f = parse_formula(formula)
         put = object.__setattr__
@@ -138,7 +141,13 @@ class Snapshot:
         put(self, "method", method)
         put(self, "fixef", MappingProxyType({k: float(v) for k, v in fixef.items()}))
         put(self, "fixef_se", MappingProxyType({k: float(v) for k, v in fixef_se.items()}))
-        put(self, "re_names", tuple(re_names) if re_names is not None else f.random)
+        if re_names is None:
+            from streamlmm.design import Design
+
+            re_names = Design(f).random
+        put(self, "re_names", tuple(re_names))
+        put(self, "design", MappingProxyType(dict(design)) if design is not None else None)
+        put(self, "_design", None)
         put(self, "sigma", float(sigma))
         put(self, "theta", _frozen(theta).reshape(-1))
         put(self, "criterion", float(criterion))
@@ -230,23 +239,38 @@ class Snapshot:
     def predict(self, x: Mapping[str, Any]) -> float:
         """Fixed part plus the group's BLUP (the fixed part alone for an unseen group).
 
-        Features missing from ``x`` raise ``ValueError`` naming them.
+        ``x`` is an event as learned (factors as strings, raw fields of transforms);
+        missing features, or a factor level the model never saw, raise ``ValueError``
+        naming the field. Dropped (aliased) columns contribute nothing.
         """
-        f = self._formula
-
-        def col(name: str) -> float:
-            if name == INTERCEPT:
-                return 1.0
-            v = x.get(name)
-            if v is None or isinstance(v, bool) or not isinstance(v, (int, float, np.number)):
-                raise ValueError(f"field {name!r}: missing or not a number")
-            return float(v)
-
-        yhat = sum(self.fixef[c] * col(c) for c in f.fixed)
-        r = self._row(x.get(f.group))
+        d = self._encoder()
+        try:
+            a = d.encode_one(x, np.empty(max(d.k, 1)), learn=False)
+        except ValueError as e:  # Missing included
+            raise ValueError(str(e)) from None
+        cols = {c: i for i, c in enumerate(d.columns)}
+        yhat = 0.0
+        for name, v in self.fixef.items():
+            if v == v and name in cols:
+                yhat += v * a[cols[name]]
+        r = self._row(x.get(self._formula.group))
         if r >= 0:
-            yhat += sum(self.b[r, i] * col(c) for i, c in enumerate(f.random))
+            for i, name in enumerate(self.re_names):
+                yhat += self.b[r, i] * a[cols[name]]
         return float(yhat)
+
+    def _encoder(self):
+        """The formula's encoder at this snapshot's factor levels (built once)."""
+        if self._design is None:
+            from streamlmm.design import Design
+
+            d = (
+                Design.from_state(self.formula, self.design)
+                if self.design is not None
+                else Design(self.formula)
+            )
+            object.__setattr__(self, "_design", d)
+        return self._design
 
     def to_dict(self, *, groups: bool = False) -> dict[str, Any]:
         """JSON-ready global estimates (and every group's effects when ``groups``)."""
@@ -309,6 +333,7 @@ class Snapshot:
             k: v for k, v in (self.state or {}).items() if not isinstance(v, np.ndarray)
         }
         header["has_state"] = self.state is not None
+        header["design"] = dict(self.design) if self.design is not None else None
         layout, blobs, offset = [], [], 0
         for name, a in self._arrays().items():
             data = np.ascontiguousarray(a, dtype="<f8").tobytes()
@@ -373,6 +398,7 @@ class Snapshot:
                 optinfo=h["optinfo"],
                 history=h["history"],
                 resid_quantiles=h["resid_quantiles"],
+                design=h.get("design"),
                 offsets=h["offsets"],
                 meta=h["meta"],
                 state=state,

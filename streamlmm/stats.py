@@ -29,10 +29,9 @@ import numpy as np
 from streamlmm import kernels
 from streamlmm.formula import INTERCEPT
 from streamlmm.keys import check_key
+from streamlmm.values import MAX_ABS
 
 __all__ = ["GroupStats", "check_key", "MAX_ABS"]
-
-MAX_ABS = 1e150  # |value| at which w·v·v' could overflow: such an event is refused
 
 
 class GroupStats:
@@ -50,8 +49,8 @@ class GroupStats:
 
     Examples
     --------
-    >>> from streamlmm.formula import parse_formula
-    >>> st = GroupStats(parse_formula("y ~ x + (1 | g)"))
+    >>> from streamlmm.design import numeric_design
+    >>> st = GroupStats(numeric_design("y ~ x + (1 | g)"))
     >>> A = np.array([[1.0, 2.0], [1.0, 4.0], [1.0, 6.0]]); y = np.array([1.0, 3.0, 4.0])
     >>> st.add(st.rows(["a", "b", "a"]), A, y, np.ones(3), np.zeros(3))
     >>> st.n_groups, st.n_obs
@@ -75,6 +74,7 @@ class GroupStats:
 
     def _layout(self, spec) -> None:
         cols = tuple(spec.columns)
+        self.columns = cols  # the design may grow in place: keep what the rows hold
         self.k = len(cols)
         self.vi = np.array([i for i, c in enumerate(cols) if c != INTERCEPT], dtype=np.int64)
         self.m = self.vi.shape[0] + 1  # the response is v's last entry
@@ -198,6 +198,8 @@ class GroupStats:
         if self.n_groups == 0:
             return c
         mask = np.asarray(self.spec.shiftable, dtype=bool)
+        if mask.shape[0] != self.k + 1:
+            raise ValueError("the statistics are behind their design: widen them first")
         means = self.means()
         for i in np.flatnonzero(mask):
             c[i] = float(np.median(means[:, self.vpos[i]]))
@@ -233,7 +235,7 @@ class GroupStats:
         """Adopt ``spec`` whose union columns extend this one's (a factor level seen
         for the first time). Earlier events had 0 in the new columns, so their means
         and co-moments there are exactly 0: widening loses nothing."""
-        old_cols = tuple(self.spec.columns)
+        old_cols = self.columns
         new_cols = tuple(spec.columns)
         if new_cols[: len(old_cols)] != old_cols:
             raise ValueError("columns may only be appended")
@@ -265,9 +267,7 @@ class GroupStats:
             out.now = max(s.now for s in shards)
             out.decay_to_now()
         for other in shards[1:]:
-            if tuple(other.spec.columns) != tuple(first.spec.columns) or (
-                other.half_life != first.half_life
-            ):
+            if other.columns != first.columns or (other.half_life != first.half_life):
                 raise ValueError("only statistics of the same columns and half_life merge")
             o = other.copy()
             if first.half_life:

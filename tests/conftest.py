@@ -25,7 +25,8 @@ import pandas as pd
 import pytest
 
 from streamlmm import estimate
-from streamlmm.formula import INTERCEPT, Formula, parse_formula
+from streamlmm.design import Design, numeric_design
+from streamlmm.formula import INTERCEPT
 from streamlmm.stats import GroupStats
 
 
@@ -64,8 +65,8 @@ class ReferenceCase:
     data: pd.DataFrame
 
     @property
-    def formula(self) -> Formula:
-        return parse_formula(self.ref["formula"])
+    def formula(self) -> Design:
+        return numeric_design(self.ref["formula"])
 
     @property
     def method(self) -> str:
@@ -171,7 +172,7 @@ def load_reference(name: str) -> ReferenceCase:
     return ReferenceCase(name=name, ref=ref, data=data)
 
 
-def union_matrix(f: Formula, frame: pd.DataFrame) -> np.ndarray:
+def union_matrix(f: Design, frame: pd.DataFrame) -> np.ndarray:
     """Union columns of a formula from a data frame (intercept column = 1)."""
     n = len(frame)
     return np.column_stack(
@@ -219,9 +220,9 @@ class DenseLMM:
         self.groups = {g: np.array(ix) for g, ix in index.items()}
 
     @classmethod
-    def from_frame(cls, f: Formula, frame: pd.DataFrame, w=None, y="y") -> DenseLMM:
+    def from_frame(cls, f: Design, frame: pd.DataFrame, w=None, y="y") -> DenseLMM:
         A = union_matrix(f, frame)
-        return cls(A[:, f.xi], A[:, f.zi], frame[y].to_numpy(float), frame[f.group], w)
+        return cls(A[:, f.xi], A[:, f.zi], frame[y].to_numpy(float), frame[f.formula.group], w)
 
     def _blocks(self, theta):
         lam = np.zeros((self.q, self.q))
@@ -292,7 +293,7 @@ def estimates_at(model, theta_user) -> dict[str, Any]:
     a lower-triangular factor of ``T_z⁻¹ ΛΛ' T_z⁻ᵀ`` (``Problem.from_user_lam``).
     Returns the criterion and the estimates mapped back to the user's columns.
     """
-    prob, _ = estimate.make_problem(model._stats, model._formula, model.reml)
+    prob, _ = estimate.make_problem(model._stats, model._design, model.reml)
     lam_u = np.zeros((prob.q, prob.q))
     lam_u[prob.tindex] = np.asarray(theta_user, float)
     pr = prob.profile(prob.theta(prob.from_user_lam(lam_u)))

@@ -46,7 +46,12 @@ def run_demo(out: pathlib.Path, *args: str, **env: str) -> subprocess.CompletedP
     )
 
 
-def check_recovery(out: pathlib.Path, stdout: str) -> None:
+def check_recovery(
+    out: pathlib.Path, stdout: str, sd_tol: float = 0.15, min_corr: dict | None = None
+) -> None:
+    """The summary recovers the simulated truth: fixed effects within 4 SE, SDs and σ
+    within ``sd_tol`` relative, every random effect's BLUPs correlated with the true
+    effects above ``min_corr[name]`` (default 0.9)."""
     import json
 
     snap = load_snapshot(out / "snapshots")
@@ -57,9 +62,9 @@ def check_recovery(out: pathlib.Path, stdout: str) -> None:
         if r["kind"] == "fixef":
             assert abs(r["z"]) < 4, r
         elif r["kind"] in ("re_sd", "sigma"):
-            assert abs(r["diff"]) < 0.15 * r["truth"], r
+            assert abs(r["diff"]) < sd_tol * r["truth"], r
     for name, g in cmp["groups"].items():
-        assert g["corr"] > 0.9, (name, g)
+        assert g["corr"] > (min_corr or {}).get(name, 0.9), (name, g)
     assert "Compared with the simulated truth:" in stdout
     for name in ("shrinkage", "caterpillar", "raw_vs_blup", "trajectories"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000

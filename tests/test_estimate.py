@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from streamlmm import estimate, kernels
-from streamlmm.formula import parse_formula
+from streamlmm.design import numeric_design
 from streamlmm.stats import GroupStats
 
 # formulas with q = 1..4 random columns (the intercept and the first q − 1 of x1..x3)
@@ -24,7 +24,7 @@ _Q_FORMULAS = {
 
 def _random_stats(formula: str, n: int = 300, n_groups: int = 12, seed: int = 0):
     """Statistics of a random-slopes data set with offsets on x (so the centre matters)."""
-    f = parse_formula(formula)
+    f = numeric_design(formula)
     rng = np.random.default_rng(seed)
     g = rng.integers(0, n_groups, n)
     X = np.column_stack([rng.normal(3.0, 1.5, n), rng.normal(-2.0, 1.0, n), rng.normal(5, 2, n)])
@@ -98,7 +98,7 @@ def test_profile_criterion_is_invariant_to_the_centre(reference, helpers):
     case = reference("pub_slopes_reml")
     model = MixedLM(case.ref["formula"], case.method)
     case.stream_many(model)
-    centred, _ = estimate.make_problem(model._stats, model._formula, model.reml)
+    centred, _ = estimate.make_problem(model._stats, model._design, model.reml)
     assert np.any(centred.c != 0)
     prob = case.user_problem()
     for theta in ([1.0, 0.0, 1.0], [2.1, 0.14, 0.47], [0.3, -0.2, 0.0]):
@@ -134,7 +134,7 @@ def test_profile_criterion_is_invariant_to_any_centre(reml):
 
 
 def _tiny_stats(n: int, formula="y ~ x1 + x2 + (1 | g)", collinear=False):
-    f = parse_formula(formula)
+    f = numeric_design(formula)
     st = GroupStats(f)
     rng = np.random.default_rng(0)
     x1 = rng.normal(size=n)
@@ -158,7 +158,7 @@ def test_collinear_fixed_column_is_dropped_not_undefined():
     prob, info = estimate.make_problem(st, f, reml=True)
     np.testing.assert_array_equal(prob.keep, [True, True, False])
     assert prob.p == 2 and prob.XX.shape == (2, 2) and prob.F.shape[1] == 1 + 2 + 1
-    g = parse_formula("y ~ x1 + (1 | g)")  # same union columns minus x2
+    g = numeric_design("y ~ x1 + (1 | g)")  # same union columns minus x2
     rng = np.random.default_rng(0)
     x1 = rng.normal(size=40)
     y = rng.normal(size=40)
@@ -226,7 +226,7 @@ def test_fixed_rank_on_synthetic_designs():
 
 
 def test_profile_is_undefined_for_a_perfect_fit():
-    f = parse_formula("y ~ x1 + (1 | g)")
+    f = numeric_design("y ~ x1 + (1 | g)")
     st = GroupStats(f)
     x = np.arange(10.0)
     st.add(
@@ -245,7 +245,7 @@ def test_profile_at_huge_theta_is_undefined_not_an_error():
     """One-event groups with random slopes have an unbounded likelihood, so the optimizer
     may try θ ~ 1e7..1e8, where Λ'ZZΛ + I loses its positive definiteness to rounding
     (the numba Cholesky then divides by zero). That is "undefined", not an exception."""
-    f = parse_formula("y ~ x1 + (1 + x1 | g)")
+    f = numeric_design("y ~ x1 + (1 + x1 | g)")
     theta = np.array([1.35e7, 1.36e8, 1.32e7])
     rng = np.random.default_rng(0)
     undefined = 0
@@ -355,7 +355,7 @@ def test_fit_theta_finds_a_local_minimum(reference):
 
 def test_fit_theta_lands_on_the_boundary_when_groups_do_not_differ():
     """y independent of the group: the optimum has a zero variance (singular fit)."""
-    f = parse_formula("y ~ x1 + (1 | g)")
+    f = numeric_design("y ~ x1 + (1 | g)")
     st = GroupStats(f)
     rng = np.random.default_rng(2)
     n = 400
@@ -495,7 +495,7 @@ def test_em_converges_to_the_ml_optimum_of_fit(em_path):
 
 def test_em_step_handles_a_singular_d():
     """A zero variance (Λ singular) must not break the Λ-form step."""
-    f = parse_formula("y ~ x1 + (1 + x1 | g)")
+    f = numeric_design("y ~ x1 + (1 + x1 | g)")
     st = GroupStats(f)
     rng = np.random.default_rng(4)
     n = 200
@@ -524,7 +524,7 @@ def test_estimates_at_maps_centred_estimates_to_the_users_columns(reference, hel
     case = reference("sleepstudy_slopes_reml")
     model = MixedLM(case.ref["formula"], case.method)
     case.stream_one(model)
-    centred, _ = estimate.make_problem(model._stats, model._formula, model.reml)
+    centred, _ = estimate.make_problem(model._stats, model._design, model.reml)
     assert np.any(centred.c != 0)
     got = helpers.estimates_at(model, case.theta)
     prob = case.user_problem()

@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from streamlmm import estimate, kernels
-from streamlmm.formula import parse_formula
+from streamlmm.design import numeric_design
 from streamlmm.stats import GroupStats
 
-FORMULA = parse_formula("y ~ x1 + x2 + (1 + x1 | g)")
+FORMULA = numeric_design("y ~ x1 + x2 + (1 + x1 | g)")
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from streamlmm import MixedLM, estimate
+from streamlmm.design import numeric_design
 
 FORMULAS = ["y ~ x1 + (1 | g)", "y ~ x1 + x2 + (1 + x1 | g)", "y ~ 0 + x1 + (1 + x1 | g)"]
 
@@ -69,7 +70,7 @@ def _random_theta(rng, q: int) -> np.ndarray:
 
 
 def _enough(formula: str, frame: pd.DataFrame) -> bool:
-    p = len(MixedLM(formula)._formula.fixed)
+    p = len(numeric_design(formula).fixed)
     return len(frame) >= p + 2
 
 
@@ -106,7 +107,7 @@ def test_learn_many_bitwise_learn_one_and_order_invariance(helpers, data, chunks
     assert set(helpers.active_stats(other)[1]) == set(k1)
     if not _enough(formula, frame):
         return
-    theta = _random_theta(np.random.default_rng(order_seed), one._formula.q)
+    theta = _random_theta(np.random.default_rng(order_seed), one._design.q)
     _assert_estimates_equal(
         helpers.estimates_at(other, theta), helpers.estimates_at(one, theta), rtol=1e-8
     )
@@ -127,7 +128,7 @@ def test_integer_weights_equal_repeated_events(helpers, data):
         np.testing.assert_allclose(a[k], b[k], rtol=1e-12, atol=1e-12 * np.abs(b[k]).max())
     if not _enough(formula, frame):
         return
-    theta = _random_theta(np.random.default_rng(len(frame)), weighted._formula.q)
+    theta = _random_theta(np.random.default_rng(len(frame)), weighted._design.q)
     _assert_estimates_equal(
         helpers.estimates_at(weighted, theta), helpers.estimates_at(repeated, theta), rtol=1e-8
     )
@@ -143,7 +144,7 @@ def test_criterion_and_blups_equal_dense_at_random_theta(
         return
     model = MixedLM(formula, "REML" if reml else "ML")
     model.learn_many(_features(frame), frame.y, frame.w)
-    f = model._formula
+    f = model._design
     theta = _random_theta(np.random.default_rng(theta_seed), f.q)
     got = helpers.estimates_at(model, theta)
     want = dense_lmm.from_frame(f, frame, frame.w.to_numpy()).at(theta, reml)
@@ -177,11 +178,11 @@ def test_edge_cases_fit_without_raising(dense_lmm, data, method):
     assert math.isfinite(s.criterion) and s.sigma > 0
     assert np.all(np.isfinite(s.b)) and np.all(np.isfinite(s.condvar))
     assert isinstance(s.singular, bool)
-    f = model._formula
+    f = model._design
     if len(frame) <= f.p + s.n_groups * f.q:
         return  # the groups' effects can fit every event: d(θ) → −∞ as θ → ∞
     # the reported criterion is the criterion at the reported θ ...
-    dense = dense_lmm.from_frame(model._formula, frame, frame.w.to_numpy())
+    dense = dense_lmm.from_frame(model._design, frame, frame.w.to_numpy())
     assert s.criterion == pytest.approx(dense.at(s.theta, method == "REML").criterion, rel=1e-8)
     # ... and no worse than lme4's start (Λ = I) or the boundary Λ = 0
     q = f.q

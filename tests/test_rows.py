@@ -8,14 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from streamlmm.formula import parse_formula
+from streamlmm.design import numeric_design
 from streamlmm.rows import RowReader, number
 
-FORMULA = parse_formula("y ~ x1 + x2 + (1 + x1 | g)")
+TEXT = "y ~ x1 + x2 + (1 + x1 | g)"
 
 
 def _reader(**kw) -> RowReader:
-    return RowReader(FORMULA, **kw)
+    return RowReader(numeric_design(TEXT), **kw)
 
 
 @pytest.mark.parametrize("v", [2, 2.5, np.float32(2.5), np.int64(-3), -0.0])
@@ -44,9 +44,10 @@ def test_number_rejects_naming_the_field(v, words):
 
 
 def test_read_fills_the_union_vector_and_returns_the_key():
-    a = np.empty(3)
-    assert _reader().read({"g": "k", "x1": 2, "x2": -1.5, "extra": "ignored"}, 4.0, a) == "k"
-    np.testing.assert_array_equal(a, [1.0, 2.0, -1.5])
+    rr = _reader()
+    assert rr.read({"g": "k", "x1": 2, "x2": -1.5, "extra": "ignored"}, 4.0) == "k"
+    np.testing.assert_array_equal(rr.a[:3], [1.0, 2.0, -1.5])
+    assert rr.y == 4.0
 
 
 @pytest.mark.parametrize(
@@ -69,12 +70,12 @@ def test_read_fills_the_union_vector_and_returns_the_key():
 )
 def test_read_rejects_bad_rows_naming_the_field(x, y, field):
     with pytest.raises(ValueError, match=f"'{field}'"):
-        _reader().read(x, y, np.empty(3))
+        _reader().read(x, y)
 
 
 def test_read_rejects_a_non_mapping():
     with pytest.raises(ValueError, match="mapping"):
-        _reader().read([("g", 1)], 1.0, np.empty(3))
+        _reader().read([("g", 1)], 1.0)
 
 
 @pytest.mark.parametrize(
@@ -86,14 +87,14 @@ def test_read_rejects_a_non_mapping():
     ],
 )
 def test_skip_policy_returns_none_for_missing_values(x, y):
-    assert _reader(missing="skip").read(x, y, np.empty(3)) is None
+    assert _reader(missing="skip").read(x, y) is None
 
 
 def test_skip_policy_still_rejects_wrong_types():
     with pytest.raises(ValueError, match="'x1'"):
-        _reader(missing="skip").read({"g": "k", "x1": "1", "x2": 1.0}, 1.0, np.empty(3))
+        _reader(missing="skip").read({"g": "k", "x1": "1", "x2": 1.0}, 1.0)
     with pytest.raises(ValueError, match="'g'"):
-        _reader(missing="skip").read({"g": 2.5, "x1": 1, "x2": 1.0}, 1.0, np.empty(3))
+        _reader(missing="skip").read({"g": 2.5, "x1": 1, "x2": 1.0}, 1.0)
 
 
 def test_missing_policy_is_validated():
@@ -113,11 +114,10 @@ def test_bad_weight_names_w(w):
 
 
 def test_features_into_imputes_nan_only_when_asked():
-    a = np.empty(3)
-    _reader().features_into({"x1": 1.0}, a, impute=True)
-    assert a[1] == 1.0 and math.isnan(a[2])
+    a = _reader().features({"x1": 1.0}, impute=True)
+    assert a[0] == 1.0 and a[1] == 1.0 and math.isnan(a[2])
     with pytest.raises(ValueError, match="'x2'"):
-        _reader().features_into({"x1": 1.0}, a, impute=False)
+        _reader().features({"x1": 1.0}, impute=False)
 
 
 # -- columns --------------------------------------------------------------------------------------
@@ -134,10 +134,10 @@ def test_read_columns_matches_read_row_by_row():
     y = np.arange(5.0) * 2
     codes, uniques, A, yk, wk, tk, kept = _reader().read_columns(cols, y, None)
     for e in range(5):
-        a = np.empty(3)
-        key = _reader().read({k: v[e] for k, v in cols.items()}, y[e], a)
+        rr = _reader()
+        key = rr.read({k: v[e] for k, v in cols.items()}, y[e])
         assert uniques[codes[e]] == key
-        np.testing.assert_array_equal(A[e], a)
+        np.testing.assert_array_equal(A[e], rr.a[:3])
     np.testing.assert_array_equal(yk, y)
     np.testing.assert_array_equal(wk, np.ones(5))
     np.testing.assert_array_equal(kept, np.arange(5))
@@ -179,7 +179,7 @@ def test_read_columns_skip_drops_rows_with_missing_values():
 
 
 def test_read_columns_weights_and_time():
-    rr = RowReader(FORMULA, time_key="ts")
+    rr = RowReader(numeric_design(TEXT), time_key="ts")
     cols = {**_cols(), "ts": np.array([5.0, 1.0, 3.0, 2.0, 4.0])}
     *_, wk, tk, _ = rr.read_columns(cols, np.ones(5), np.array([1, 2, 0, 1, 3]))
     assert _reader().read_columns(_cols(), np.ones(5), None)[5] is None  # no time_key
@@ -193,7 +193,7 @@ def test_read_columns_weights_and_time():
 
 def test_read_columns_rejects_wrong_lengths_and_dtypes():
     cols = _cols()
-    with pytest.raises(ValueError, match="'x1'.*expected 4 values"):
+    with pytest.raises(ValueError, match="expected 4 values, got shape"):
         _reader().read_columns(cols, np.ones(4), None)
     with pytest.raises(ValueError, match="'x1'"):
         _reader().read_columns({**cols, "x1": np.array([True] * 5)}, np.ones(5), None)

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from streamlmm import kernels
-from streamlmm.formula import parse_formula
+from streamlmm.design import numeric_design
 from streamlmm.stats import GroupStats, check_key
 
-FORMULA = parse_formula("y ~ x1 + x2 + (1 + x1 | g)")
+FORMULA = numeric_design("y ~ x1 + x2 + (1 + x1 | g)")
 
 
 def _events(n: int, n_groups: int, seed: int = 0):
@@ -118,7 +118,7 @@ def test_center_is_the_median_of_group_means_on_shiftable_columns():
 
 
 def test_no_fixed_intercept_means_no_centre():
-    f = parse_formula("y ~ 0 + x1 + (1 | g)")
+    f = numeric_design("y ~ 0 + x1 + (1 | g)")
     st = GroupStats(f)
     st.add_one("a", np.array([7.0, 1.0]), 3.0, 1.0, 0.0)
     st.add_one("b", np.array([9.0, 1.0]), 5.0, 1.0, 0.0)
@@ -145,7 +145,7 @@ def test_an_extreme_first_event_changes_no_other_group():
 def test_widen_keeps_old_entries_and_zeros_the_new_column():
     """A new column (a factor level seen for the first time): earlier events had 0 in
     it, so widening then adding equals one pass with those zeros, bit for bit."""
-    wide_f = parse_formula("y ~ x1 + x2 + x3 + (1 + x1 | g)")
+    wide_f = numeric_design("y ~ x1 + x2 + x3 + (1 + x1 | g)")
     keys, A, y, w = _events(200, 8, seed=8)
     st = GroupStats(FORMULA)
     st.add(st.rows(keys[:120]), A[:120], y[:120], w[:120], np.zeros(120))
@@ -177,7 +177,7 @@ def test_widen_keeps_old_entries_and_zeros_the_new_column():
 def test_widen_refuses_reordered_columns():
     st = GroupStats(FORMULA)
     with pytest.raises(ValueError, match="appended"):
-        st.widen(parse_formula("y ~ x2 + x1 + (1 | g)"))
+        st.widen(numeric_design("y ~ x2 + x1 + (1 | g)"))
 
 
 @pytest.mark.parametrize("half_life", [None, 13.0])
@@ -208,7 +208,7 @@ def test_merge_of_shards_equals_one_pass(half_life):
 
 
 def test_merge_refuses_different_columns():
-    a, b = GroupStats(FORMULA), GroupStats(parse_formula("y ~ x1 + (1 | g)"))
+    a, b = GroupStats(FORMULA), GroupStats(numeric_design("y ~ x1 + (1 | g)"))
     with pytest.raises(ValueError, match="same columns"):
         GroupStats.merge([a, b])
 

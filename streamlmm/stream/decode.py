@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from streamlmm.design import Design
 from streamlmm.formula import Formula
 from streamlmm.rows import RowReader
 
@@ -126,18 +127,22 @@ class Decoder:
 
     def __init__(
         self,
-        formula: Formula,
+        formula: Formula | str | RowReader,
         time_key: str | None = None,
         missing: str = "raise",
         max_bytes: int = MAX_MESSAGE_BYTES,
     ):
-        self.formula = formula
-        self.reader = RowReader(formula, time_key, missing)
+        if isinstance(formula, RowReader):  # a model's own reader: levels are shared
+            self.reader = formula
+            time_key = formula.time_key
+        else:
+            self.reader = RowReader(Design(formula), time_key, missing)
+        self.response = self.reader.response
         self.time_key = time_key
         self.max_bytes = max_bytes
         self.n_skipped = 0
 
-    def _one(self, value: bytes | None, a: np.ndarray):
+    def _one(self, value: bytes | None):
         if value is None:
             raise ValueError("empty message (tombstone)")
         if len(value) > self.max_bytes:
@@ -149,18 +154,18 @@ class Decoder:
             raise ValueError(f"invalid JSON: {str(e)[:120]}") from None
         if not isinstance(x, dict):
             raise ValueError(f"event must be a JSON object, got {type(x).__name__}")
-        y = x.get(self.formula.response)
-        key = self.reader.read(x, y, a)
+        reader = self.reader
+        w = reader.weight(x.get("w"))
+        t = reader.time(x) if self.time_key is not None else 0.0
+        key = reader.read(x, x.get(self.response))
         if key is None:
             return None
-        w = self.reader.weight(x.get("w"))
-        t = self.reader.time(x) if self.time_key is not None else 0.0
-        return key, float(y), w, t
+        return key, reader.y, w, t
 
     def decode(self, records: list[Record]) -> Batch:
         """Decode a poll's records; never raises for bad content."""
         n = len(records)
-        A = np.empty((n, self.formula.k))
+        rows: list[np.ndarray] = []
         y, w, t = np.empty(n), np.empty(n), np.empty(n)
         keys: list = []
         kept: list[Record] = []
@@ -168,7 +173,7 @@ class Decoder:
         for rec in records:
             i = len(keys)
             try:
-                got = self._one(rec.value, A[i])
+                got = self._one(rec.value)
             except ValueError as e:
                 dead.append(DeadLetter(rec, str(e)))
                 continue
@@ -177,7 +182,12 @@ class Decoder:
                 continue
             keys.append(got[0])
             kept.append(rec)
+            rows.append(self.reader.a[: self.reader.design.k].copy())
             y[i], w[i], t[i] = got[1], got[2], got[3]
         m = len(keys)
+        # a level first seen in this poll widened the design: earlier rows had 0 there
+        A = np.zeros((m, self.reader.design.k))
+        for i, a in enumerate(rows):
+            A[i, : a.shape[0]] = a
         t_kept = t[:m] if self.time_key is not None else None
-        return Batch(keys, A[:m], y[:m], w[:m], t_kept, dead, kept)
+        return Batch(keys, A, y[:m], w[:m], t_kept, dead, kept)

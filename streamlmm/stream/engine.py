@@ -76,10 +76,8 @@ class Engine:
         self.cfg = config
         self.store = LocalStore(config.snapshot_dir, keep=config.keep_snapshots)
         self.formula = parse_formula(config.formula)
-        self.decoder = Decoder(
-            self.formula, config.time_key, config.missing, config.max_message_bytes
-        )
         self.model, self.offsets, self.meta = self._restore()
+        self.decoder = Decoder(self.model._reader, max_bytes=config.max_message_bytes)
         self.home: dict = {
             key_from_json(k): int(p) for k, p in self.meta.get("home_partitions", [])
         }

@@ -1,0 +1,54 @@
+"""Scalar values of events: what counts as a number, and a missing value.
+
+Every path that reads a field (``learn_one``, ``learn_many``, the stream decoder, the
+design's transforms) uses :func:`number`, so all of them accept and reject the same
+things with the same words.
+
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Missing", "number", "MAX_ABS"]
+
+MAX_ABS = 1e150  # |value| at which w·v·v' could overflow: such an event is refused
+
+
+class Missing(ValueError):
+    """A field is absent, None or NaN (``missing="skip"`` drops such rows)."""
+
+
+def number(name: str, v: Any) -> float:
+    """A finite float from ``v``, or ``ValueError`` naming the field.
+
+    >>> number("x", 2)
+    2.0
+    >>> number("x", "2")
+    Traceback (most recent call last):
+    ...
+    ValueError: field 'x': expected a number, got str
+
+    """
+    if type(v) is float and -MAX_ABS <= v <= MAX_ABS:  # fast path (NaN fails both)
+        return v
+    if v is None:
+        raise Missing(f"field {name!r}: missing")
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.number)):
+        raise ValueError(f"field {name!r}: expected a number, got {type(v).__name__}")
+    try:
+        f = float(v)
+    except OverflowError:  # an int beyond float range
+        raise ValueError(f"field {name!r}: not finite (integer out of range)") from None
+    if not math.isfinite(f):
+        if math.isnan(f):
+            raise Missing(f"field {name!r}: NaN")
+        raise ValueError(f"field {name!r}: not finite ({f})")
+    if not -MAX_ABS <= f <= MAX_ABS:
+        raise ValueError(
+            f"field {name!r}: {f:g} is beyond ±{MAX_ABS:g}, where its products would overflow"
+        )
+    return f
