@@ -46,9 +46,9 @@ pytestmark = [
 ]
 
 FORMULA = "y ~ x1 + x2 + (1 + x1 | g)"
+# lme4's reference cases live in the repository (tests/data); STREAMLMM_REFERENCE overrides
 REFERENCE = Path(
-    os.environ.get("STREAMLMM_REFERENCE")
-    or Path(__file__).resolve().parents[2].parent / "shared" / "reference"
+    os.environ.get("STREAMLMM_REFERENCE") or Path(__file__).resolve().parents[1] / "data"
 )
 REL = 1e-9  # "the same statistics": estimates at a common θ, and refits
 
