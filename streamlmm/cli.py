@@ -1,4 +1,8 @@
-"""Command line: ``streamlmm run | simulate | summary | plot``."""
+"""Command line: ``streamlmm run | simulate | summary | plot`` (also ``python -m streamlmm``).
+
+A user error (bad settings, a missing file or directory, a changed source, an
+unreachable broker) ends with one line on stderr and exit code 2, never a traceback.
+"""
 
 from __future__ import annotations
 
@@ -23,56 +27,180 @@ def _run(args: argparse.Namespace) -> int:
     return code
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="streamlmm", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+def _default(name: str) -> str:
+    """The engine's default of a ``run`` setting, for the help text."""
+    import dataclasses
 
-    r = sub.add_parser("run", help="consume a stream into a model; write snapshots")
-    r.add_argument("--config", help="TOML file of settings (also STREAMLMM_CONFIG)")
-    r.add_argument("--source", help="kafka://HOST:PORT/TOPIC | jsonl:PATH | jsonl:-")
-    r.add_argument("--formula", help='lme4 formula, e.g. "y ~ x1 + (1 + x1 | g)"')
-    r.add_argument("--method", choices=("REML", "ML"))
-    r.add_argument("--snapshot-dir")
-    r.add_argument("--consumer-group")
-    r.add_argument("--partitions", help="only these partitions of a kafka topic, e.g. 0,2")
-    r.add_argument("--snapshot-every-events", type=int)
-    r.add_argument("--snapshot-every-seconds", type=float)
-    r.add_argument(
-        "--dead-letter", help="kafka topic (kafka source), or JSON-lines PATH / jsonl:PATH"
+    from streamlmm.stream.engine import EngineConfig
+
+    f = {f.name: f for f in dataclasses.fields(EngineConfig)}[name]
+    if f.default is dataclasses.MISSING or f.default is None:
+        return ""
+    return f" (default: {f.default})"
+
+
+def _parser() -> argparse.ArgumentParser:
+    from streamlmm import __version__
+
+    p = argparse.ArgumentParser(
+        prog="streamlmm",
+        description="Exact linear mixed models (lme4's REML/ML) on event streams.",
     )
-    r.add_argument("--publish-topic", help="compacted topic of per-group effects")
+    p.add_argument("--version", action="version", version=f"streamlmm {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    r = sub.add_parser(
+        "run",
+        help="consume a stream into a model; write snapshots",
+        description=(
+            "Consume a stream into a model and write snapshots. Every setting can also "
+            "come from a STREAMLMM_<NAME> environment variable or the TOML file of "
+            "--config; a flag wins over the environment, which wins over the file. "
+            "Required: --source, --formula, --snapshot-dir (by flag, variable or file)."
+        ),
+        epilog=(
+            "Restarts resume from the newest valid snapshot in --snapshot-dir. A "
+            "JSON-lines file must still start with the bytes the snapshot consumed "
+            "(checked by length and sha256); stdin must replay the consumed stream from "
+            "its start, and only what follows it is new. Otherwise the run is refused "
+            "(exit 2) unless --new-source says the source is new data. The last snapshot "
+            "(--until-end, SIGTERM, SIGINT) follows a full REML/ML refit."
+        ),
+    )
+    req = r.add_argument_group("required (flag, STREAMLMM_<NAME> or --config file)")
+    req.add_argument(
+        "--source",
+        metavar="SPEC",
+        help="kafka://HOST:PORT/TOPIC | jsonl:PATH | jsonl:- (stdin) [required]",
+    )
+    req.add_argument("--formula", help='lme4 formula, e.g. "y ~ x1 + (1 + x1 | g)" [required]')
+    req.add_argument(
+        "--snapshot-dir",
+        metavar="DIR",
+        help="directory of snapshots, created if missing [required]",
+    )
+    r.add_argument("--config", metavar="FILE", help="TOML file of settings (also STREAMLMM_CONFIG)")
+    r.add_argument("--method", choices=("REML", "ML"), help="criterion" + _default("method"))
+    r.add_argument(
+        "--consumer-group",
+        metavar="ID",
+        help="Kafka consumer group the offsets are committed to" + _default("consumer_group"),
+    )
+    r.add_argument(
+        "--partitions",
+        metavar="LIST",
+        help="only these partitions of a Kafka topic, e.g. 0,2 (default: all)",
+    )
+    r.add_argument(
+        "--kafka-client",
+        choices=("auto", "kafka-python", "confluent-kafka"),
+        help="Kafka consumer: auto is confluent-kafka when installed (the "
+        "'streamlmm[confluent]' extra), else kafka-python" + _default("kafka_client"),
+    )
+    r.add_argument(
+        "--snapshot-every-events",
+        type=int,
+        metavar="N",
+        help="snapshot after this many events" + _default("snapshot_every_events"),
+    )
+    r.add_argument(
+        "--snapshot-every-seconds",
+        type=float,
+        metavar="S",
+        help="snapshot after this many seconds with new events"
+        + _default("snapshot_every_seconds"),
+    )
+    r.add_argument(
+        "--dead-letter",
+        metavar="DEST",
+        help="where bad events go: a Kafka topic (with a Kafka source; transactional, "
+        "read it with isolation_level=read_committed), or a JSON-lines PATH / jsonl:PATH "
+        "(default: logged only)",
+    )
+    r.add_argument(
+        "--publish-topic",
+        metavar="TOPIC",
+        help="compacted Kafka topic of per-group effects, transactional (default: none)",
+    )
     r.add_argument(
         "--until-end",
         action="store_true",
         default=None,
-        help="exit 0 once caught up with the end offsets seen at start",
+        help="exit 0 once caught up with the end offsets seen at start (default: run "
+        "until SIGTERM/SIGINT)",
     )
-    r.add_argument("--half-life", type=float, help="forgetting half-life in event-time units")
-    r.add_argument("--time-key", help="event-time field (default ts with --half-life)")
-    r.add_argument("--missing", choices=("raise", "skip"))
-    r.add_argument("--em-every", type=int)
-    r.add_argument("--refit-every", type=int)
-    r.add_argument("--max-poll-records", type=int)
-    r.add_argument("--progress-seconds", type=float)
+    r.add_argument(
+        "--new-source",
+        action="store_true",
+        default=None,
+        help="the source is new data: read it from its start and learn it on top of the "
+        "snapshot, without checking that it is the source the snapshot consumed "
+        "(default: off; a changed source is refused)",
+    )
+    r.add_argument(
+        "--half-life",
+        type=float,
+        metavar="H",
+        help="forgetting half-life in event-time units (default: no forgetting)",
+    )
+    r.add_argument(
+        "--time-key",
+        metavar="FIELD",
+        help="event-time field (default: none; ts with --half-life)",
+    )
+    r.add_argument(
+        "--missing",
+        choices=("raise", "skip"),
+        help="an event with a missing field: raise = dead letter, skip = drop and count"
+        + _default("missing"),
+    )
+    r.add_argument(
+        "--em-every",
+        type=int,
+        metavar="N",
+        help="ML-EM step every N events (default: the model's schedule)",
+    )
+    r.add_argument(
+        "--refit-every",
+        type=int,
+        metavar="N",
+        help="exact refit every N events (default: the model's schedule)",
+    )
+    r.add_argument(
+        "--max-poll-records",
+        type=int,
+        metavar="N",
+        help="records per poll" + _default("max_poll_records"),
+    )
+    r.add_argument(
+        "--progress-seconds",
+        type=float,
+        metavar="S",
+        help="progress line on stderr every S seconds, 0 for none" + _default("progress_seconds"),
+    )
     r.set_defaults(func=_run)
 
     from streamlmm.simulate import SCENARIOS, simulate_command
 
     s = sub.add_parser("simulate", help="write known-truth JSON events (and their truth)")
-    s.add_argument("--scenario", choices=SCENARIOS, default="basic")
+    s.add_argument("--scenario", choices=SCENARIOS, default="basic", help="(default: basic)")
     s.add_argument("--events", type=int, help="total events (default: the scenario's own)")
-    s.add_argument("--groups", type=int, default=1_000, help="groups of the basic scenario")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--rate", type=float, help="events per second at most")
-    s.add_argument("--to", default="-", help="- | jsonl:PATH | kafka://HOST:PORT/TOPIC")
+    s.add_argument(
+        "--groups", type=int, default=1_000, help="groups of the basic scenario (default: 1000)"
+    )
+    s.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    s.add_argument("--rate", type=float, help="events per second at most (default: unlimited)")
+    s.add_argument(
+        "--to", default="-", help="- | jsonl:PATH | kafka://HOST:PORT/TOPIC (default: - stdout)"
+    )
     s.add_argument("--truth", help="truth file (default: PATH.truth.json beside jsonl:PATH)")
     s.set_defaults(func=simulate_command)
 
     from streamlmm.summary import summary_command
 
     m = sub.add_parser("summary", help="lme4-style summary of the newest snapshot in DIR")
-    m.add_argument("snapshot_dir")
-    m.add_argument("--json", action="store_true")
+    m.add_argument("snapshot_dir", metavar="DIR")
+    m.add_argument("--json", action="store_true", help="JSON instead of text")
     m.add_argument("--groups", action="store_true", help="include every group's effects")
     m.add_argument("--vs-truth", metavar="FILE", help="compare with a simulation's truth")
     m.set_defaults(func=summary_command)
@@ -80,8 +208,8 @@ def _parser() -> argparse.ArgumentParser:
     from streamlmm.plot import plot_command
 
     pl = sub.add_parser("plot", help="PNG pictures of the newest snapshot in DIR")
-    pl.add_argument("snapshot_dir")
-    pl.add_argument("--out", required=True, help="directory for the PNG files")
+    pl.add_argument("snapshot_dir", metavar="DIR")
+    pl.add_argument("--out", required=True, help="directory for the PNG files [required]")
     pl.set_defaults(func=plot_command)
     return p
 
@@ -92,9 +220,30 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"streamlmm: error: {e}\n")
+    except _user_errors() as e:
+        sys.stderr.write(f"streamlmm: error: {_one_line(e)}\n")
         return 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are about the user's settings or data: a message, not a traceback."""
+    errors: list[type[BaseException]] = [ValueError, OSError, RuntimeError]
+    try:
+        from kafka.errors import KafkaError
+
+        errors.append(KafkaError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+def _one_line(e: BaseException) -> str:
+    """
+    >>> _one_line(ValueError("a\\nb"))
+    'a b'
+    """
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text
 
 
 if __name__ == "__main__":

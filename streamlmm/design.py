@@ -353,6 +353,18 @@ class Design:
         }
 
     @property
+    def plain(self) -> tuple[tuple[int, str], ...] | None:
+        """For a formula of plain numeric columns whose kinds are known, the pairs
+        ``(column, field)`` that copy a field into a column (the intercept columns are
+        :attr:`ones`); ``None`` otherwise. Bulk decoders use it."""
+        return tuple(self._direct) if self._fast else None
+
+    @property
+    def ones(self) -> tuple[int, ...]:
+        """Positions of the intercept column(s)."""
+        return tuple(self._ones)
+
+    @property
     def ready(self) -> bool:
         """Whether every field's kind is known (after the first learned event)."""
         return self._coding is not None

@@ -31,6 +31,8 @@ __all__ = ["MixedLM"]
 METHODS = ("REML", "ML")
 SCHEDULED_REFIT_EVALS = 200
 HISTORY_MAX = 256  # model-level records kept for trajectories
+RESID_EVERY = 64  # learn_one: every 64th event's scaled residual goes into the sketch
+RESID_PER_BATCH = 256  # learn_many / the engine: at most this many per batch
 
 
 class MixedLM(base.MiniBatchRegressor):
@@ -118,6 +120,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._next_refit = 1
         self._next_em = math.inf
         self._refreshed_at = -1
+        self._resid = ResidualSketch()
         self._blk = np.empty(0)  # predict_one scratch, sized by the parameters' q and p
         self._b1 = np.empty(0)
 
@@ -168,6 +171,10 @@ class MixedLM(base.MiniBatchRegressor):
             self._widen()
         self._stats.add_one(key, a, reader.y, wt, t)
         self.n_events += 1
+        if self._par is not None and self.n_events % RESID_EVERY == 0:
+            r = self._stats.index[key]
+            yhat = self._predict_union(a, r)
+            self._resid.update_one((reader.y - yhat) / math.sqrt(self._par.sigma2))
 
     def _restore_design(self, before: dict[str, Any]) -> None:
         """Put the design back to ``before`` if a failed call taught it anything."""
@@ -261,6 +268,33 @@ class MixedLM(base.MiniBatchRegressor):
             t = float(self.n_events) + 1.0 + np.arange(n if self.half_life else 0, dtype=float)
         self._stats.add(rows, A, y, w, t)
         self.n_events += n
+        if self._par is not None:
+            self._sample_residuals(rows, A, y)
+
+    def _sample_residuals(self, rows, A, y) -> None:
+        """Scaled residuals of up to :data:`RESID_PER_BATCH` evenly spaced events of a
+        batch, at the current parameters, into the quantile sketch."""
+        n = rows.shape[0]
+        pick = np.unique(np.linspace(0, n - 1, min(n, RESID_PER_BATCH)).astype(np.int64))
+        st, par = self._stats, self._par
+        out = np.empty(pick.shape[0])
+        fac = np.array([st.decay_factor(r) for r in rows[pick]]) if st.half_life else None
+        kernels.predict_rows(
+            st.M,
+            rows[pick],
+            A[pick],
+            par.c,
+            np.ones(pick.shape[0]) if fac is None else fac,
+            st.vpos,
+            par.zi,
+            par.xi,
+            st.k,
+            st.P,
+            par.lam,
+            par.beta,
+            out,
+        )
+        self._resid.update((y[pick] - out) / math.sqrt(par.sigma2))
 
     # -- parameters -----------------------------------------------------------------------
     @property
@@ -382,7 +416,10 @@ class MixedLM(base.MiniBatchRegressor):
         if fallback is not None:
             return fallback
         a = self._reader.features(x, impute=self._reader.skip)
-        r = self._group_row(x)
+        return self._predict_union(a, self._group_row(x))
+
+    def _predict_union(self, a: np.ndarray, r: int) -> float:
+        """The prediction for union values ``a`` in group row ``r`` (-1: unseen)."""
         st, par = self._stats, self._par
         return kernels.predict_event(
             st.M,
@@ -557,6 +594,7 @@ class MixedLM(base.MiniBatchRegressor):
             warnings=warns,
             optinfo=self.opt_summary.to_dict() if self.opt_summary is not None else {},
             history=self._history,
+            resid_quantiles=self._resid.quantiles(),
             offsets=offsets,
             meta={"created": time.time(), **meta},
             design=f.to_state(),
@@ -693,6 +731,37 @@ def _batch_columns(X, y, w):
             )
         out.append(arr)
     return {c: X[c].to_numpy() for c in X.columns}, out[0], out[1]
+
+
+class ResidualSketch:
+    """Approximate quantiles of the scaled residuals ``(y − ŷ)/σ`` (river's P² sketch),
+    for lme4's "Scaled residuals" line. Residuals are taken at the parameters current
+    when the event is learned (in-sample: the event is already in its group's BLUP), on
+    a sample of events; the sketch starts afresh when a model is restored."""
+
+    def __init__(self):
+        from river import stats
+
+        self._q = [stats.Quantile(q) for q in (0.25, 0.5, 0.75)]
+        self._min, self._max, self.n = math.inf, -math.inf, 0
+
+    def update_one(self, r: float) -> None:
+        if r != r:
+            return
+        for q in self._q:
+            q.update(r)
+        self._min, self._max, self.n = min(self._min, r), max(self._max, r), self.n + 1
+
+    def update(self, rs: np.ndarray) -> None:
+        for r in rs.tolist():
+            self.update_one(r)
+
+    def quantiles(self) -> dict[str, float]:
+        """``{"min", "1Q", "median", "3Q", "max"}``, empty before any residual."""
+        if not self.n:
+            return {}
+        q1, med, q3 = (q.get() for q in self._q)
+        return {"min": self._min, "1Q": q1, "median": med, "3Q": q3, "max": self._max}
 
 
 def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:

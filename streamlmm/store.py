@@ -5,6 +5,15 @@ the directory is fsynced, so a crash leaves either the old set of files or the n
 Readers take the newest file whose checksum verifies, so a corrupt or partial newest
 file falls back to the previous one.
 
+Reading never creates anything: :func:`load_snapshot` of a missing directory is a
+clear ``FileNotFoundError``, and a path that is a file is a ``NotADirectoryError``.
+Only a writer's store (``create=True``, or :meth:`LocalStore.write`) makes the directory.
+
+:func:`save_snapshot` and :func:`load_snapshot` are the file functions behind
+``Snapshot.save``/``Snapshot.load``. This module imports ``snapshot``; ``snapshot``
+imports this module only inside those two thin wrappers, so there is no import cycle
+at module level.
+
 """
 
 from __future__ import annotations
@@ -16,7 +25,7 @@ import re
 
 from streamlmm.snapshot import Snapshot, SnapshotError
 
-__all__ = ["LocalStore"]
+__all__ = ["LocalStore", "save_snapshot", "load_snapshot"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^snapshot-(\d{12})\.slmm$")
@@ -28,13 +37,16 @@ class LocalStore:
     Parameters
     ----------
     directory
-        Created if missing.
+        The snapshot directory.
     keep
         How many valid snapshots to retain (older ones are removed after each write).
+    create
+        Make the directory if it is missing (a writer's store). Without it, a missing
+        directory is an error when read and is made only by :meth:`write`.
 
     Examples
     --------
-    >>> import tempfile
+    >>> import tempfile, os
     >>> from streamlmm import MixedLM
     >>> m = MixedLM("y ~ x + (1 | g)")
     >>> for i in range(30):
@@ -44,15 +56,35 @@ class LocalStore:
     >>> path = store.write(m.snapshot())
     >>> store.latest().n_obs
     30.0
+    >>> LocalStore(os.path.join(d, "nope")).latest() is None
+    True
+    >>> load_snapshot(os.path.join(d, "nope"))
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: snapshot directory .../nope does not exist
+    >>> os.path.exists(os.path.join(d, "nope"))
+    False
 
     """
 
-    def __init__(self, directory, keep: int = 3):
+    def __init__(self, directory, keep: int = 3, create: bool = False):
         self.dir = pathlib.Path(directory)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.keep = max(1, int(keep))
+        if self.dir.exists() and not self.dir.is_dir():
+            raise NotADirectoryError(f"snapshot directory {self.dir} is a file, not a directory")
+        if create:
+            try:
+                self.dir.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # a file somewhere on the path
+                raise NotADirectoryError(
+                    f"cannot create snapshot directory {self.dir}: a file is in the way"
+                ) from None
 
     def _files(self) -> list[tuple[int, pathlib.Path]]:
+        if not self.dir.is_dir():
+            if self.dir.exists():
+                raise NotADirectoryError(f"snapshot directory {self.dir} is not a directory")
+            raise FileNotFoundError(f"snapshot directory {self.dir} does not exist")
         out = []
         for p in self.dir.iterdir():
             m = _NAME.match(p.name)
@@ -62,6 +94,7 @@ class LocalStore:
 
     def write(self, snapshot: Snapshot) -> pathlib.Path:
         """Write ``snapshot`` atomically as the newest file; returns its path."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         files = self._files()
         seq = files[-1][0] + 1 if files else 1
         path = self.dir / f"snapshot-{seq:012d}.slmm"
@@ -89,10 +122,32 @@ class LocalStore:
             os.close(fd)
 
     def latest(self) -> Snapshot | None:
-        """The newest snapshot that verifies, or ``None`` if there is none."""
+        """The newest snapshot that verifies, or ``None`` if there is none (also when
+        the directory does not exist: nothing is created)."""
+        if not self.dir.exists():
+            return None
         for _, path in reversed(self._files()):
             try:
                 return Snapshot.from_bytes(path.read_bytes())
             except (OSError, SnapshotError) as e:
                 log.warning("skipping invalid snapshot %s: %s", path.name, e)
         return None
+
+
+def save_snapshot(snapshot: Snapshot, directory) -> str:
+    """Write ``snapshot`` atomically into ``directory`` (created if missing); its path."""
+    return str(LocalStore(directory).write(snapshot))
+
+
+def load_snapshot(directory) -> Snapshot:
+    """The newest valid snapshot in ``directory``; never creates anything.
+
+    ``FileNotFoundError`` if the directory is missing or holds no valid snapshot.
+    """
+    store = LocalStore(directory)
+    if not store.dir.exists():
+        raise FileNotFoundError(f"snapshot directory {directory} does not exist")
+    snap = store.latest()
+    if snap is None:
+        raise FileNotFoundError(f"no valid snapshot in {directory}")
+    return snap

@@ -581,3 +581,32 @@ def test_refresh_schedule_runs_refits_and_em_steps(reference):
         m.predict_one(x)
     assert m.n_refits >= 3 and m.n_em_steps >= 3
     assert m.last_refit["ok"] and m.last_refit["n_events"] <= m.n_events
+
+
+def test_scaled_residual_quantiles_are_close_to_normal():
+    """On data drawn from the model, the sketch's quartiles of (y − ŷ)/σ are near the
+    standard normal's ±0.674 and its median near 0 (both learning paths)."""
+    rng = np.random.default_rng(11)
+    n, G = 40_000, 200
+    g = rng.integers(0, G, n)
+    x = rng.normal(size=n)
+    y = 1.0 + 0.5 * x + rng.normal(size=G)[g] + rng.normal(size=n)
+    X = pd.DataFrame({"g": g, "x": x})
+    many = MixedLM("y ~ x + (1 | g)")
+    one = MixedLM("y ~ x + (1 | g)")
+    ys = pd.Series(y)
+    for start in range(0, n, 2_000):
+        many.learn_many(X.iloc[start : start + 2_000], ys.iloc[start : start + 2_000])
+        if start == 0:
+            many.fit()  # residuals are sampled once there are parameters
+    for i, row in enumerate(X.iloc[:20_000].to_dict("records")):
+        one.learn_one(row, y[i])
+        if i == 2_000:
+            one.fit()
+    for m in (many, one):
+        q = m.fit().snapshot().resid_quantiles
+        assert set(q) == {"min", "1Q", "median", "3Q", "max"}
+        assert q["min"] < q["1Q"] < q["median"] < q["3Q"] < q["max"]
+        assert abs(q["median"]) < 0.1
+        assert q["1Q"] == pytest.approx(-0.674, abs=0.1)
+        assert q["3Q"] == pytest.approx(0.674, abs=0.1)

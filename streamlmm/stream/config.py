@@ -49,11 +49,18 @@ def _coerce(name: str, value: Any) -> Any:
         return value
     ftype = str(_FIELDS[name].type)
     if "bool" in ftype:
-        return value.strip().lower() in ("1", "true", "yes", "on")
-    if ftype.startswith("int"):
-        return int(value)
-    if "float" in ftype:
-        return float(value)
+        v = value.strip().lower()
+        if v not in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+            raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected true or false, got {value!r}")
+        return v in ("1", "true", "yes", "on")
+    try:
+        if ftype.startswith("int"):
+            return int(value)
+        if "float" in ftype:
+            return float(value)
+    except ValueError:
+        kind = "an integer" if ftype.startswith("int") else "a number"
+        raise ValueError(f"{ENV_PREFIX}{name.upper()}: expected {kind}, got {value!r}") from None
     return value
 
 
@@ -92,8 +99,11 @@ def load_config(
     path = path or env.get(ENV_PREFIX + "CONFIG")
     file_cfg: dict[str, Any] = {}
     if path:
-        with open(path, "rb") as fh:
-            file_cfg = tomllib.load(fh)
+        try:
+            with open(path, "rb") as fh:
+                file_cfg = tomllib.load(fh)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"config file {path}: {e}") from None
     file_kafka = file_cfg.pop("kafka", {})
     merged: dict[str, Any] = {}
     for name in _FIELDS:
@@ -116,4 +126,36 @@ def load_config(
         )
     if merged.get("half_life") is not None and merged.get("time_key") is None:
         merged["time_key"] = "ts"
+    _check(merged)
     return EngineConfig(**merged, kafka=_kafka_settings(file_kafka, env))
+
+
+_CHOICES = {
+    "method": ("REML", "ML"),
+    "missing": ("raise", "skip"),
+    "kafka_client": ("auto", "kafka-python", "confluent-kafka"),
+}
+_POSITIVE = (
+    "snapshot_every_events",
+    "snapshot_every_seconds",
+    "max_poll_records",
+    "max_message_bytes",
+    "keep_snapshots",
+    "em_every",
+    "refit_every",
+    "half_life",
+)
+
+
+def _check(merged: Mapping[str, Any]) -> None:
+    """Settings that the engine would reject later, rejected here with the flag's name."""
+    for name, choices in _CHOICES.items():
+        if name in merged and merged[name] not in choices:
+            raise ValueError(
+                f"--{name.replace('_', '-')} must be one of {', '.join(choices)}, "
+                f"got {merged[name]!r}"
+            )
+    for name in _POSITIVE:
+        v = merged.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and v > 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v!r}")

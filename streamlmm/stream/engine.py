@@ -1,9 +1,33 @@
 """The engine: consume → validate → update → refresh → snapshot → commit.
 
 It is a loop around :class:`~streamlmm.model.MixedLM`; the statistics, estimates and
-snapshots are the model's own. Exactly-once state: every snapshot records the offsets
-its statistics include, Kafka offsets are committed only after that snapshot is durable,
-and a restart resumes from the newest valid snapshot at its offsets.
+snapshots are the model's own.
+
+Exactly once
+------------
+- **State.** Every snapshot records the offsets its statistics include; a restart
+  resumes from the newest valid snapshot at its offsets. A JSON-lines source is also
+  checked to be the one the snapshot consumed (``stream/sources.py``).
+- **Exact at the end.** ``--until-end``, SIGTERM/SIGINT and every final checkpoint run
+  a full REML/ML fit before the last snapshot, so it equals the in-memory fit of the
+  same events however often the engine was killed on the way.
+- **Dead letters and effects on Kafka.** They are sent by one transactional producer,
+  in the transaction that also commits the consumed offsets to the consumer group. A
+  checkpoint builds the snapshot, sends the effects, commits the transaction with the
+  snapshot's offsets, and then writes the snapshot. A crash before the commit aborts
+  the transaction: the restart re-reads from the previous snapshot and sends those
+  records again. A crash between the commit and the snapshot leaves the group's
+  committed offsets ahead of the snapshot: the restart re-reads that range for the
+  statistics but does not send its dead letters again (they are committed), and
+  publishes effects again only once past it. The snapshot also records the offsets
+  committed with it, in case the group's offsets are lost.
+- **Dead letters in a file.** The file's length is in every snapshot; a restart
+  truncates the file back to it. A first run with a dead-letter file writes an empty
+  snapshot at start, so that even a crash before the first checkpoint is undone.
+- **Partitions.** Producers key messages by group, so every group lives on one
+  partition. The engine keeps the map group → home partition (in the snapshot's
+  ``meta["home"]`` as ``[key, partition]`` pairs); an event of a known group arriving on
+  another partition is a dead letter, never a silent merge across partitions.
 
 """
 
@@ -15,18 +39,17 @@ import signal
 import sys
 import time
 from collections.abc import Mapping
+from itertools import repeat
 from typing import Any
 
 import numpy as np
 
-from streamlmm.formula import parse_formula
-from streamlmm.keys import key_from_json, key_to_json
 from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot
 from streamlmm.store import LocalStore
-from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder
-from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, make_producer
-from streamlmm.stream.sources import KafkaSource, Source, open_source, tp_name
+from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder
+from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction
+from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
 
 __all__ = ["EngineConfig", "Engine"]
 
@@ -35,7 +58,11 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class EngineConfig:
-    """Everything ``streamlmm run`` takes; see ``streamlmm run --help``."""
+    """Everything ``streamlmm run`` takes; see ``streamlmm run --help``.
+
+    ``em_every`` and ``refit_every`` are ``None`` by default: the model's own schedule
+    (:class:`~streamlmm.model.MixedLM`) applies, so each default lives in one place.
+    """
 
     source: str
     formula: str
@@ -48,15 +75,17 @@ class EngineConfig:
     dead_letter: str | None = None
     publish_topic: str | None = None
     until_end: bool = False
+    new_source: bool = False
     half_life: float | None = None
     time_key: str | None = None
     missing: str = "raise"
-    em_every: int = 10_000
-    refit_every: int = 200_000
+    em_every: int | None = None
+    refit_every: int | None = None
     max_poll_records: int = 5_000
     max_message_bytes: int = MAX_MESSAGE_BYTES
     progress_seconds: float = 2.0
     keep_snapshots: int = 3
+    kafka_client: str = "auto"
     kafka: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -74,37 +103,43 @@ class Engine:
 
     def __init__(self, config: EngineConfig, source: Source | None = None):
         self.cfg = config
-        self.store = LocalStore(config.snapshot_dir, keep=config.keep_snapshots)
-        self.formula = parse_formula(config.formula)
-        self.model, self.offsets, self.meta = self._restore()
+        self.store = LocalStore(config.snapshot_dir, keep=config.keep_snapshots, create=True)
+        restored = self.store.latest()
+        self.model, offsets, self.meta = self._restore(restored)
+        # the model's own reader: factor levels learned while decoding are the model's
         self.decoder = Decoder(self.model._reader, max_bytes=config.max_message_bytes)
-        self.home: dict = {
-            key_from_json(k): int(p) for k, p in self.meta.get("home_partitions", [])
-        }
         self.source = source or open_source(
-            config.source, config.consumer_group, config.kafka, partitions=config.partitions
+            config.source,
+            config.consumer_group,
+            config.kafka,
+            partitions=config.partitions,
+            client=config.kafka_client,
         )
-        self.producer = None
-        bootstrap = None
-        if isinstance(self.source, KafkaSource) and (config.dead_letter or config.publish_topic):
-            bootstrap = config.source[len("kafka://") :].partition("/")[0]
-            self.producer = make_producer(bootstrap, config.kafka)
-        self.dead = DeadLetterSink(config.dead_letter, self.producer)
-        self.dead.count = int(self.meta.get("dead_letters", 0))
-        self.publisher = None
-        if config.publish_topic:
-            if self.producer is None:
-                raise ValueError("--publish-topic needs a kafka:// source")
-            self.publisher = EffectsPublisher(
-                config.publish_topic, self.producer, bootstrap, config.kafka
+        self.txn: Transaction | None = None
+        self.dead: DeadLetterSink | None = None
+        try:
+            self._open_sinks(restored)
+            self.offsets = self.source.resume(
+                offsets, self.meta.get("source_identity"), config.new_source
             )
+            self.floor = self._sink_floor() if self.txn is not None else {}
+        except BaseException:
+            self._close()
+            raise
+        self.home: dict = {}
+        if not config.new_source:
+            self.home = {k: int(p) for k, p in self.meta.get("home", ())}
+        self.check_home = isinstance(self.source, _KafkaBase)
         self.stop_requested = False
         self.last_snapshot: Snapshot | None = None
+        self._final_at: int | None = None
+        self.skipped0 = int(self.meta.get("skipped", 0))
+        if restored is None and self.dead.is_file:
+            self.checkpoint()  # records the dead-letter file's length before anything
 
     # -- state --------------------------------------------------------------------------
-    def _restore(self) -> tuple[MixedLM, dict[str, int], dict[str, Any]]:
+    def _restore(self, snap: Snapshot | None) -> tuple[MixedLM, dict[str, int], dict[str, Any]]:
         cfg = self.cfg
-        snap = self.store.latest()
         if snap is not None and snap.state is not None:
             if snap.formula != cfg.formula or snap.method != cfg.method:
                 raise ValueError(
@@ -115,46 +150,115 @@ class Engine:
                 "resuming from snapshot at %d events, offsets %s", snap.n_events, dict(snap.offsets)
             )
             return MixedLM.from_snapshot(snap), dict(snap.offsets), dict(snap.meta)
+        schedule = {
+            k: v
+            for k, v in (("em_every", cfg.em_every), ("refit_every", cfg.refit_every))
+            if v is not None
+        }
         model = MixedLM(
             cfg.formula,
             cfg.method,
             half_life=cfg.half_life,
             time_key=cfg.time_key,
             missing=cfg.missing,
-            em_every=cfg.em_every,
-            refit_every=cfg.refit_every,
+            **schedule,
         )
         return model, {}, {}
 
-    def checkpoint(self) -> Snapshot:
-        """Snapshot durably, then commit the offsets it holds, then publish."""
-        self._retry("flush dead letters", self.dead.flush)
-        snap = self.model.snapshot(
-            offsets=self.offsets,
-            source=self.cfg.source,
-            dead_letters=self.dead.count,
-            home_partitions=[[key_to_json(k), p] for k, p in self.home.items()],
-            skipped=self.decoder.n_skipped + int(self.meta.get("skipped", 0)),
-        )
-        self.store.write(snap)
-        try:
-            self.source.commit(self.offsets)
-        except Exception as e:  # the snapshot, not Kafka, is the source of truth
-            log.warning("offset commit failed (will retry at the next snapshot): %s", e)
-        if self.publisher is not None:
-            self._retry("publish effects", lambda: self.publisher.publish(snap))
-        self.last_snapshot = snap
-        return snap
+    def _open_sinks(self, restored: Snapshot | None) -> None:
+        cfg, src = self.cfg, self.source
+        dead_topic = bool(cfg.dead_letter) and not cfg.dead_letter.startswith("jsonl:")
+        kafka = isinstance(src, _KafkaBase)
+        if cfg.publish_topic and not kafka:
+            raise ValueError("--publish-topic needs a kafka:// source")
+        bootstrap = cfg.source[len("kafka://") :].partition("/")[0] if kafka else None
+        if kafka and (dead_topic or cfg.publish_topic):
+            tid = f"streamlmm:{cfg.consumer_group}:{src.spec()}"
+            self.txn = Transaction(bootstrap, tid, cfg.kafka)
+        self.dead = DeadLetterSink(cfg.dead_letter, self.txn)
+        self.dead.count = int(self.meta.get("dead_letters", 0))
+        if self.dead.is_file and restored is not None:
+            self.dead.truncate(int(self.meta.get("dead_letter_bytes", 0)))
+        self.publisher = None
+        if cfg.publish_topic:
+            self.publisher = EffectsPublisher(cfg.publish_topic, self.txn, bootstrap, cfg.kafka)
 
-    def _retry(self, what: str, fn, max_backoff_s: float = 10.0) -> None:
-        delay = 0.5
-        while True:
+    def _sink_floor(self) -> dict[str, int]:
+        """Per partition, the offset below which dead letters and effects are already
+        committed to Kafka (a crash came between a commit and its snapshot)."""
+        if self.cfg.new_source:
+            return {}
+        committed: dict[str, int | None] = {}
+        for attempt in range(30):
             try:
-                return fn()
-            except Exception as e:
-                log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
-                time.sleep(delay)
-                delay = min(2 * delay, max_backoff_s)
+                committed = self.source.committed()
+                break
+            except Exception as e:  # noqa: BLE001 - broker not ready yet
+                log.warning("reading committed offsets failed (%s); retrying", e)
+                time.sleep(min(1.0, 0.1 * 2**attempt))
+        else:
+            raise RuntimeError("could not read the consumer group's committed offsets")
+        recorded = dict(self.meta.get("committed", {}))
+        floor = {}
+        for name in set(committed) | set(recorded):
+            f = max(int(committed.get(name) or 0), int(recorded.get(name) or 0))
+            if f > self.offsets.get(name, 0):
+                floor[name] = f
+        if floor:
+            log.info(
+                "committed offsets %s are ahead of the snapshot's %s: re-reading that range "
+                "for the statistics only",
+                floor,
+                {k: self.offsets.get(k, 0) for k in floor},
+            )
+        return floor
+
+    def _past_floor(self) -> bool:
+        return all(self.offsets.get(k, 0) >= f for k, f in self.floor.items())
+
+    def checkpoint(self, final: bool = False) -> Snapshot:
+        """Snapshot durably with the sinks' records; ``final`` refits to the optimum first."""
+        if final:
+            t0 = time.perf_counter()
+            self.model.fit()
+            log.info("final fit in %.2fs", time.perf_counter() - t0)
+        self.dead.flush()
+        commit = dict(self.offsets)
+        for k, f in self.floor.items():
+            commit[k] = max(commit.get(k, 0), f)
+        meta: dict[str, Any] = {
+            "source": self.cfg.source,
+            "dead_letters": self.dead.count,
+            "skipped": self.decoder.n_skipped + self.skipped0,
+            "source_identity": self.source.identity(),
+            "final": final,
+        }
+        if self.dead.is_file:
+            meta["dead_letter_bytes"] = self.dead.position()
+        if self.check_home:
+            meta["home"] = [[k, p] for k, p in self.home.items()]
+        if self.txn is not None:
+            meta["committed"] = commit
+        snap = self.model.snapshot(offsets=self.offsets, **meta)
+        if self.txn is not None:
+            published = False
+            if self.publisher is not None and self._past_floor():
+                self.publisher.publish(snap)
+                published = True
+            self.txn.commit(commit, self.source.topic, self.source.group_id)
+            if published:
+                self.publisher.last = snap
+            self.store.write(snap)
+        else:
+            self.store.write(snap)
+            try:
+                self.source.commit(self.offsets)
+            except Exception as e:  # the snapshot, not Kafka, is the source of truth
+                log.warning("offset commit failed (will retry at the next snapshot): %s", e)
+        self.floor = {k: f for k, f in self.floor.items() if self.offsets.get(k, 0) < f}
+        self.last_snapshot = snap
+        self._final_at = self.model.n_events if final else None
+        return snap
 
     # -- loop ---------------------------------------------------------------------------
     def _install_signals(self) -> None:
@@ -164,23 +268,29 @@ class Engine:
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
 
-    def _keep_groups_home(self, batch) -> None:
-        """Every group lives on one partition (producers key by group, docs/design.md §6), so
-        that state stays local to partitions; an event of a known group arriving on
-        another partition is a dead letter, not a silent merge across partitions."""
-        home = self.home
-        away = np.zeros(len(batch), dtype=bool)
-        where = [0] * len(batch)
-        for i, (key, part) in enumerate(zip(batch.keys, batch.parts)):
-            h = home.setdefault(key, part)
-            if h != part:
-                away[i], where[i] = True, int(h)
+    def _keep_groups_home(self, batch: Batch) -> None:
+        """An event of a known group arriving on another partition is a dead letter; a
+        new group's home is the partition of its first (weighted) event."""
+        n = len(batch)
+        if not n:
+            return
+        parts, home, keys = batch.parts, self.home, batch.keys
+        h = np.fromiter(map(home.get, keys, repeat(-1)), np.int64, n)
+        new = np.flatnonzero(h < 0)
+        for i in new:
+            p = home.get(keys[i])
+            if p is None:
+                p = int(parts[i])
+                if batch.w[i] > 0:  # a group has a home once it has statistics
+                    home[keys[i]] = p
+            h[i] = p
+        away = h != parts
         if away.any():
             batch.drop(
                 away,
                 lambda i: (
-                    f"group {batch.keys[i]!r} lives on partition {where[i]} but arrived "
-                    f"on partition {batch.records[i].partition}: producers must key by group"
+                    f"group {keys[i]!r} lives on partition {h[i]} but arrived "
+                    f"on partition {parts[i]}: producers must key by group"
                 ),
             )
 
@@ -192,37 +302,66 @@ class Engine:
     def _poll(self):
         try:
             return self.source.poll(self.cfg.max_poll_records, 0.5)
-        except Exception as e:  # broker gone: back off and carry on
+        except Exception as e:  # noqa: BLE001 - broker gone: back off and carry on
             log.warning("poll failed (%s); retrying", e)
             time.sleep(1.0)
-            return []
+            return None
+
+    def _retry(self, what: str, fn, max_backoff_s: float = 10.0):
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s failed (%s); retrying in %.1fs", what, e, delay)
+                time.sleep(delay)
+                delay = min(2 * delay, max_backoff_s)
+
+    def step(self, polled) -> int:
+        """Learn one poll: decode, keep groups home, dead letters, statistics, offsets."""
+        batch = self.decoder.decode(polled)
+        if self.check_home:
+            self._keep_groups_home(batch)
+        if batch.dead:
+            dead = batch.dead
+            if self.floor:  # already committed before a crash: count, don't send again
+                topic = self.source.topic
+                fl = self.floor
+                send = [
+                    d
+                    for d in dead
+                    if d.record.offset >= fl.get(tp_name(topic, d.record.partition), 0)
+                ]
+                self.dead.count += len(dead) - len(send)
+                dead = send
+            self.dead.send(dead)
+        if len(batch):
+            self.model.learn_batch(batch.keys, batch.A, batch.y, batch.w, batch.t)
+        topic = self.source.topic
+        for p, off in polled.last_offsets().items():
+            name = tp_name(topic, p)
+            if off > self.offsets.get(name, 0):
+                self.offsets[name] = off
+        return len(polled)
 
     def run(self, install_signals: bool = True) -> int:
-        """Consume until stopped (SIGTERM/SIGINT) or caught up; returns an exit code."""
+        """Consume until stopped (SIGTERM/SIGINT) or caught up; returns an exit code.
+
+        The last snapshot is always taken after a full refit (``final``).
+        """
         cfg = self.cfg
         if install_signals:
             self._install_signals()
-        self.source.seek(self.offsets)
         targets: dict[str, int] = {}
-        if cfg.until_end:
-            self._retry("read end offsets", lambda: targets.update(self.source.end_offsets()))
-        since_events, since_t = 0, time.monotonic()
-        progress_t, progress_n = since_t, self.model.n_events
         try:
+            if cfg.until_end:
+                self._retry("read end offsets", lambda: targets.update(self.source.end_offsets()))
+            since_events, since_t = 0, time.monotonic()
+            progress_t, progress_n = since_t, self.model.n_events
             while not self.stop_requested:
-                records = self._poll()
-                if records:
-                    batch = self.decoder.decode(records)
-                    self._keep_groups_home(batch)
-                    if batch.dead:
-                        self.dead.send(batch.dead)
-                    if len(batch):
-                        self.model.learn_batch(batch.keys, batch.A, batch.y, batch.w, batch.t)
-                    last = {(r.topic, r.partition): r.offset for r in records}
-                    for (topic, part), off in last.items():
-                        name = tp_name(topic, part)
-                        self.offsets[name] = max(self.offsets.get(name, 0), off + 1)
-                    since_events += len(records)
+                polled = self._poll()
+                if polled is not None and len(polled):
+                    since_events += self.step(polled)
                 now = time.monotonic()
                 if since_events and (
                     since_events >= cfg.snapshot_every_events
@@ -231,29 +370,40 @@ class Engine:
                     self.checkpoint()
                     since_events, since_t = 0, time.monotonic()
                 if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
-                    self._progress(now - progress_t, self.model.n_events - progress_n, targets)
+                    self._progress(now - progress_t, self.model.n_events - progress_n)
                     progress_t, progress_n = now, self.model.n_events
                 if cfg.until_end and self._caught_up(targets):
                     break
+            if self._final_at != self.model.n_events or since_events:
+                self.checkpoint(final=True)
         finally:
-            if since_events or self.last_snapshot is None:
-                self.checkpoint()
-            self.source.close()
-            self.dead.close()
-            if self.producer is not None:
-                self.producer.close()
+            self._close()
         return 0
 
-    def _progress(self, dt: float, dn: int, targets: Mapping[str, int]) -> None:
-        try:
-            ends = self.source.end_offsets()
-        except Exception:  # broker away: report the lag against what we knew
-            ends = targets
-        lag = sum(max(0, end - self.offsets.get(tp, 0)) for tp, end in ends.items())
+    def _close(self) -> None:
+        for what in (self.source, self.dead, self.txn):
+            if what is None:
+                continue
+            try:
+                what.close()
+            except Exception as e:  # noqa: BLE001 - closing on the way out
+                log.warning("close failed: %s", e)
+
+    def _n_groups(self) -> int:
+        n = getattr(self.model, "n_groups", None)
+        if n is None:
+            n = len(self.home) if self.check_home else 0
+            if self.last_snapshot is not None:
+                n = max(n, self.last_snapshot.n_groups)
+        return int(n)
+
+    def _progress(self, dt: float, dn: int) -> None:
+        lag = self.source.lag(self.offsets)
         refit = self.model.last_refit
         sys.stderr.write(
             f"[streamlmm] {dn / dt if dt else 0:,.0f} ev/s | events {self.model.n_events:,} | "
-            f"lag {lag:,} | groups {self.model._stats.n_groups:,} | "
+            + (f"lag {lag} | " if lag is not None else "")
+            + f"groups {self._n_groups():,} | "
             f"last refit @{refit.get('n_events', '-')} ({refit.get('seconds', 0):.2f}s) | "
             f"dead letters {self.dead.count:,}\n"
         )

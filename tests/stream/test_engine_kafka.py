@@ -46,6 +46,7 @@ pytestmark = [
 ]
 
 FORMULA = "y ~ x1 + x2 + (1 + x1 | g)"
+# lme4's reference cases live in the repository (tests/data); STREAMLMM_REFERENCE overrides
 REFERENCE = Path(
     os.environ.get("STREAMLMM_REFERENCE") or Path(__file__).resolve().parents[1] / "data"
 )

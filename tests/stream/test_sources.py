@@ -15,14 +15,14 @@ def test_jsonl_offsets_are_line_numbers_and_seek_resumes(tmp_path):
     src2.seek({"jsonl:0": 4})
     rest = src2.poll(100, 0)
     assert [r.offset for r in rest] == list(range(4, 10)) and src2.exhausted
-    assert rest[0].value == b'{"i": 4}'
+    assert rest.record(0).value == b'{"i": 4}'
 
 
 def test_overlong_line_is_one_record_and_the_next_line_survives(tmp_path):
     p = tmp_path / "e.jsonl"
     p.write_bytes(b"x" * (3 * MAX_LINE_BYTES) + b"\n" + b'{"ok": 1}\n')
     recs = JsonlSource(str(p)).poll(10, 0)
-    assert len(recs) == 2 and recs[1].value == b'{"ok": 1}' and recs[1].offset == 1
+    assert len(recs) == 2 and recs.record(1).value == b'{"ok": 1}' and recs.record(1).offset == 1
 
 
 @pytest.mark.parametrize("spec", ["kafka://", "kafka://host:1", "mqtt://x", "file.jsonl"])

@@ -1,0 +1,208 @@
+"""Restarts that never silently drop or double-count, and the command line's manners.
+
+- a JSON-lines file replaced by a different or shorter one is refused (exit 2), a file
+  that only grew is resumed, and ``--new-source`` learns a new file on top;
+- stdin must replay the consumed stream from its start: a different stream is refused,
+  the same stream continues after its prefix, ``--new-source`` appends a new one;
+- the dead-letter file is cut back to the restored snapshot's length;
+- ``python -m streamlmm``, ``--version``, help with defaults, one-line user errors, and
+  read-only commands that create nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from streamlmm import MixedLM
+from streamlmm.formula import parse_formula
+from streamlmm.simulate import simulate
+from streamlmm.store import LocalStore
+from streamlmm.stream.decode import Decoder, Record
+
+FORMULA = "y ~ x1 + x2 + (1 + x1 | g)"
+ENV = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLMM_")}
+
+
+def cli(
+    *args: str, stdin: bytes | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "streamlmm", *args],
+        input=stdin if stdin is not None else b"",
+        capture_output=True,
+        env=ENV,
+        timeout=timeout,
+    )
+
+
+def events(n: int, seed: int) -> list[dict]:
+    out = list(simulate(n, 50, seed=seed))
+    for e in out:
+        del e["ts"]
+    return out
+
+
+def lines(evs: list[dict]) -> bytes:
+    return b"".join(json.dumps(e).encode() + b"\n" for e in evs)
+
+
+def run(source: str, snap: Path, *extra: str, stdin: bytes | None = None):
+    return cli(
+        "run", "--source", source, "--formula", FORMULA, "--snapshot-dir", str(snap),
+        "--progress-seconds", "0", "--until-end", *extra, stdin=stdin,
+    )  # fmt: skip
+
+
+def n_events(snap: Path) -> int:
+    return LocalStore(snap).latest().n_events
+
+
+def assert_refused(p: subprocess.CompletedProcess, what: bytes) -> None:
+    assert p.returncode == 2, p.stderr.decode()[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith(b"streamlmm: error:") and what in last, last
+    assert b"--new-source" in last and b"Traceback" not in p.stderr
+
+
+# -- JSON-lines files -----------------------------------------------------------------------
+def test_changed_or_shorter_file_is_refused_and_a_grown_one_resumed(tmp_path):
+    a, b = events(3000, 1), events(3000, 2)
+    src, snap = tmp_path / "e.jsonl", tmp_path / "snap"
+    src.write_bytes(lines(a[:2000]))
+    assert run(f"jsonl:{src}", snap).returncode == 0 and n_events(snap) == 2000
+
+    src.write_bytes(lines(b))  # same path, other (longer) content
+    assert_refused(run(f"jsonl:{src}", snap), b"sha256 mismatch")
+    src.write_bytes(lines(a[:1500]))  # the consumed file, shortened
+    assert_refused(run(f"jsonl:{src}", snap), b"shorter")
+    assert n_events(snap) == 2000  # nothing learned from either
+
+    os.remove(src)  # a new inode with the consumed prefix, then more: only the rest is new
+    src.write_bytes(lines(a))
+    assert run(f"jsonl:{src}", snap).returncode == 0 and n_events(snap) == 3000
+
+    other = tmp_path / "other.jsonl"
+    other.write_bytes(lines(b))
+    assert run(f"jsonl:{other}", snap, "--new-source").returncode == 0
+    final = LocalStore(snap).latest()
+    assert final.n_events == 6000 and final.offsets == {"jsonl:0": 3000}
+    mem = MixedLM(FORMULA)
+    for e in a + b:
+        mem.learn_one({k: e[k] for k in ("g", "x1", "x2")}, e["y"])
+    want = mem.fit().snapshot()
+    assert final.criterion == pytest.approx(want.criterion, rel=1e-6)
+    for k, v in want.fixef.items():
+        assert final.fixef[k] == pytest.approx(v, rel=1e-5)
+
+
+def test_stdin_must_replay_its_consumed_prefix(tmp_path):
+    a, b = events(2000, 3), events(2000, 4)
+    snap = tmp_path / "snap"
+    assert run("jsonl:-", snap, stdin=lines(a[:1000])).returncode == 0
+    assert n_events(snap) == 1000
+
+    assert_refused(run("jsonl:-", snap, stdin=lines(b)), b"sha256 mismatch")  # another stream
+    assert_refused(run("jsonl:-", snap, stdin=lines(a[:500])), b"shorter")  # ends in the prefix
+    assert n_events(snap) == 1000
+
+    assert run("jsonl:-", snap, stdin=lines(a)).returncode == 0  # replayed: the rest is new
+    assert n_events(snap) == 2000
+    assert run("jsonl:-", snap, "--new-source", stdin=lines(b)).returncode == 0
+    assert n_events(snap) == 4000
+
+
+def test_dead_letter_file_is_cut_back_to_the_restored_snapshot(tmp_path):
+    evs = events(1000, 5)
+    body = lines(evs).splitlines(keepends=True)
+    for i in range(0, 1000, 50):
+        body[i] = b'{"g": "a", "x1": "bad"}\n'
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(b"".join(body))
+    assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
+    good = dead.read_bytes()
+    assert len(good.splitlines()) == 20
+    with open(dead, "ab") as fh:  # as if a killed run had written past its last snapshot
+        fh.write(b'{"reason": "written after the snapshot"}\n')
+    assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
+    assert dead.read_bytes() == good
+
+
+# -- the command line ---------------------------------------------------------------------------
+def test_python_dash_m_version_and_help_with_defaults():
+    from streamlmm import __version__
+
+    v = cli("--version")
+    assert v.returncode == 0 and v.stdout.decode().strip() == f"streamlmm {__version__}"
+    h = cli("run", "--help")
+    text = " ".join(h.stdout.decode().split())
+    assert h.returncode == 0
+    for flag in ("--source", "--formula", "--snapshot-dir"):
+        assert flag in text
+    assert text.count("[required]") == 3
+    assert "(default: 100000)" in text and "(default: REML)" in text
+    assert "--new-source" in text and "stdin" in text
+
+
+def test_user_errors_are_one_line_and_read_only_commands_create_nothing(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    src = tmp_path / "e.jsonl"
+    src.write_bytes(lines(events(10, 6)))
+    for p in (
+        run(f"jsonl:{src}", afile),  # --snapshot-dir is a file
+        run(f"jsonl:{tmp_path / 'missing.jsonl'}", tmp_path / "s1"),
+        cli("summary", str(tmp_path / "nope")),
+        run(f"jsonl:{src}", tmp_path / "s2", "--snapshot-every-events", "0"),
+    ):
+        assert p.returncode == 2, p.stderr
+        assert b"Traceback" not in p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "nope").exists()
+    from streamlmm import Snapshot
+
+    with pytest.raises(FileNotFoundError):
+        Snapshot.load(tmp_path / "nope2")
+    assert not (tmp_path / "nope2").exists()
+
+
+# -- the decoder's two paths agree --------------------------------------------------------------
+def test_bulk_and_per_message_decoding_accept_and_reject_the_same():
+    rng = random.Random(11)
+    F = parse_formula(FORMULA)
+    pieces = [
+        '"g": "a"', '"g": 7', '"g": 7.0', '"g": true', '"g": null', '"g": "' + "k" * 300 + '"',
+        '"x1": 1', '"x1": 1.5', '"x1": "1"', '"x1": NaN', '"x1": 1e400', '"x1": null',
+        '"x2": -2', '"x2": false', '"y": 3', '"y": Infinity', '"w": 2', '"w": -1', '"w": null',
+        '"z": [1, {"q": "\\u00e9"}]', '"x1": 2',
+    ]  # fmt: skip
+    base = ['"g": "a"', '"x1": 1', '"x2": 2.5', '"y": 3']
+    msgs = []
+    for _ in range(3000):  # a valid event with 0-2 fields dropped or replaced, in any order
+        fields = list(base)
+        for _ in range(rng.choice((0, 0, 1, 2))):
+            fields[rng.randrange(len(fields))] = rng.choice(pieces + [""])
+        rng.shuffle(fields)
+        msgs.append(("{" + ", ".join(f for f in fields if f) + "}").encode())
+    msgs += [b"", b"[1]", b"\xff", b'{"g": "a", "x1": 1, "x2": 2, "y": 3}' * 2, None]
+    recs = [Record("t", 0, i, None, v) for i, v in enumerate(msgs)]
+    for missing in ("raise", "skip"):
+        bulk = Decoder(F, missing=missing).decode(recs)
+        ref = Decoder(F, missing=missing)
+        ref._fast = None  # the reference path only
+        one = ref.decode(recs)
+        assert bulk.keys == one.keys and [type(k) for k in bulk.keys] == [type(k) for k in one.keys]
+        np.testing.assert_array_equal(bulk.A, one.A)
+        np.testing.assert_array_equal(bulk.y, one.y)
+        np.testing.assert_array_equal(bulk.w, one.w)
+        assert [(d.record.offset, d.reason) for d in bulk.dead] == [
+            (d.record.offset, d.reason) for d in one.dead
+        ]
+        assert len(bulk) > 100 and len(bulk.dead) > 100
