@@ -354,6 +354,7 @@ class OptSummary:
     criterion: float = math.nan
     evals: int = 0  # criterion evaluations (one pass over the groups each)
     grad_evals: int = 0  # gradient passes
+    em_steps: int = 0  # ML-EM passes of a cold start
     iterations: int = 0
     grad_norm: float = math.nan  # max |g| over the free θ at the end
     scaled_grad: float = math.nan  # max |H⁻¹g| (lme4's checkConv)
@@ -375,6 +376,7 @@ class _Counted:
         self.max_evals = max_evals
         self.evals = 0
         self.grad_evals = 0
+        self.em_steps = 0
 
     @property
     def exhausted(self) -> bool:
@@ -590,22 +592,39 @@ def fit_theta(
     pr = dataclasses.replace(pr, theta=np.where(np.abs(pr.theta) < 1e-14, 0.0, pr.theta))
     _check_convergence(fn, pr, g, summary)
     summary.theta, summary.criterion = pr.theta.tolist(), pr.criterion
-    summary.evals, summary.grad_evals = fn.evals, fn.grad_evals
+    summary.evals, summary.grad_evals, summary.em_steps = fn.evals, fn.grad_evals, fn.em_steps
     summary.seconds = time.perf_counter() - t0
     return pr, summary
 
 
+EM_START_STEPS = 6  # ML-EM steps from Λ = I before Newton, on a cold start
+
+
 def _start(fn: _Counted, theta0) -> tuple[Profile | None, np.ndarray | None]:
-    """The first θ where the criterion is defined: the warm start, else Λ = I."""
+    """The first θ where the criterion is defined: the warm start; else a few ML-EM steps
+    from lme4's Λ = I (cheap passes that bring θ near the optimum, where Newton needs
+    few iterations), or Λ = I itself if EM does not improve on it."""
     prob = fn.prob
-    starts = [prob.start()] if theta0 is None else [np.asarray(theta0, float), prob.start()]
-    for x0 in starts:
-        if x0.shape != prob.start().shape:
-            continue
-        pr, g = fn.fg(np.maximum(x0, prob.lower()))
+    if theta0 is not None and np.shape(theta0) == prob.start().shape:
+        pr, g = fn.fg(np.maximum(np.asarray(theta0, float), prob.lower()))
         if pr is not None:
             return pr, g
-    return None, None
+    pr = fn.f(prob.start())
+    if pr is None:
+        return None, None
+    theta, beta, sigma2 = pr.theta, pr.beta, pr.sigma2
+    for _ in range(EM_START_STEPS if prob.n_groups > 1 else 0):
+        try:
+            theta, beta, sigma2 = em_step(prob, theta, beta, sigma2)
+        except np.linalg.LinAlgError:
+            break
+        fn.em_steps += 1
+        if not (np.all(np.isfinite(theta)) and sigma2 > 0):
+            break
+    best = fn.fg(theta) if not np.array_equal(theta, pr.theta) else (None, None)
+    if best[0] is not None and best[0].criterion < pr.criterion:
+        return best
+    return fn.fg(prob.start())
 
 
 # -- estimates in the user's columns ---------------------------------------------------------
