@@ -2,10 +2,30 @@
 
 from __future__ import annotations
 
+import os
+
+# numba's OpenMP threads must sleep, not spin, when idle: a spinning pool steals the CPU
+# from the process's own Python thread and from every other process (set before numba
+# starts its threading layer; a user's own setting wins)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "0")
+os.environ.setdefault("KMP_BLOCKTIME", "0")
+
+from streamlmm.checks import FitWarning
+from streamlmm.design import Design
 from streamlmm.formula import Formula, parse_formula
 from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot, SnapshotError
 from streamlmm.store import LocalStore
 
-__all__ = ["MixedLM", "Snapshot", "SnapshotError", "LocalStore", "Formula", "parse_formula"]
+__all__ = [
+    "MixedLM",
+    "Snapshot",
+    "SnapshotError",
+    "LocalStore",
+    "Formula",
+    "Design",
+    "FitWarning",
+    "parse_formula",
+]
 __version__ = "0.1.0"

@@ -1,10 +1,15 @@
 """MixedLM: the river face of the streaming mixed-model core.
 
 Learning only accumulates statistics (O(1) per event). Parameters are refreshed on a
-schedule counted in events: a cheap ML-EM step every ``em_every`` events and a
-warm-started exact REML/ML refit every ``refit_every`` events (geometrically more often
-while the stream is young). The refresh runs lazily, when a prediction or snapshot
-needs the parameters, so ``learn_many`` and a ``learn_one`` loop reach the same state.
+schedule driven by cost: a warm-started exact REML/ML refit whenever its amortised cost
+per event since the last one falls under ``refresh_budget`` microseconds (and whenever
+the stream has doubled, so a young stream refits at 1, 2, 4, … events), and a cheap
+ML-EM step in between under half that budget. Costs come from a deterministic model of
+the work (passes over the groups), not the clock, so two identical streams refresh
+identically. With few groups refits are cheap and frequent; with many, rare. Fixed
+counts (``refit_every``, ``em_every``) override it. The refresh runs lazily, when a
+prediction or snapshot needs the parameters, so ``learn_many`` and a ``learn_one`` loop
+reach the same state.
 A prediction always recomputes its group's BLUP from that group's current statistics,
 so every event moves its group's prediction at once.
 
@@ -13,6 +18,7 @@ so every event moves its group's prediction at once.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -30,6 +36,11 @@ __all__ = ["MixedLM"]
 
 METHODS = ("REML", "ML")
 SCHEDULED_REFIT_EVALS = 200
+# The schedule's cost model, µs per pass over the groups: overhead + per group. Measured
+# on the benchmark machine (scripts/bench_core.py); only the schedule depends on it.
+PASS_COST_US = (350.0, 0.5)
+EM_PASS_COST_US = (1000.0, 0.25)
+REFRESH_BUDGET_US = 100.0  # default refresh_budget: µs of refresh work per event, amortised
 HISTORY_MAX = 256  # model-level records kept for trajectories
 RESID_EVERY = 64  # learn_one: every 64th event's scaled residual goes into the sketch
 RESID_PER_BATCH = 256  # learn_many / the engine: at most this many per batch
@@ -54,10 +65,22 @@ class MixedLM(base.MiniBatchRegressor):
         ``"raise"``: a missing feature, group or target is a ``ValueError``. ``"skip"``:
         such an event is dropped and counted (lme4's ``na.omit``), and a prediction
         with a missing feature uses the column's reference value instead.
+    refresh_budget
+        Microseconds of refresh work per event, amortised: an exact refit runs when its
+        estimated cost spread over the events since the last one fits this budget, an
+        EM step when it fits half of it.
     em_every
-        Events between ML-EM steps on the variance components.
+        Events between ML-EM steps instead (``None``: the budget decides).
     refit_every
-        Events between exact (warm-started) REML/ML refits.
+        Events between exact (warm-started) REML/ML refits instead (``None``: the
+        budget decides).
+    threads
+        Threads for the sums over groups (``None``: ``$STREAMLMM_THREADS``, else every
+        core); they run in parallel only with enough groups to pay
+        (:data:`~streamlmm.estimate.PARALLEL_MIN_GROUPS`).
+    levels
+        Factor levels by field, reference first (``{"severity": ["mild", ...]}``); a
+        string field not listed takes its levels in order of appearance.
 
     Examples
     --------
@@ -82,16 +105,23 @@ class MixedLM(base.MiniBatchRegressor):
         half_life: float | None = None,
         time_key: str | None = None,
         missing: str = "raise",
-        em_every: int = 1_000,
-        refit_every: int = 50_000,
+        em_every: int | None = None,
+        refit_every: int | None = None,
         threads: int | None = None,
         levels: Mapping[str, list[str]] | None = None,
+        refresh_budget: float = REFRESH_BUDGET_US,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         for name, v in (("em_every", em_every), ("refit_every", refit_every)):
-            if not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
+            if v is not None and not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
+        if not (isinstance(refresh_budget, (int, float)) and refresh_budget > 0):
+            raise ValueError(f"refresh_budget must be a positive number, got {refresh_budget!r}")
+        if threads is None and os.environ.get("STREAMLMM_THREADS"):
+            threads = int(os.environ["STREAMLMM_THREADS"])
+        if threads is not None and not (isinstance(threads, int) and threads >= 1):
+            raise ValueError(f"threads must be a positive int, got {threads!r}")
         self.formula = formula
         self.method = method
         self.half_life = half_life
@@ -100,6 +130,7 @@ class MixedLM(base.MiniBatchRegressor):
         self.em_every = em_every
         self.refit_every = refit_every
         self.threads = threads
+        self.refresh_budget = refresh_budget
         self.levels = levels
         self._design = Design(formula, levels)
         self._formula = self._design.formula
@@ -352,8 +383,12 @@ class MixedLM(base.MiniBatchRegressor):
             "ok": bool(ok),
         }
         n = self.n_events
-        self._next_refit = min(2 * n, n + self.refit_every) if ok else n + 1
-        self._next_em = n + self.em_every
+        passes = summary.evals + summary.em_steps
+        gap = self._gap(passes, PASS_COST_US, 1.0, self.refit_every) if ok else 1
+        if self.refit_every is None:  # and whenever the stream has doubled (a young one)
+            gap = min(gap, max(n, 1))
+        self._next_refit = n + gap
+        self._next_em = n + self._gap(1, EM_PASS_COST_US, 0.5, self.em_every)
         self._refreshed_at = n
         self._record_history("refit")
         return self
@@ -371,10 +406,18 @@ class MixedLM(base.MiniBatchRegressor):
             if new is not None:
                 self._adopt(prob, new, "em")
         self.n_em_steps += 1
-        self._next_em = self.n_events + self.em_every
+        self._next_em = self.n_events + self._gap(1, EM_PASS_COST_US, 0.5, self.em_every)
         self._refreshed_at = self.n_events
         self._record_history("em")
         return self
+
+    def _gap(self, passes: int, cost: tuple[float, float], share: float, fixed) -> int:
+        """Events until the next refresh of a kind: ``fixed`` if set, else until the
+        estimated cost (µs) of this one, spread over them, fits ``share`` of the budget."""
+        if fixed is not None:
+            return fixed
+        us = passes * (cost[0] + cost[1] * self._stats.n_groups)
+        return max(1, math.ceil(us / (share * self.refresh_budget)))
 
     def refresh(self) -> bool:
         """Run whatever the schedule says is due (refit first, else EM); True if any ran."""
@@ -633,6 +676,7 @@ class MixedLM(base.MiniBatchRegressor):
             "levels": self.levels,
             "em_every": self.em_every,
             "refit_every": self.refit_every,
+            "refresh_budget": self.refresh_budget,
             "n_skipped": self.n_skipped,
             "n_refits": self.n_refits,
             "history": self._history,
@@ -658,8 +702,10 @@ class MixedLM(base.MiniBatchRegressor):
             m.n_events = sum(o.n_events for o in models)
             m.n_skipped = sum(o.n_skipped for o in models)
         m._refreshed_at = m.n_events
-        m._next_refit = m.n_events + m.refit_every if m._lam_u is not None else 1
-        m._next_em = m.n_events + m.em_every
+        m._next_refit = m.n_events + (
+            m._gap(20, PASS_COST_US, 1.0, m.refit_every) if m._lam_u is not None else 1
+        )
+        m._next_em = m.n_events + m._gap(1, EM_PASS_COST_US, 0.5, m.em_every)
         if m._lam_u is not None and m.n_events:
             m._restore_params()
         return m
@@ -686,6 +732,7 @@ class MixedLM(base.MiniBatchRegressor):
             em_every=s["em_every"],
             refit_every=s["refit_every"],
             levels=s.get("levels"),
+            refresh_budget=s.get("refresh_budget", REFRESH_BUDGET_US),
         )
         m._set_design(Design.from_state(snap.formula, s["design"]))
         m._stats = GroupStats.from_state(m._design, snap.keys, s)
