@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from streamlmm import kernels
 from streamlmm.formula import INTERCEPT, Expr, Formula, parse_formula
 from streamlmm.values import MAX_ABS, Missing, number
 
@@ -599,8 +600,9 @@ class Design:
     def encode_columns(self, cols: Mapping[str, Any], n: int, *, learn: bool) -> np.ndarray:
         """The union matrix ``A`` (n×k) of a batch given as columns.
 
-        A row with a missing value (None, NaN, or an absent column) is all NaN in ``A``;
-        it is neither an error here nor learned from. A bad value is a ``ValueError``
+        A row with a missing value (None, NaN, or an absent column) has NaN in ``A`` (in
+        every column, except on the plain-numeric path, where only in the missing
+        value's); it is neither an error here nor learned from. A bad value is a ``ValueError``
         naming the row and the field, and then nothing is learned from the batch. New
         kinds and levels are learned (``learn=True``) row by row in row order, exactly as
         a loop of :meth:`encode_one` would, so both give the same columns bitwise.
@@ -610,6 +612,10 @@ class Design:
         >>> d.columns, A[1].tolist(), bool(np.isnan(A[2]).all())
         (('(Intercept)', 'x1', 'fb', 'x1:fb'), [1.0, 2.0, 1.0, 2.0], True)
         """
+        if self._fast:
+            A = self._plain_columns(cols, n)
+            if A is not None:
+                return A
         m = len(self.fields)
         num: list[Any] = [None] * m
         fac: dict[int, tuple[np.ndarray, list]] = {}
@@ -681,6 +687,27 @@ class Design:
             self._rebuild()
         return self._fill_columns(num, fac, miss, n)
 
+    def _plain_columns(self, cols: Mapping[str, Any], n: int) -> np.ndarray | None:
+        """:meth:`encode_columns` for plain numeric columns in one numba pass per column
+        (``None``: a column is not a numeric array, so the general path decides)."""
+        arrs = []
+        for _, fld in self._direct:
+            arr = cols.get(fld)
+            arr = None if arr is None else np.asarray(arr)
+            if arr is None or arr.shape != (n,) or arr.dtype.kind not in "iuf":
+                return None
+            arrs.append(arr)
+        A = np.empty((n, len(self._names)))
+        for i in self._ones:
+            A[:, i] = 1.0
+        for (i, fld), arr in zip(self._direct, arrs):
+            r = kernels.copy_checked(A[:, i], arr)
+            if r >= 0:
+                raise ValueError(
+                    f"row {r}: field {fld!r}: {A[r, i]:g} is not finite or beyond ±{MAX_ABS:g}"
+                )
+        return A
+
     def _factor_column(self, fld: str, arr: np.ndarray, n: int):
         import pandas as pd
 
@@ -747,7 +774,15 @@ class Design:
         arr = np.asarray(y)
         if arr.ndim != 1:
             raise ValueError(f"field {e.fields[0]!r}: expected one value per row")
-        v = self._num_column(e.fields[0], arr, arr.shape[0])
+        if arr.dtype.kind in "iuf":
+            v = np.empty(arr.shape[0])
+            r = kernels.copy_checked(v, arr)
+            if r >= 0:
+                raise ValueError(
+                    f"row {r}: field {e.fields[0]!r}: {v[r]:g} is not finite or beyond ±{MAX_ABS:g}"
+                )
+        else:
+            v = self._num_column(e.fields[0], arr, arr.shape[0])
         if e.is_field:
             return v
         r = np.asarray(e.vector()([v]), dtype=float)

@@ -32,6 +32,7 @@ __all__ = [
     "first_overflow",
     "accumulate",
     "accumulate_one",
+    "accumulate_unit",
     "decay_all",
     "merge_rows",
     "cross_products",
@@ -156,6 +157,26 @@ def accumulate_one(M, tg, r, a, y, w, t, vi, inv_half_life, P, v):  # pragma: no
         v[i] = a[vi[i]]
     v[k] = y
     _add_event(M, tg, r, v, w, t, inv_half_life, P)
+
+
+@njit(**_OPTS)
+def accumulate_unit(M, r, a, y, vi, P):  # pragma: no cover - numba
+    """One event of weight 1 into row ``r``, without forgetting: ``learn_one``'s fast
+    path (few arguments, because a numba call costs per argument). The arithmetic is
+    :func:`_add_event`'s with ``w = 1``, so both give the same bits."""
+    k = vi.shape[0]
+    m = k + 1
+    n0 = M[r, 0]
+    n1 = n0 + 1.0
+    M[r, 0] = n1
+    f = 1.0 / n1
+    g = 1.0 * n0 / n1
+    for i in range(m):  # C += g d d' with d = v − m_old (the means move below)
+        gd = g * ((a[vi[i]] if i < k else y) - M[r, 1 + i])
+        for j in range(i, m):
+            M[r, 1 + m + P[i, j]] += gd * ((a[vi[j]] if j < k else y) - M[r, 1 + j])
+    for i in range(m):
+        M[r, 1 + i] += f * ((a[vi[i]] if i < k else y) - M[r, 1 + i])
 
 
 @njit(**_OPTS)

@@ -28,9 +28,11 @@ from river import base
 
 from streamlmm import checks, estimate, kernels
 from streamlmm.design import Design
+from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.rows import RowReader
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
+from streamlmm.values import MAX_ABS
 
 __all__ = ["MixedLM"]
 
@@ -152,6 +154,8 @@ class MixedLM(base.MiniBatchRegressor):
         self._next_em = math.inf
         self._refreshed_at = -1
         self._resid = ResidualSketch()
+        self._fast1 = None  # learn_one's fast path (see _fast_layout)
+        self._fastp = None  # predict_one's fast path (see _predict_layout)
         self._blk = np.empty(0)  # predict_one scratch, sized by the parameters' q and p
         self._b1 = np.empty(0)
 
@@ -180,6 +184,56 @@ class MixedLM(base.MiniBatchRegressor):
     # -- learning -------------------------------------------------------------------------
     def learn_one(self, x: Mapping[str, Any], y: float, w: float = 1.0) -> None:
         """Accumulate one event. Invalid input raises ``ValueError`` and changes nothing."""
+        fast = self._fast1
+        if fast is not None and w == 1.0 and type(y) is float and -MAX_ABS <= y <= MAX_ABS:
+            # the common event of a plain numeric formula: the same rules as the general
+            # path below (which handles everything else), without its calls
+            group, direct, a, st = fast
+            key = x.get(group)
+            if type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN):
+                for i, c in direct:
+                    v = x.get(c)
+                    if type(v) is float and -MAX_ABS <= v <= MAX_ABS:
+                        a[i] = v
+                    else:
+                        break
+                else:
+                    r = st.index.get(key)
+                    if r is None:
+                        r = st._new_row(key)
+                    n = self.n_events + 1
+                    kernels.accumulate_unit(st.M, r, a, y, st.vi, st.P)
+                    self.n_events = n
+                    if n % RESID_EVERY == 0 and self._par is not None:
+                        self._sample_one(a, r, y)
+                    return
+        self._learn_one(x, y, w)
+
+    def _fast_layout(self):
+        """What :meth:`learn_one`'s fast path needs, or ``None`` when it does not apply:
+        plain numeric columns known, the response a plain field, no time key or forgetting."""
+        d = self._design
+        if (
+            d.plain is None
+            or not self._formula.response_expr.is_field
+            or self.time_key is not None
+            or self.half_life is not None
+            or d.k != self._stats.k
+        ):
+            return None
+        if self._reader.a.shape[0] < d.k:
+            self._reader.a = np.empty(d.k)
+        a = self._reader.a
+        for i in d.ones:
+            a[i] = 1.0
+        return self._formula.group, d.plain, a, self._stats
+
+    def _sample_one(self, a: np.ndarray, r: int, y: float) -> None:
+        """One event's scaled residual into the sketch (every ``RESID_EVERY`` events)."""
+        yhat = self._predict_union(a, r)
+        self._resid.update_one((y - yhat) / math.sqrt(self._par.sigma2))
+
+    def _learn_one(self, x: Mapping[str, Any], y: float, w: float) -> None:
         reader = self._reader
         wt = reader.weight(w)
         t = reader.time(x) if self.time_key is not None else float(self.n_events + 1)
@@ -203,9 +257,9 @@ class MixedLM(base.MiniBatchRegressor):
         self._stats.add_one(key, a, reader.y, wt, t)
         self.n_events += 1
         if self._par is not None and self.n_events % RESID_EVERY == 0:
-            r = self._stats.index[key]
-            yhat = self._predict_union(a, r)
-            self._resid.update_one((reader.y - yhat) / math.sqrt(self._par.sigma2))
+            self._sample_one(a, self._stats.index[key], reader.y)
+        if self._fast1 is None:
+            self._fast1 = self._fast_layout()
 
     def _restore_design(self, before: dict[str, Any]) -> None:
         """Put the design back to ``before`` if a failed call taught it anything."""
@@ -216,6 +270,7 @@ class MixedLM(base.MiniBatchRegressor):
         """Adopt ``design`` (a restored one: a failed batch must leave no level behind)."""
         self._design = design
         self._formula = design.formula
+        self._fast1 = self._fastp = None
         self._reader.design = design
         self._stats.spec = design
 
@@ -224,6 +279,7 @@ class MixedLM(base.MiniBatchRegressor):
         statistics with exact zeros, and the fit's centre with zeros too."""
         k_old = self._stats.k
         self._stats.widen(self._design)
+        self._fast1 = self._fastp = None
         if self._par is not None:
             c = self._par.c
             grown = np.concatenate([c[:k_old], np.zeros(self._stats.k - k_old), c[k_old:]])
@@ -249,7 +305,7 @@ class MixedLM(base.MiniBatchRegressor):
         naming the row and field) and nothing changes; with ``"skip"`` rows with a
         missing value are dropped and counted in ``n_skipped``.
         """
-        cols, yv, wv = _batch_columns(X, y, w)
+        cols, yv, wv = _batch_columns(X, y, w, self._formula.group)
         n = len(yv)
         before = self._design.to_state()
         try:
@@ -356,6 +412,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._blk, self._b1 = np.empty(q * q + q * p + q), np.empty(q)
         self._lam_u = prob.to_user_lam(lam)
         self._param_source = (source, self.n_events)
+        self._fastp = None  # new parameters: every group's cached coefficients are stale
         return True
 
     def fit(self, max_evals: int = 500) -> MixedLM:
@@ -455,11 +512,61 @@ class MixedLM(base.MiniBatchRegressor):
 
         Under ``missing="skip"`` a missing feature takes its reference value.
         """
+        fast, n = self._fastp, self.n_events
+        if fast is not None and n < self._next_refit and n < self._next_em:
+            # a plain numeric formula, no refresh due: the group's cached coefficients
+            group, direct, st, cache, unseen = fast
+            key = x.get(group)
+            r = st.index.get(key, -1) if type(key) is int or type(key) is str else -1
+            coef = unseen if r < 0 else cache.get(key)
+            if coef is None or (r >= 0 and coef[0] != st.M[r, 0]):
+                coef = cache[key] = self._group_coefficients(r)
+            yhat = coef[1]
+            for (_, c), b in zip(direct, coef[2]):
+                v = x.get(c)
+                if type(v) is not float or not -MAX_ABS <= v <= MAX_ABS:
+                    break
+                yhat += b * v
+            else:
+                return yhat
         fallback = self._fallback()
         if fallback is not None:
             return fallback
         a = self._reader.features(x, impute=self._reader.skip)
-        return self._predict_union(a, self._group_row(x))
+        r = self._group_row(x)
+        if self._fastp is None:
+            self._fastp = self._predict_layout()
+        return self._predict_union(a, r)
+
+    def _predict_layout(self):
+        """What :meth:`predict_one`'s fast path needs, or ``None`` when it does not apply:
+        a plain numeric design, no forgetting, parameters. Per group it caches
+        ``(n_g, K, coefficients)`` with ``ŷ = K + Σ coefficient·x`` over the fields."""
+        d = self._design
+        if d.plain is None or self.half_life is not None or self._par is None:
+            return None
+        if d.k != self._stats.k:
+            return None
+        return self._formula.group, d.plain, self._stats, {}, self._group_coefficients(-1)
+
+    def _group_coefficients(self, r: int) -> tuple[float, float, tuple[float, ...]]:
+        """``(n_g, K, c)`` with ``ŷ = K + Σ_f c_f x_f`` for group row ``r`` (-1: unseen),
+        from ``ŷ = c_y + Σ (a_x − c_x)β̃ + Σ (a_z − c_z)b̃``, the intercept folded into K."""
+        st, par = self._stats, self._par
+        coef = np.zeros(st.k)
+        coef[par.xi] += par.beta
+        if r >= 0:
+            blk = self._blk
+            st.group_blocks(r, par.c, par.zi, par.xi, blk)
+            kernels.predict_group(
+                blk, par.zi.shape[0], par.xi.shape[0], par.lam, par.beta, self._b1
+            )
+            np.add.at(coef, par.zi, self._b1)
+        K = float(par.c[st.k] - coef @ par.c[: st.k])
+        ones = list(self._design.ones)
+        K += float(coef[ones].sum())
+        n_g = float(st.M[r, 0]) if r >= 0 else 0.0
+        return n_g, K, tuple(float(coef[i]) for i, _ in self._design.plain)
 
     def _predict_union(self, a: np.ndarray, r: int) -> float:
         """The prediction for union values ``a`` in group row ``r`` (-1: unseen)."""
@@ -746,7 +853,7 @@ class MixedLM(base.MiniBatchRegressor):
         return m
 
 
-def _batch_columns(X, y, w):
+def _batch_columns(X, y, w, group: str | None = None):
     """Columns of ``X`` and the arrays of ``y`` and ``w``, with errors that name what is
     wrong: ``X`` must be a DataFrame; ``y`` and ``w`` one value per row, aligned with
     ``X``'s index when they have one (never matched by position silently)."""
@@ -777,7 +884,8 @@ def _batch_columns(X, y, w):
                 f"{name} has shape {arr.shape}; expected ({len(X)},), one per row of X"
             )
         out.append(arr)
-    return {c: X[c].to_numpy() for c in X.columns}, out[0], out[1]
+    # the group column stays a Series: pandas factorizes its own string arrays fastest
+    return {c: X[c] if c == group else X[c].to_numpy() for c in X.columns}, out[0], out[1]
 
 
 class ResidualSketch:

@@ -17,7 +17,7 @@ import numpy as np
 
 from streamlmm import kernels
 from streamlmm.design import Design
-from streamlmm.keys import check_key
+from streamlmm.keys import MAX_KEY_LEN, check_key
 from streamlmm.values import MAX_ABS, Missing, number
 
 __all__ = ["RowReader", "MISSING_POLICIES", "MAX_BATCH", "Missing", "number"]
@@ -248,11 +248,12 @@ class RowReader:
         import pandas as pd
 
         name = self.group
-        arr = np.asarray(col)
+        arr = col if hasattr(col, "dtype") and hasattr(col, "shape") else np.asarray(col)
         if arr.shape != (n,):
             raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
         try:
             codes, uniques = pd.factorize(arr, use_na_sentinel=True)
+            uniques = getattr(uniques, "to_numpy", lambda: uniques)()
         except TypeError:  # an unhashable key (list, dict): name its row, as for any bad key
             for r, v in enumerate(arr):
                 try:
@@ -263,8 +264,13 @@ class RowReader:
                     except ValueError as e:
                         raise ValueError(f"row {r}: {e}") from None
             raise
+        if getattr(uniques, "dtype", None) is not None and uniques.dtype.kind in "iu":
+            return codes, uniques.tolist()  # integers (never bool): valid keys as they are
         checked = []
         for j, u in enumerate(uniques):
+            if type(u) is str and len(u) <= MAX_KEY_LEN:
+                checked.append(u)
+                continue
             try:
                 checked.append(check_key(u, name))
             except ValueError as e:

@@ -314,7 +314,19 @@ def estimates_at(model, theta_user) -> dict[str, Any]:
 # -- state comparison -------------------------------------------------------------------------
 # per-call buffers, and the residual sketch (a diagnostic that learn_one and learn_many
 # sample differently), are not the model's statistical state
-_SCRATCH = {"_A1", "_row1", "_y1", "_w1", "_t1", "_out1", "_blk", "_b1", "_resid"}
+_SCRATCH = {
+    "_A1",
+    "_row1",
+    "_y1",
+    "_w1",
+    "_t1",
+    "_out1",
+    "_blk",
+    "_b1",
+    "_resid",
+    "_fast1",
+    "_fastp",
+}
 
 
 def model_state(model) -> bytes:

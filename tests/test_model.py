@@ -610,3 +610,29 @@ def test_scaled_residual_quantiles_are_close_to_normal():
         assert abs(q["median"]) < 0.1
         assert q["1Q"] == pytest.approx(-0.674, abs=0.1)
         assert q["3Q"] == pytest.approx(0.674, abs=0.1)
+
+
+def test_predict_one_fast_path_equals_the_kernel():
+    """The cached per-group coefficients give the kernel's prediction, also right after
+    the group learns (cache keyed by n_g) and after new parameters (cache dropped)."""
+    rng = np.random.default_rng(3)
+    m = MixedLM("y ~ x1 + x2 + (1 + x1 | g)")
+    for _ in range(3_000):
+        g = int(rng.integers(0, 40))
+        x = {"g": g, "x1": float(rng.normal()), "x2": float(rng.normal())}
+        m.learn_one(x, 1.0 + 0.1 * g + x["x1"] * (0.5 + 0.01 * g) - x["x2"] + float(rng.normal()))
+    m.fit()
+
+    def kernel(x):
+        a = m._reader.features(x, impute=False).copy()
+        return m._predict_union(a, m._group_row(x))
+
+    for trial in range(3):
+        for g in [0, 5, 39, 1000, "new"]:
+            x = {"g": g, "x1": 0.3 * trial - 0.2, "x2": 1.5}
+            got = m.predict_one(x)
+            assert m._fastp is not None
+            assert got == pytest.approx(kernel(x), rel=1e-12, abs=1e-12)
+        m.learn_one({"g": 5, "x1": 2.0, "x2": 0.0}, 9.0)  # group 5 changes
+        if trial == 1:
+            m.fit()  # new parameters
