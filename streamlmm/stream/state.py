@@ -75,7 +75,7 @@ MAX_HEADER = 16 << 20
 class StateRecord:
     """A decoded state-topic record (a group's row, or a partition marker)."""
 
-    key: str | int | None  # None for a partition marker
+    key: str | int | None  # None for a partition marker (its source topic: ``topic``)
     partition: int
     offset: int  # the source offset (next to read) this write covers
     formula: str
@@ -83,6 +83,7 @@ class StateRecord:
     events: int = 0
     row: np.ndarray | None = None
     design: dict[str, Any] | None = None
+    topic: str = ""
 
     @property
     def is_marker(self) -> bool:
@@ -135,7 +136,9 @@ def encode_group(
     return key_to_json(key).encode(), _value(header, row)
 
 
-def encode_marker(partition: int, offset: int, formula: str, method: str) -> tuple[bytes, bytes]:
+def encode_marker(
+    partition: int, offset: int, formula: str, method: str, topic: str = ""
+) -> tuple[bytes, bytes]:
     """(key, value) of a partition marker: the source offset the partition's state covers.
 
     Every worker transaction writes one per partition it commits offsets for, so a reader
@@ -143,6 +146,7 @@ def encode_marker(partition: int, offset: int, formula: str, method: str) -> tup
     """
     header = {
         "kind": "marker",
+        "topic": topic,
         "formula": formula,
         "method": method,
         "partition": int(partition),
@@ -179,7 +183,7 @@ def decode_record(key: bytes | None, value: bytes | None) -> StateRecord:
     if kind == "marker":
         if key != marker_key(common["partition"]):
             raise ValueError(f"marker record's key {key!r} does not name its partition")
-        return StateRecord(None, **common)
+        return StateRecord(None, topic=str(h.get("topic", "")), **common)
     if kind != "group":
         raise ValueError(f"state record of unknown kind {kind!r}")
     if key is None:
@@ -222,11 +226,13 @@ def remap_rows(M: np.ndarray, src: Sequence[str], dst: Sequence[str]) -> np.ndar
     >>> M = np.array([[2.0, 1.0, 3.0, 0.5, 0.1, 0.2]])  # v = [x, y]
     >>> remap_rows(M, ["(Intercept)", "x"], ["(Intercept)", "z", "x"]).tolist()
     [[2.0, 0.0, 1.0, 3.0, 0.0, 0.0, 0.0, 0.5, 0.1, 0.2]]
+    >>> remap_rows(M[0], ["x"], ["x"]).shape  # always 2-d
+    (1, 6)
 
     """
-    if tuple(src) == tuple(dst):
-        return np.array(M, dtype=float, copy=True)
     M = np.atleast_2d(np.asarray(M, dtype=float))
+    if tuple(src) == tuple(dst):
+        return M.copy()
     vs, vd = v_columns(src), v_columns(dst)
     ms, md = len(vs), len(vd)
     where = {c: i for i, c in enumerate(vd)}
