@@ -181,7 +181,8 @@ def test_workers_killed_and_added_give_the_exact_fit(kit, topic, tmp_path):
     assert {k: v[-1] for k, v in counts.items()} == dict(want_n)
 
     # fitter restart: a new fitter rebuilds the same model from the state topic alone
-    again = run_fitter(kit, state, tmp_path / "fit2", "--method", "REML")
+    params = f"{topic}-params"
+    again = run_fitter(kit, state, tmp_path / "fit2", "--method", "REML", "--params-topic", params)
     assert again.n_events == snap.n_events and set(again.keys) == set(snap.keys)
     assert again.criterion == pytest.approx(snap.criterion, rel=1e-9)
     for k, v in snap.fixef.items():
@@ -189,6 +190,24 @@ def test_workers_killed_and_added_give_the_exact_fit(kit, topic, tmp_path):
     ml = run_fitter(kit, state, tmp_path / "fit3", "--method", "ML")
     mem_ml = in_memory(df, "ML")
     assert_close(ml, mem_ml.fixef, mem_ml.sigma, mem_ml.criterion, mem_ml.re_cov)
+
+    # queries: every group's BLUP from its state row and the published parameters
+    from streamlmm.stream.statequery import StateView
+
+    view = StateView(state, params, bootstrap=kit.bootstrap)
+    try:
+        assert view.sync(60), view.error
+        assert view.version >= 1 and view.n_events == len(events)
+        assert view.fixef == pytest.approx(again.fixef, rel=1e-12)
+        for k in again.keys:
+            assert view.n(k) == again.n(k)
+            assert view.events(k) == want_n[k]
+            want_b = np.array(list(again.ranef(k).values()))
+            np.testing.assert_allclose(list(view.ranef(k).values()), want_b, rtol=1e-6, atol=1e-9)
+            np.testing.assert_allclose(view.ranef_cov(k), again.ranef_cov(k), rtol=1e-6, atol=1e-12)
+        assert view.n("nope") == 0 and view.ranef("nope") == {"(Intercept)": 0.0, "x1": 0.0}
+    finally:
+        view.close()
 
     for w in workers[1:]:
         w.signal(15)
