@@ -1,4 +1,4 @@
-"""Command line: ``streamlmm run | simulate | summary | plot`` (also ``python -m streamlmm``).
+"""Command line: ``streamlmm run | fit | simulate | summary | plot`` (also ``python -m streamlmm``).
 
 A user error (bad settings, a missing file or directory, a changed source, an
 unreachable broker) ends with one line on stderr and exit code 2, never a traceback.
@@ -13,11 +13,81 @@ import sys
 __all__ = ["main"]
 
 
+def _kafka_client_settings(path: str | None) -> dict:
+    """Kafka client settings (security) from the config file's [kafka] table and the
+    STREAMLMM_KAFKA__<NAME> variables, as ``run`` reads them."""
+    import os
+
+    import tomllib
+
+    from streamlmm.stream.config import ENV_PREFIX, _kafka_settings
+
+    path = path or os.environ.get(ENV_PREFIX + "CONFIG")
+    file_kafka = {}
+    if path:
+        with open(path, "rb") as fh:
+            file_kafka = tomllib.load(fh).get("kafka", {})
+    return _kafka_settings(file_kafka, os.environ)
+
+
+def _run_worker(args: argparse.Namespace) -> int:
+    from streamlmm.stream.worker import Worker, WorkerConfig
+
+    if not (args.source or "").startswith("kafka://"):
+        raise ValueError("--state-topic needs a kafka://HOST:PORT/TOPIC source")
+    if not args.formula:
+        raise ValueError("missing required setting: --formula")
+    if args.half_life is not None or args.partitions:
+        raise ValueError("--state-topic does not support --half-life or --partitions")
+    kw = {
+        k: getattr(args, k)
+        for k in ("consumer_group", "method", "missing", "dead_letter", "max_poll_records")
+        if getattr(args, k) is not None
+    }
+    for k in ("progress_seconds", "session_timeout_ms", "transaction_timeout_ms"):
+        if getattr(args, k) is not None:
+            kw[k] = getattr(args, k)
+    cfg = WorkerConfig(
+        source=args.source,
+        formula=args.formula,
+        state_topic=args.state_topic,
+        kafka=_kafka_client_settings(args.config),
+        **kw,
+    )
+    return Worker(cfg).run()
+
+
+def _fit(args: argparse.Namespace) -> int:
+    from streamlmm.stream.fitter import FitterConfig, main_fit
+
+    cfg = FitterConfig(
+        state_topic=args.state_topic,
+        snapshot_dir=args.snapshot_dir,
+        params_topic=args.params_topic,
+        bootstrap=args.bootstrap,
+        method=args.method,
+        every_seconds=args.every_seconds,
+        until_caught_up=args.until_caught_up,
+        kafka=_kafka_client_settings(args.config),
+    )
+    if not cfg.every_seconds > 0:
+        raise ValueError(f"--every-seconds must be > 0, got {cfg.every_seconds}")
+    return main_fit(cfg)
+
+
 def _run(args: argparse.Namespace) -> int:
+    import os
+
     from streamlmm.stream.config import load_config
     from streamlmm.stream.engine import Engine
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("cmd", "config", "func")}
+    if args.state_topic is None:
+        args.state_topic = os.environ.get("STREAMLMM_STATE_TOPIC")
+    if args.state_topic:
+        return _run_worker(args)
+    flags = {
+        k: v for k, v in vars(args).items() if k not in ("cmd", "config", "func", "state_topic")
+    }
     cfg = load_config(flags, path=args.config)
     engine = Engine(cfg)
     code = engine.run()
@@ -178,7 +248,54 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="progress line on stderr every S seconds, 0 for none" + _default("progress_seconds"),
     )
+    r.add_argument(
+        "--state-topic",
+        metavar="TOPIC",
+        help="scale-out worker: join --consumer-group, keep the owned partitions' groups "
+        "and write their statistics to this compacted topic of the source's cluster, in "
+        "one transaction with the offsets (--snapshot-dir is then not used; see "
+        "docs/scaleout.md)",
+    )
+    r.add_argument(
+        "--session-timeout-ms",
+        type=int,
+        metavar="MS",
+        help="with --state-topic: consumer-group session timeout, i.e. how soon a dead "
+        "worker's partitions move (default: 10000)",
+    )
+    r.add_argument(
+        "--transaction-timeout-ms",
+        type=int,
+        metavar="MS",
+        help="with --state-topic: how soon the broker aborts a dead worker's open "
+        "transaction (default: 10000)",
+    )
     r.set_defaults(func=_run)
+
+    f = sub.add_parser(
+        "fit",
+        help="scale-out fitter: fit the whole model from the workers' state topic",
+        description=(
+            "Follow the compacted state topic that `streamlmm run --state-topic` workers "
+            "write, fit the whole model exactly (REML/ML), publish the parameters to "
+            "--params-topic and write snapshots to --snapshot-dir."
+        ),
+    )
+    f.add_argument(
+        "--state-topic", required=True, metavar="SPEC", help="kafka://HOST:PORT/NAME or NAME"
+    )
+    f.add_argument("--params-topic", metavar="SPEC", help="kafka://HOST:PORT/NAME or NAME")
+    f.add_argument("--snapshot-dir", required=True, metavar="DIR")
+    f.add_argument("--bootstrap", metavar="HOST:PORT", help="brokers, for bare topic names")
+    f.add_argument("--method", choices=("REML", "ML"), help="(default: the workers' method)")
+    f.add_argument("--every-seconds", type=float, default=10.0, metavar="S", help="(default: 10)")
+    f.add_argument(
+        "--until-caught-up",
+        action="store_true",
+        help="fit once the state topic is read to its current end, snapshot, exit",
+    )
+    f.add_argument("--config", metavar="FILE", help="TOML file with a [kafka] table")
+    f.set_defaults(func=_fit)
 
     from streamlmm.simulate import SCENARIOS, simulate_command
 

@@ -817,6 +817,23 @@ class MixedLM(base.MiniBatchRegressor):
             m._restore_params()
         return m
 
+    def load_statistics(self, design: Design, stats: GroupStats, n_events: int) -> MixedLM:
+        """Replace the design and the statistics wholesale; returns self.
+
+        The scale-out fitter (``stream/fitter.py``) keeps every group's latest row from
+        the state topic and fits through this model, so there is one path through the
+        core. The warm start (Λ) is kept; the next :meth:`fit` or :meth:`snapshot`
+        works on the new statistics. ``stats`` must be laid out for ``design.columns``.
+        """
+        if tuple(stats.columns) != tuple(design.columns):
+            raise ValueError("the statistics are not laid out for the design's columns")
+        self._set_design(design)
+        self._stats = stats
+        stats.spec = design
+        self._par = None  # parameters of other statistics: refit or restore first
+        self.n_events = int(n_events)
+        return self
+
     def _restore_params(self) -> None:
         """Parameters at the restored Λ (profiled β, σ²) for predictions."""
         prob = self._problem()

@@ -83,13 +83,20 @@ class Transaction:
 
     def send(self, topic: str, key: bytes | None, value: bytes, headers=None) -> None:
         """Send within the current transaction (begun on first use)."""
+        self.send_to(topic, key, value, None, headers)
+
+    def send_to(
+        self, topic: str, key: bytes | None, value: bytes, partition: int | None, headers=None
+    ) -> None:
+        """Send to one partition (``None``: the key's) within the current transaction."""
         if not self.open:
             self.producer.begin_transaction()
             self.open = True
-        self.producer.send(topic, key=key, value=value, headers=headers)
+        self.producer.send(topic, key=key, value=value, headers=headers, partition=partition)
 
     def commit(self, offsets: Mapping[str, int], topic: str, group_id: str) -> None:
-        """Commit everything sent, with ``topic``'s consumed ``offsets`` for ``group_id``."""
+        """Commit everything sent, with ``topic``'s consumed ``offsets`` for ``group_id``
+        (a consumer group id, or a consumer's ``group_metadata()`` for KIP-447 fencing)."""
         from kafka import TopicPartition
         from kafka.structs import OffsetAndMetadata
 
