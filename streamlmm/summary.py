@@ -109,23 +109,31 @@ def fixef_correlation(snap: Snapshot) -> np.ndarray:
 def varcorr_rows(snap: Snapshot) -> list[dict[str, Any]]:
     """lme4's ``VarCorr`` rows: grouping factor, name, variance, SD, correlations.
 
-    One row per random effect (the group's name on the first), then ``Residual``.
+    One row per random effect, then ``Residual``. As lme4 prints it, each random-effects
+    term is its own block: the group's name on its first row (``g``, ``g.1``, … for
+    further terms on the same factor) and correlations only within the term.
     """
     group = parse_formula(snap.formula).group
     cov = np.asarray(snap.re_cov)
     sd = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    blocks = snap._encoder().blocks or (tuple(range(len(snap.re_names))),)
     rows = []
-    for i, name in enumerate(snap.re_names):
-        corr = [float(cov[i, j] / (sd[i] * sd[j])) if sd[i] * sd[j] > 0 else 0.0 for j in range(i)]
-        rows.append(
-            {
-                "groups": group if i == 0 else "",
-                "name": name,
-                "variance": float(cov[i, i]),
-                "sd": float(sd[i]),
-                "corr": corr,
-            }
-        )
+    for t, block in enumerate(blocks):
+        label = group if t == 0 else f"{group}.{t}"
+        for pos, i in enumerate(block):
+            corr = [
+                float(cov[i, j] / (sd[i] * sd[j])) if sd[i] * sd[j] > 0 else 0.0
+                for j in block[:pos]
+            ]
+            rows.append(
+                {
+                    "groups": label if pos == 0 else "",
+                    "name": snap.re_names[i],
+                    "variance": float(cov[i, i]),
+                    "sd": float(sd[i]),
+                    "corr": corr,
+                }
+            )
     rows.append(
         {
             "groups": "Residual",
@@ -295,7 +303,7 @@ def format_summary(
     vc = varcorr_rows(snap)
     dec = _decimals([r["variance"] for r in vc])
     sdec = _decimals([r["sd"] for r in vc])
-    q = len(snap.re_names)
+    q = max((len(r["corr"]) for r in vc), default=0) + 1
     head = ["Groups", "Name", "Variance", "Std.Dev."] + (["Corr"] if q > 1 else [])
     body = []
     for r in vc:

@@ -204,3 +204,23 @@ def test_a_failed_batch_learns_no_level():
 def test_out_of_scope_formulas_are_refused_with_a_reason(formula, words):
     with pytest.raises(ValueError, match=words):
         MixedLM(formula)
+
+
+def test_summary_prints_varcorr_per_term_as_lme4(reference):
+    """lme4's VarCorr for ``(1 + x1 | g) + (0 + x2 | g)``: the second term is ``g.1``,
+    with no correlation across terms."""
+    from streamlmm.summary import format_summary, varcorr_rows
+
+    case = reference("two_terms_ml")
+    _, s = _fitted(case, "learn_many")
+    rows = varcorr_rows(s)
+    assert [(r["groups"], r["name"]) for r in rows] == [
+        ("g", "(Intercept)"),
+        ("", "x1"),
+        ("g.1", "x2"),
+        ("Residual", ""),
+    ]
+    assert rows[1]["corr"] and rows[2]["corr"] == []
+    want = np.asarray(case.ref["re_cov"], dtype=float).reshape((3, 3), order="F")
+    assert rows[2]["variance"] == pytest.approx(want[2, 2], rel=1e-4)
+    assert " g.1      x2" in format_summary(s)
