@@ -1,4 +1,4 @@
-"""Command line: ``streamlmm run | simulate | summary``."""
+"""Command line: ``streamlmm run | simulate | summary | serve``."""
 
 from __future__ import annotations
 
@@ -108,6 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.add_argument("--groups", action="store_true", help="include every group's effects")
     m.set_defaults(func=_summary)
+
+    from streamlmm.serve.server import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="answer HTTP queries from a snapshot dir"))
     return p
 
 
