@@ -22,7 +22,7 @@ import numpy as np
 
 from streamlmm.snapshot import Snapshot, SnapshotError
 
-__all__ = ["Current", "SnapshotHolder", "SnapshotReader", "newest_file"]
+__all__ = ["Current", "SnapshotHolder", "SnapshotReader", "newest_file", "version_of"]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^snapshot-(\d{12})\.slmm$")
@@ -168,6 +168,17 @@ class SnapshotHolder:
     def predict(self, x) -> float:
         """:meth:`Snapshot.predict` on the current snapshot."""
         return self._snap().predict(x)
+
+
+def version_of(path: str | os.PathLike) -> int | None:
+    """The version (sequence number) of a store file, ``None`` for another name.
+
+    >>> version_of("/d/snapshot-000000000012.slmm"), version_of("x.slmm")
+    (12, None)
+
+    """
+    m = _NAME.match(pathlib.Path(path).name)
+    return int(m.group(1)) if m else None
 
 
 def newest_file(directory: str | os.PathLike) -> tuple[int, pathlib.Path] | None:
