@@ -95,6 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--refit-every", type=int)
     r.add_argument("--max-poll-records", type=int)
     r.add_argument("--progress-seconds", type=float)
+    r.add_argument("--serve", type=int, metavar="PORT", help="also answer HTTP queries on PORT")
+    r.add_argument("--serve-host", help="bind address for --serve (default 127.0.0.1)")
     r.set_defaults(func=_run)
 
     s = sub.add_parser("simulate", help="write known-truth JSON events to stdout")

@@ -21,6 +21,7 @@ import numpy as np
 
 from streamlmm.formula import parse_formula
 from streamlmm.model import MixedLM
+from streamlmm.serve.reader import version_of
 from streamlmm.snapshot import Snapshot
 from streamlmm.store import LocalStore
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder
@@ -56,6 +57,8 @@ class EngineConfig:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     progress_seconds: float = 2.0
     keep_snapshots: int = 3
+    serve: int | None = None
+    serve_host: str = "127.0.0.1"
     kafka: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -98,6 +101,7 @@ class Engine:
             )
         self.stop_requested = False
         self.last_snapshot: Snapshot | None = None
+        self.server = None
 
     # -- state --------------------------------------------------------------------------
     def _restore(self) -> tuple[MixedLM, dict[str, int], dict[str, Any]]:
@@ -133,7 +137,9 @@ class Engine:
             dead_letters=self.dead.count,
             skipped=self.decoder.n_skipped + int(self.meta.get("skipped", 0)),
         )
-        self.store.write(snap)
+        path = self.store.write(snap)
+        if self.server is not None:  # answer HTTP queries from this snapshot from now on
+            self.server.publish(snap, version_of(path))
         try:
             self.source.commit(self.offsets)
         except Exception as e:  # the snapshot, not Kafka, is the source of truth
@@ -202,6 +208,10 @@ class Engine:
         cfg = self.cfg
         if install_signals:
             self._install_signals()
+        if cfg.serve is not None:
+            from streamlmm.serve.server import start_server
+
+            self.server = start_server(cfg.serve_host, cfg.serve)
         self.source.seek(self.offsets)
         targets: dict[str, int] = {}
         if cfg.until_end:
@@ -244,6 +254,8 @@ class Engine:
             self.dead.close()
             if self.producer is not None:
                 self.producer.close()
+            if self.server is not None:
+                self.server.stop()
         return 0
 
     def _progress(self, dt: float, dn: int, targets: Mapping[str, int]) -> None:
