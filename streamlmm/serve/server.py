@@ -29,6 +29,30 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
+def _protocol():
+    """uvicorn's httptools protocol, with its parser-level 400s (a request line that is
+    not HTTP, a URL over the parser's ~64 KiB) answered as JSON like every other error."""
+    import orjson
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class JsonErrorsProtocol(HttpToolsProtocol):
+        def send_400_response(self, msg: str) -> None:
+            body = orjson.dumps({"error": msg, "status": 400})
+            head = [b"HTTP/1.1 400 Bad Request\r\n"]
+            for name, value in self.server_state.default_headers:
+                head += [name, b": ", value, b"\r\n"]
+            head += [
+                b"content-type: application/json\r\n",
+                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
+                b"connection: close\r\n\r\n",
+                body,
+            ]
+            self.transport.write(b"".join(head))
+            self.transport.close()
+
+    return JsonErrorsProtocol
+
+
 def _config(app, host: str, port: int):
     import uvicorn
 
@@ -37,7 +61,7 @@ def _config(app, host: str, port: int):
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=_protocol(),
         lifespan="off",
         log_level="warning",
         access_log=False,
