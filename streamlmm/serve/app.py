@@ -86,19 +86,36 @@ def _floats(values) -> list:
 
 
 def group_entry(cur: Current, key, seen: bool) -> dict[str, Any]:
-    """One group's effects as the API returns them (Snapshot methods, one snapshot)."""
+    """One group's effects as the API returns them, from one snapshot.
+
+    The values are exactly :meth:`Snapshot.ranef`, ``ranef_cov``, ``n`` and
+    ``shrinkage`` (tests check equality), read from the group's row directly.
+    """
     s = cur.snapshot
-    out = {
-        "group": key,
-        "found": seen,
-        "ranef": s.ranef(key),
-        "ranef_cov": s.ranef_cov(key).tolist(),
-        "n": s.n(key),
-        "shrinkage": s.shrinkage(key),
-    }
     if not seen:
-        out["fallback"] = "population"
-    return out
+        return {
+            "group": key,
+            "found": False,
+            "ranef": s.ranef(key),
+            "ranef_cov": s.ranef_cov(key).tolist(),
+            "n": s.n(key),
+            "shrinkage": s.shrinkage(key),
+            "fallback": "population",
+        }
+    r = cur.index[key]
+    cv = s.condvar[r].tolist()
+    names = cur.re_names
+    return {
+        "group": key,
+        "found": True,
+        "ranef": dict(zip(names, cur.b[r].tolist())),
+        "ranef_cov": cv,
+        "n": float(s.group_n[r]),
+        "shrinkage": {
+            name: (1.0 - cv[i][i] / p if p > 0 else 0.0)
+            for i, (name, p) in enumerate(zip(names, cur.prior))
+        },
+    }
 
 
 # -- handlers ------------------------------------------------------------------------------
@@ -172,7 +189,7 @@ async def group(request: Request) -> Response:
     q = _query(request)
     fallback = _fallback(q)
     cur = _current(request)
-    seen = key in cur.snapshot._index
+    seen = key in cur.index
     if not seen and not fallback:
         raise ApiError(404, f"unknown group {orjson.dumps(key).decode()}")
     return _json({**group_entry(cur, key, seen), "snapshot": cur.info})
@@ -191,7 +208,7 @@ async def groups(request: Request) -> Response:
         except KeyError400 as e:
             raise ApiError(400, str(e)) from e
         cur = _current(request)
-        index = cur.snapshot._index
+        index = cur.index
         out = []
         for k in keys:
             seen = k in index
@@ -315,14 +332,14 @@ class _Guard:
 
 def create_app(holder: SnapshotHolder):
     """The ASGI app answering from ``holder`` (see :mod:`streamlmm.serve`)."""
-    routes = [
+    routes = [  # the hot route first: Starlette tries routes in order
+        Route("/v1/groups/{key:path}", group, methods=["GET"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
         Route("/v1/model", model, methods=["GET"]),
         Route("/v1/groups", groups, methods=["GET"]),
-        Route("/v1/groups/{key:path}", group, methods=["GET"]),
         Route("/v1/predict", predict, methods=["POST"]),
     ]
     app = Starlette(

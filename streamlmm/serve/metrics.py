@@ -13,6 +13,7 @@ __all__ = ["Metrics", "route_label"]
 _ROUTES = frozenset(
     {"/healthz", "/readyz", "/metrics", "/openapi.json", "/v1/model", "/v1/groups", "/v1/predict"}
 )
+_METHODS = frozenset({"GET", "POST", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"})
 _BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -76,8 +77,18 @@ class Metrics:
             lambda: float(holder.current is not None)
         )
 
+        self._children: dict = {}
+
     def observe(self, path: str, method: str, status: int, seconds: float) -> None:
         """Count one finished request."""
         route = route_label(path)
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, method, status)
+        c = self._children.get(key)
+        if c is None:
+            if method not in _METHODS:
+                key = (route, "other", status)
+            c = (self.requests.labels(key[0], key[1], str(status)), self.latency.labels(route))
+            if len(self._children) < 10_000:
+                self._children[(route, method, status)] = c
+        c[0].inc()
+        c[1].observe(seconds)

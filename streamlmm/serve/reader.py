@@ -41,10 +41,25 @@ class Current:
 
     """
 
-    __slots__ = ("snapshot", "version", "loaded_at", "_orders", "_lock", "info")
+    __slots__ = (
+        "snapshot",
+        "version",
+        "loaded_at",
+        "_orders",
+        "_lock",
+        "info",
+        "index",
+        "re_names",
+        "b",
+        "prior",
+    )
 
     def __init__(self, snapshot: Snapshot, version: int):
         self.snapshot = snapshot
+        self.index = snapshot._index
+        self.re_names = snapshot.re_names
+        self.b = snapshot.b
+        self.prior = np.diagonal(snapshot.re_cov).tolist()
         self.version = int(version)
         self.loaded_at = time.time()
         self._orders: dict[str, np.ndarray] = {}
@@ -150,8 +165,15 @@ class SnapshotHolder:
         return cur.snapshot
 
     def ranef(self, key) -> dict[str, float]:
-        """:meth:`Snapshot.ranef` on the current snapshot."""
-        return self._snap().ranef(key)
+        """:meth:`Snapshot.ranef` on the current snapshot (same values, a faster path for
+        a known ``int``/``str`` key)."""
+        cur = self.current
+        if cur is None:
+            raise LookupError("no snapshot loaded yet")
+        r = cur.index.get(key) if type(key) is int or type(key) is str else None
+        if r is None:
+            return cur.snapshot.ranef(key)
+        return dict(zip(cur.re_names, cur.b[r].tolist()))
 
     def ranef_cov(self, key) -> np.ndarray:
         """:meth:`Snapshot.ranef_cov` on the current snapshot."""
