@@ -18,6 +18,7 @@ Usage::
     .venv/bin/python scripts/bench_serve.py                     # 1M groups, 1,000 and 5,000 req/s, 20 s
     .venv/bin/python scripts/bench_serve.py --groups 100000 --seconds 5 --rates 1000  # quick
     .venv/bin/python scripts/bench_serve.py --server granian    # same app under granian
+    .venv/bin/python scripts/bench_serve.py --workers 2         # two server processes
 
 The machine's load average is printed with the results: on a shared 2-core machine
 latencies are noisy.
@@ -170,7 +171,13 @@ def loadgen_main(args) -> None:
     except ImportError:
         pass
     paths = [p.encode() for p in json.loads(Path(args.paths_file).read_text())]
+    import resource
+
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     out = asyncio.run(_load(args.port, args.rate, args.seconds, paths, args.conns))
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = ru.ru_utime - ru0.ru_utime + ru.ru_stime - ru0.ru_stime
+    out["loadgen_cpu_us_per_req"] = cpu / out["sent"] * 1e6
     print(json.dumps(out))
 
 
@@ -193,7 +200,7 @@ def wait_ready(port: int, proc: subprocess.Popen, timeout: float = 120) -> float
     raise TimeoutError("server not ready")
 
 
-def start_server(kind: str, directory: str, port: int) -> subprocess.Popen:
+def start_server(kind: str, directory: str, port: int, workers: int = 1) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     if kind == "uvicorn":
         cmd = [
@@ -265,6 +272,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--conns", type=int, default=32, help="keep-alive connections")
     ap.add_argument("--server", choices=("uvicorn", "granian"), default="uvicorn")
+    ap.add_argument("--workers", type=int, default=1, help="server processes")
     ap.add_argument("--loadgen", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--rate", type=float, help=argparse.SUPPRESS)
@@ -323,7 +331,7 @@ def main() -> None:
         pf = Path(d) / "paths.json"
         pf.write_text(json.dumps(paths))
         port = free_port()
-        proc = start_server(args.server, d, port)
+        proc = start_server(args.server, d, port, args.workers)
         try:
             print(f"server ({args.server}) ready after {wait_ready(port, proc):.2f}s")
             # warm up
@@ -376,6 +384,7 @@ def main() -> None:
                     f"p99.9 {res['p999_ms']:.3f} ms  max {res['max_ms']:.3f} ms  "
                     f"errors {res['errors']} {res['error_kinds'] or ''} of {res['sent']:,}  "
                     f"achieved {res['achieved_rps']:,.0f} req/s  server CPU {cpu_us:.0f} µs/req  "
+                    f"loadgen CPU {res['loadgen_cpu_us_per_req']:.0f} µs/req  "
                     f"load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )

@@ -582,3 +582,37 @@ def test_run_serve_answers_while_the_engine_consumes(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_workers_serve_the_same_snapshot(tmp_path):
+    snap = versioned(3)
+    LocalStore(tmp_path).write(snap)
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlmm.cli",
+            "serve",
+            "--snapshot-dir",
+            str(tmp_path),
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_ready(port, proc)
+        for _ in range(10):
+            status, g = get(port, "/v1/groups/5")
+            assert status == 200 and g["ranef"] == snap.ranef(5)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(b"NOT HTTP\r\n\r\n")
+            data = s.recv(65536)
+        assert b" 400 " in data.split(b"\r\n", 1)[0] and b'"status":400' in data
+    finally:
+        stop(proc)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import threading
 import time
 
@@ -29,45 +30,38 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
-def _protocol():
-    """uvicorn's httptools protocol, with its parser-level 400s (a request line that is
-    not HTTP, a URL over the parser's ~64 KiB) answered as JSON like every other error."""
-    import orjson
-    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+def _options(host: str, port: int) -> dict:
+    from streamlmm.serve.protocol import PROTOCOL
 
-    class JsonErrorsProtocol(HttpToolsProtocol):
-        def send_400_response(self, msg: str) -> None:
-            body = orjson.dumps({"error": msg, "status": 400})
-            head = [b"HTTP/1.1 400 Bad Request\r\n"]
-            for name, value in self.server_state.default_headers:
-                head += [name, b": ", value, b"\r\n"]
-            head += [
-                b"content-type: application/json\r\n",
-                b"content-length: " + str(len(body)).encode("ascii") + b"\r\n",
-                b"connection: close\r\n\r\n",
-                body,
-            ]
-            self.transport.write(b"".join(head))
-            self.transport.close()
-
-    return JsonErrorsProtocol
-
-
-def _config(app, host: str, port: int):
-    import uvicorn
-
-    return uvicorn.Config(
-        app,
+    return dict(
         host=host,
         port=port,
         loop="uvloop",
-        http=_protocol(),
+        http=PROTOCOL,
         lifespan="off",
         log_level="warning",
         access_log=False,
         server_header=False,
         limit_concurrency=1000,
         timeout_keep_alive=30,
+    )
+
+
+def _config(app, host: str, port: int):
+    import uvicorn
+
+    return uvicorn.Config(app, **_options(host, port))
+
+
+def app_from_env():
+    """App factory for ``--workers`` processes: each follows the directory itself."""
+    from streamlmm.serve.app import create_app
+
+    return create_app(
+        SnapshotReader(
+            os.environ["STREAMLMM_SERVE_SNAPSHOT_DIR"],
+            interval=float(os.environ.get("STREAMLMM_SERVE_POLL_SECONDS", "0.5")),
+        )
     )
 
 
@@ -162,6 +156,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="how often to look for a newer snapshot (default %(default)s)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="server processes sharing the port, each with its own copy of the snapshot "
+        "(default %(default)s)",
+    )
     p.set_defaults(func=serve_command)
 
 
@@ -171,6 +172,16 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from streamlmm.serve.app import create_app
 
+    if args.workers > 1:  # uvicorn's supervisor; each worker loads and follows the directory
+        os.environ["STREAMLMM_SERVE_SNAPSHOT_DIR"] = str(args.snapshot_dir)
+        os.environ["STREAMLMM_SERVE_POLL_SECONDS"] = str(args.poll_seconds)
+        uvicorn.run(
+            "streamlmm.serve.server:app_from_env",
+            factory=True,
+            workers=args.workers,
+            **_options(args.host, args.port),
+        )
+        return 0
     reader = SnapshotReader(args.snapshot_dir, interval=args.poll_seconds)
     if reader.current is None:
         log.warning(
