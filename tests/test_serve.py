@@ -266,6 +266,10 @@ def test_predict_values(served):
     assert status == 200 and one["prediction"] == body["predictions"][0]["prediction"]
     status, many = post(port, "/v1/predict", [events[0]] * 10_000)
     assert status == 200 and len(many["predictions"]) == 10_000
+    assert many["predictions"][-1] == body["predictions"][0]
+    assert post(port, "/v1/predict", [])[1]["predictions"] == []
+    status, err = post(port, "/v1/predict", [events[0], {"g": 1, "x1": "oops", "x2": 0}])
+    assert status == 400 and err["error"].startswith("event 1: field 'x1'")
 
 
 # -- bad input ---------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from urllib.parse import parse_qsl
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
@@ -25,7 +26,7 @@ from starlette.routing import Route
 from streamlmm.serve.metrics import Metrics
 from streamlmm.serve.openapi import openapi_document
 from streamlmm.serve.paths import KeyError400, decode_segment, parse_key, parse_key_list
-from streamlmm.serve.predict import predict_event
+from streamlmm.serve.predict import predict_events
 from streamlmm.serve.reader import Current, SnapshotHolder
 
 __all__ = ["create_app", "Limits", "ApiError"]
@@ -267,15 +268,13 @@ async def predict(request: Request) -> Response:
     else:
         raise ApiError(400, "body must be one event (a JSON object) or a list of them")
     cur = _current(request)
-    s = cur.snapshot
-    out = []
-    for i, ev in enumerate(events):
-        if not isinstance(ev, dict):
-            raise ApiError(400, f"event {i}: must be a JSON object")
-        try:
-            out.append(predict_event(s, ev))
-        except ValueError as e:
-            raise ApiError(400, f"event {i}: {e}") from e
+    try:
+        if len(events) > 64:  # let the event loop serve other requests meanwhile
+            out = await run_in_threadpool(predict_events, cur.snapshot, events)
+        else:
+            out = predict_events(cur.snapshot, events)
+    except ValueError as e:
+        raise ApiError(400, str(e)) from e
     if single:
         return _json({**out[0], "snapshot": cur.info})
     return _json({"predictions": out, "snapshot": cur.info})

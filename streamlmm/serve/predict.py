@@ -28,7 +28,7 @@ from streamlmm.formula import INTERCEPT
 from streamlmm.keys import check_key
 from streamlmm.snapshot import Snapshot
 
-__all__ = ["design_rows", "predict_event", "Z95", "CONDITIONAL", "POPULATION"]
+__all__ = ["design_rows", "predict_event", "predict_events", "Z95", "CONDITIONAL", "POPULATION"]
 
 Z95 = 1.959963984540054
 CONDITIONAL = "conditional"
@@ -105,3 +105,66 @@ def predict_event(snapshot: Snapshot, x: Mapping[str, Any]) -> dict[str, Any]:
         "group_seen": r >= 0,
         "interval_kind": CONDITIONAL if r >= 0 else POPULATION,
     }
+
+
+def predict_events(snapshot: Snapshot, events: list) -> list[dict[str, Any]]:
+    """:func:`predict_event` for many events, the variances computed in one pass.
+
+    ``ValueError`` naming the event's index for the first bad event.
+
+    >>> from streamlmm import MixedLM
+    >>> m = MixedLM("y ~ x + (1 | g)")
+    >>> for i in range(40):
+    ...     m.learn_one({"g": i % 4, "x": float(i % 7)}, float(i % 5) + i % 4)
+    >>> s = m.snapshot()
+    >>> evs = [{"g": 2, "x": 1.0}, {"g": "new", "x": 3.0}]
+    >>> predict_events(s, evs) == [predict_event(s, e) for e in evs]
+    True
+
+    """
+    f = snapshot._formula
+    n = len(events)
+    keys: list = [None] * n
+    rows = np.full(n, -1, dtype=np.int64)
+    X = np.empty((n, len(f.fixed)))
+    Z = np.empty((n, len(snapshot.re_names)))
+    yhat = np.empty(n)
+    index = snapshot._index
+    for i, x in enumerate(events):
+        try:
+            if not isinstance(x, Mapping):
+                raise ValueError("an event must be a JSON object")
+            raw = x.get(f.group)
+            key = None if raw is None else check_key(raw, f.group)
+            X[i], Z[i] = design_rows(snapshot, x)
+            yhat[i] = snapshot.predict(x)
+        except ValueError as e:
+            raise ValueError(f"event {i}: {e}") from e
+        keys[i] = key
+        if key is not None:
+            rows[i] = index.get(key, -1)
+    seen = rows >= 0
+    C = np.array(np.broadcast_to(snapshot.re_cov, (n, *snapshot.re_cov.shape)))
+    C[seen] = snapshot.condvar[rows[seen]]
+    var = (
+        np.einsum("ni,ij,nj->n", X, snapshot.fixef_vcov, X)
+        + np.einsum("ni,nij,nj->n", Z, C, Z)
+        + snapshot.sigma**2
+    )
+    with np.errstate(invalid="ignore"):
+        se = np.sqrt(np.where(var >= 0, var, np.nan))
+    out = []
+    for i in range(n):
+        y, e, ok = float(yhat[i]), float(se[i]), bool(seen[i])
+        out.append(
+            {
+                "group": keys[i],
+                "prediction": y,
+                "se": e,
+                "lower": y - Z95 * e,
+                "upper": y + Z95 * e,
+                "group_seen": ok,
+                "interval_kind": CONDITIONAL if ok else POPULATION,
+            }
+        )
+    return out
