@@ -170,7 +170,10 @@ def loadgen_main(args) -> None:
         uvloop.install()
     except ImportError:
         pass
+    import gc
+
     paths = [p.encode() for p in json.loads(Path(args.paths_file).read_text())]
+    gc.freeze()
     import resource
 
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -255,6 +258,26 @@ def tree_cpu_seconds(pid: int) -> float:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def server_side_share(port: int, le: str = "0.001") -> tuple[float, float]:
+    """From /metrics: (requests to /v1/groups/{key} so far, share answered in ≤ le s
+    inside the app)."""
+    import http.client
+
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    total = under = 0.0
+    for line in text.splitlines():
+        if line.startswith("streamlmm_http_request_duration_seconds_bucket") and (
+            'route="/v1/groups/{key}"' in line
+        ):
+            if f'le="{le}"' in line:
+                under = float(line.rsplit(" ", 1)[1])
+            if 'le="+Inf"' in line:
+                total = float(line.rsplit(" ", 1)[1])
+    return total, under
 
 
 def granian_app():
@@ -356,6 +379,7 @@ def main() -> None:
             )
             for rate in [float(r) for r in args.rates.split(",")]:
                 cpu0 = tree_cpu_seconds(proc.pid)
+                m0 = server_side_share(port)
                 r = subprocess.run(
                     [
                         sys.executable,
@@ -378,6 +402,8 @@ def main() -> None:
                 )
                 res = json.loads(r.stdout)
                 cpu_us = (tree_cpu_seconds(proc.pid) - cpu0) / res["sent"] * 1e6
+                m1 = server_side_share(port)
+                inside = (m1[1] - m0[1]) / max(1.0, m1[0] - m0[0])
                 print(
                     f"HTTP GET /v1/groups/{{key}} at {rate:,.0f} req/s for {args.seconds:g}s "
                     f"({args.server}): p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms  "
@@ -385,6 +411,7 @@ def main() -> None:
                     f"errors {res['errors']} {res['error_kinds'] or ''} of {res['sent']:,}  "
                     f"achieved {res['achieved_rps']:,.0f} req/s  server CPU {cpu_us:.0f} µs/req  "
                     f"loadgen CPU {res['loadgen_cpu_us_per_req']:.0f} µs/req  "
+                    f"in-app ≤1 ms {inside:.2%}  "
                     f"load {os.getloadavg()[0]:.2f}",
                     flush=True,
                 )

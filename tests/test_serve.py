@@ -363,6 +363,25 @@ def test_raw_non_utf8_request_line(served):
     assert get(port, "/healthz")[0] == 200  # still serving
 
 
+def test_oversized_headers(served):
+    port, _ = served
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        try:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (4 << 20))
+        except OSError:
+            pass  # the server may close while we are still sending
+        data = s.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"400" and json.loads(body)["status"] == 400
+    # keep-alive: a second request on the same connection is counted afresh
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    for _ in range(3):
+        conn.request("GET", "/healthz", headers={"X-Pad": "p" * 100_000})
+        r = conn.getresponse()
+        assert r.status == 200 and r.read()
+    conn.close()
+
+
 def test_metrics(served):
     port, _ = served
     get(port, "/v1/groups/1")

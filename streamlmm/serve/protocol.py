@@ -12,13 +12,38 @@ from __future__ import annotations
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["JsonErrorsProtocol", "PROTOCOL"]
+__all__ = ["JsonErrorsProtocol", "PROTOCOL", "MAX_HEAD_BYTES"]
 
 PROTOCOL = "streamlmm.serve.protocol:JsonErrorsProtocol"
+MAX_HEAD_BYTES = 128 << 10
 
 
 class JsonErrorsProtocol(HttpToolsProtocol):
-    """:class:`HttpToolsProtocol` whose 400 for unparseable requests is JSON."""
+    """:class:`HttpToolsProtocol` whose 400 for unparseable requests is JSON, and which
+    bounds a request's head (request line and headers) to ``MAX_HEAD_BYTES``: httptools
+    itself buffers header values of any size."""
+
+    def connection_made(self, transport) -> None:  # type: ignore[override]
+        self._head_bytes = 0
+        self._in_head = True
+        super().connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._in_head = False
+                self.send_400_response(f"request head larger than {MAX_HEAD_BYTES} bytes")
+                return
+        super().data_received(data)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_head, self._head_bytes = True, 0
+        super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
         body = orjson.dumps({"error": msg, "status": 400})
