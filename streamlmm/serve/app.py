@@ -229,7 +229,10 @@ async def groups(request: Request) -> Response:
         raise ApiError(400, "by must be one of abs, shrinkage, n")
     cur = _current(request)
     s = cur.snapshot
-    rows = cur.order(by)[:top]
+    order = cur.cached_order(by)
+    if order is None:  # first ranking of this snapshot: O(G log G), off the event loop
+        order = await run_in_threadpool(cur.order, by)
+    rows = order[:top]
     out = [group_entry(cur, s.keys[r], True) for r in rows.tolist()]
     return _json({"by": by, "groups": out, "snapshot": cur.info})
 

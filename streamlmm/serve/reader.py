@@ -87,6 +87,10 @@ class Current:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(prior > 0, 1.0 - cv / prior, 0.0)
 
+    def cached_order(self, by: str) -> np.ndarray | None:
+        """:meth:`order` if it was computed already, else ``None``."""
+        return self._orders.get(by)
+
     def order(self, by: str) -> np.ndarray:
         """Row indices ranked for ``top`` browsing (computed once per snapshot).
 
