@@ -30,6 +30,20 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000
 
 
+def _require() -> None:
+    """A clear error when the ``serve`` extra is not installed."""
+    try:
+        import orjson  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            f"the query server needs the 'serve' extra ({e.name} is missing): "
+            "pip install 'streamlmm[serve]'"
+        ) from e
+
+
 def _options(host: str, port: int) -> dict:
     from streamlmm.serve.protocol import PROTOCOL
 
@@ -72,6 +86,7 @@ class ServerHandle:
     """
 
     def __init__(self, holder: SnapshotHolder, host: str, port: int):
+        _require()
         import uvicorn
 
         from streamlmm.serve.app import create_app
@@ -168,6 +183,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     """``streamlmm serve``: answer queries from the newest snapshot in a directory."""
+    _require()
     import uvicorn
 
     from streamlmm.serve.app import create_app
