@@ -138,6 +138,15 @@ def test_health_ready_openapi(served):
     status, body = get(port, "/readyz")
     assert status == 200 and body["ready"] and body["snapshot"]["version"] == 1
     assert body["snapshot"]["n_obs"] == snap.n_obs
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    for method in ("HEAD", "GET", "HEAD", "GET"):  # keep-alive across bodiless responses
+        conn.request(method, "/v1/groups/1")
+        r = conn.getresponse()
+        data = r.read()
+        assert r.status == 200 and len(data) == (
+            0 if method == "HEAD" else int(r.getheader("content-length"))
+        )
+    conn.close()
     status, doc = get(port, "/openapi.json")
     assert status == 200 and doc["openapi"].startswith("3.")
     for p in (

@@ -1,4 +1,5 @@
-"""uvicorn's httptools protocol with its parser-level 400s answered as JSON.
+"""uvicorn's httptools protocol: parser-level 400s as JSON, a bounded request head, and
+each response sent in one write.
 
 A request that the HTTP parser rejects (a request line that is not HTTP, raw bytes that
 are not allowed in a URL, a URL over the parser's ~64 KiB) never reaches the app;
@@ -18,6 +19,45 @@ PROTOCOL = "streamlmm.serve.protocol:JsonErrorsProtocol"
 MAX_HEAD_BYTES = 128 << 10
 
 
+class _OneWrite:
+    """Transport proxy that sends a response's head and body in one write.
+
+    uvicorn writes the status line and headers, then the body, as two writes: two
+    system calls and two packets, so the client often wakes up twice. The head is held
+    until the body's write (or the end of the response, or a close) and sent with it.
+    """
+
+    __slots__ = ("_t", "_head")
+
+    def __init__(self, transport):
+        self._t = transport
+        self._head: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif (
+            data.endswith(b"\r\n\r\n")
+            and data.startswith(b"HTTP/1.1 ")
+            and not data.startswith(b"HTTP/1.1 1")  # 100 Continue must go out at once
+        ):
+            self._head = data
+            return
+        self._t.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._t.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._t.close()
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
+
+
 class JsonErrorsProtocol(HttpToolsProtocol):
     """:class:`HttpToolsProtocol` whose 400 for unparseable requests is JSON, and which
     bounds a request's head (request line and headers) to ``MAX_HEAD_BYTES``: httptools
@@ -26,7 +66,11 @@ class JsonErrorsProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         self._head_bytes = 0
         self._in_head = True
-        super().connection_made(transport)
+        super().connection_made(_OneWrite(transport))
+
+    def on_response_complete(self) -> None:
+        self.transport.flush()  # a HEAD or empty response: its head alone
+        super().on_response_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
