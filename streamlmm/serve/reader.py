@@ -10,6 +10,7 @@ keeps it. :class:`SnapshotReader` is a holder that follows a snapshot directory 
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import pathlib
@@ -237,6 +238,10 @@ class SnapshotReader(SnapshotHolder):
         Seconds between directory checks.
     follow
         Start the background thread; with ``False`` call :meth:`refresh` yourself.
+    freeze_gc
+        ``gc.freeze()`` after each load (a server process): the collector then never
+        walks the imported modules and the snapshot again. A full collection over
+        them takes ≈ 50 ms, which otherwise shows up as the p99 of a busy server.
 
     Examples
     --------
@@ -253,8 +258,11 @@ class SnapshotReader(SnapshotHolder):
 
     """
 
-    def __init__(self, directory, interval: float = 0.5, follow: bool = True):
+    def __init__(
+        self, directory, interval: float = 0.5, follow: bool = True, freeze_gc: bool = False
+    ):
         super().__init__()
+        self.freeze_gc = freeze_gc
         self.directory = pathlib.Path(directory)
         self.interval = float(interval)
         self._tried: int | None = None
@@ -283,6 +291,8 @@ class SnapshotReader(SnapshotHolder):
                 log.warning("skipping snapshot %s: %s", path.name, e)
                 continue
             self.publish(snap, seq)
+            if self.freeze_gc:
+                gc.freeze()
             return True
         return False
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -75,6 +76,7 @@ def app_from_env():
         SnapshotReader(
             os.environ["STREAMLMM_SERVE_SNAPSHOT_DIR"],
             interval=float(os.environ.get("STREAMLMM_SERVE_POLL_SECONDS", "0.5")),
+            freeze_gc=True,
         )
     )
 
@@ -198,7 +200,8 @@ def serve_command(args: argparse.Namespace) -> int:
             **_options(args.host, args.port),
         )
         return 0
-    reader = SnapshotReader(args.snapshot_dir, interval=args.poll_seconds)
+    reader = SnapshotReader(args.snapshot_dir, interval=args.poll_seconds, freeze_gc=True)
+    gc.freeze()  # also when no snapshot is there yet: the imported modules
     if reader.current is None:
         log.warning(
             "no valid snapshot in %s yet; /readyz is 503 until one appears", args.snapshot_dir
