@@ -39,6 +39,12 @@ class SnapshotError(ValueError):
 
 
 def _frozen(a: Any) -> np.ndarray:
+    if isinstance(a, np.ndarray) and a.dtype == np.float64 and not a.flags.writeable:
+        root = a
+        while isinstance(root, np.ndarray):
+            root = root.base
+        if isinstance(root, bytes):  # a view of immutable bytes (from_bytes): no copy
+            return a
     a = np.array(a, dtype=np.float64)
     a.setflags(write=False)
     return a
@@ -175,7 +181,7 @@ class Snapshot:
                 {k: _frozen(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
             )
         put(self, "state", frozen_state)
-        put(self, "_index", {k: i for i, k in enumerate(self.keys)})
+        put(self, "_index", dict(zip(self.keys, range(len(self.keys)))))
 
     def __setattr__(self, name, value):
         raise AttributeError("Snapshot is immutable")
