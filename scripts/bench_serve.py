@@ -391,7 +391,7 @@ def main() -> None:
         snap = model_snapshot(args.groups) if args.from_model else build_snapshot(args.groups)
         path = LocalStore(d).write(snap)
         print(
-            f"built and wrote {args.groups:,} groups in {time.perf_counter() - t:.1f}s "
+            f"built and wrote {snap.n_groups:,} groups in {time.perf_counter() - t:.1f}s "
             f"({path.stat().st_size / 1e6:.0f} MB)"
         )
         key_pool = list(snap.keys)
