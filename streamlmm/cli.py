@@ -1,4 +1,5 @@
-"""Command line: ``streamlmm run | fit | simulate | summary | plot`` (also ``python -m streamlmm``).
+"""Command line: ``streamlmm run | fit | serve | simulate | summary | plot`` (also
+``python -m streamlmm``).
 
 A user error (bad settings, a missing file or directory, a changed source, an
 unreachable broker) ends with one line on stderr and exit code 2, never a traceback.
@@ -249,6 +250,18 @@ def _parser() -> argparse.ArgumentParser:
         help="progress line on stderr every S seconds, 0 for none" + _default("progress_seconds"),
     )
     r.add_argument(
+        "--serve",
+        type=int,
+        metavar="PORT",
+        help="also answer HTTP queries on PORT from the engine's own snapshots "
+        "(default: no server; see docs/serve.md)",
+    )
+    r.add_argument(
+        "--serve-host",
+        metavar="HOST",
+        help="bind address for --serve" + _default("serve_host"),
+    )
+    r.add_argument(
         "--state-topic",
         metavar="TOPIC",
         help="scale-out worker: join --consumer-group, keep the owned partitions' groups "
@@ -328,6 +341,10 @@ def _parser() -> argparse.ArgumentParser:
     pl.add_argument("snapshot_dir", metavar="DIR")
     pl.add_argument("--out", required=True, help="directory for the PNG files [required]")
     pl.set_defaults(func=plot_command)
+
+    from streamlmm.serve.server import add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="answer HTTP queries from a snapshot dir"))
     return p
 
 

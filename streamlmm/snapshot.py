@@ -39,6 +39,12 @@ class SnapshotError(ValueError):
 
 
 def _frozen(a: Any) -> np.ndarray:
+    if isinstance(a, np.ndarray) and a.dtype == np.float64 and not a.flags.writeable:
+        root = a
+        while isinstance(root, np.ndarray):
+            root = root.base
+        if isinstance(root, bytes):  # a view of immutable bytes (from_bytes): no copy
+            return a
     a = np.array(a, dtype=np.float64)
     a.setflags(write=False)
     return a
@@ -141,10 +147,10 @@ class Snapshot:
         put(self, "method", method)
         put(self, "fixef", MappingProxyType({k: float(v) for k, v in fixef.items()}))
         put(self, "fixef_se", MappingProxyType({k: float(v) for k, v in fixef_se.items()}))
-        if re_names is None:
-            from streamlmm.design import Design
+        if re_names is None:  # random columns are numeric: known from the formula alone
+            from streamlmm.design import numeric_design
 
-            re_names = Design(f).random
+            re_names = numeric_design(f).random
         put(self, "re_names", tuple(re_names))
         put(self, "design", MappingProxyType(dict(design)) if design is not None else None)
         put(self, "_design", None)
@@ -184,7 +190,7 @@ class Snapshot:
                 {k: _frozen(v) if isinstance(v, np.ndarray) else v for k, v in state.items()}
             )
         put(self, "state", frozen_state)
-        put(self, "_index", {k: i for i, k in enumerate(self.keys)})
+        put(self, "_index", dict(zip(self.keys, range(len(self.keys)))))
 
     def __setattr__(self, name, value):
         raise AttributeError("Snapshot is immutable")
@@ -262,12 +268,12 @@ class Snapshot:
     def _encoder(self):
         """The formula's encoder at this snapshot's factor levels (built once)."""
         if self._design is None:
-            from streamlmm.design import Design
+            from streamlmm.design import Design, numeric_design
 
-            d = (
+            d = (  # a snapshot made without a design has numeric columns only
                 Design.from_state(self.formula, self.design)
                 if self.design is not None
-                else Design(self.formula)
+                else numeric_design(self.formula)
             )
             object.__setattr__(self, "_design", d)
         return self._design

@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from streamlmm.model import MixedLM
+from streamlmm.serve.reader import version_of
 from streamlmm.snapshot import Snapshot
 from streamlmm.store import LocalStore
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder
@@ -86,6 +87,8 @@ class EngineConfig:
     progress_seconds: float = 2.0
     keep_snapshots: int = 3
     kafka_client: str = "auto"
+    serve: int | None = None
+    serve_host: str = "127.0.0.1"
     kafka: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -117,6 +120,7 @@ class Engine:
         )
         self.txn: Transaction | None = None
         self.dead: DeadLetterSink | None = None
+        self.server = None  # the HTTP query server of --serve, started by run()
         try:
             self._open_sinks(restored)
             self.offsets = self.source.resume(
@@ -248,14 +252,16 @@ class Engine:
             self.txn.commit(commit, self.source.topic, self.source.group_id)
             if published:
                 self.publisher.last = snap
-            self.store.write(snap)
+            path = self.store.write(snap)
         else:
-            self.store.write(snap)
+            path = self.store.write(snap)
             try:
                 self.source.commit(self.offsets)
             except Exception as e:  # the snapshot, not Kafka, is the source of truth
                 log.warning("offset commit failed (will retry at the next snapshot): %s", e)
         self.floor = {k: f for k, f in self.floor.items() if self.offsets.get(k, 0) < f}
+        if self.server is not None:  # answer HTTP queries from this snapshot from now on
+            self.server.publish(snap, version_of(path))
         self.last_snapshot = snap
         self._final_at = self.model.n_events if final else None
         return snap
@@ -352,6 +358,10 @@ class Engine:
         cfg = self.cfg
         if install_signals:
             self._install_signals()
+        if cfg.serve is not None:
+            from streamlmm.serve.server import start_server
+
+            self.server = start_server(cfg.serve_host, cfg.serve)
         targets: dict[str, int] = {}
         try:
             if cfg.until_end:
@@ -381,7 +391,7 @@ class Engine:
         return 0
 
     def _close(self) -> None:
-        for what in (self.source, self.dead, self.txn):
+        for what in (self.source, self.dead, self.txn, self.server):
             if what is None:
                 continue
             try:
