@@ -14,24 +14,8 @@ import sys
 __all__ = ["main"]
 
 
-def _kafka_client_settings(path: str | None) -> dict:
-    """Kafka client settings (security) from the config file's [kafka] table and the
-    STREAMLMM_KAFKA__<NAME> variables, as ``run`` reads them."""
-    import os
-
-    import tomllib
-
-    from streamlmm.stream.config import ENV_PREFIX, _kafka_settings
-
-    path = path or os.environ.get(ENV_PREFIX + "CONFIG")
-    file_kafka = {}
-    if path:
-        with open(path, "rb") as fh:
-            file_kafka = tomllib.load(fh).get("kafka", {})
-    return _kafka_settings(file_kafka, os.environ)
-
-
 def _run_worker(args: argparse.Namespace) -> int:
+    from streamlmm.stream.config import load_kafka_settings
     from streamlmm.stream.worker import Worker, WorkerConfig
 
     if not (args.source or "").startswith("kafka://"):
@@ -52,13 +36,14 @@ def _run_worker(args: argparse.Namespace) -> int:
         source=args.source,
         formula=args.formula,
         state_topic=args.state_topic,
-        kafka=_kafka_client_settings(args.config),
+        kafka=load_kafka_settings(args.config),
         **kw,
     )
     return Worker(cfg).run()
 
 
 def _fit(args: argparse.Namespace) -> int:
+    from streamlmm.stream.config import load_kafka_settings
     from streamlmm.stream.fitter import FitterConfig, main_fit
 
     cfg = FitterConfig(
@@ -69,7 +54,7 @@ def _fit(args: argparse.Namespace) -> int:
         method=args.method,
         every_seconds=args.every_seconds,
         until_caught_up=args.until_caught_up,
-        kafka=_kafka_client_settings(args.config),
+        kafka=load_kafka_settings(args.config),
     )
     if not cfg.every_seconds > 0:
         raise ValueError(f"--every-seconds must be > 0, got {cfg.every_seconds}")

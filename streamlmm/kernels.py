@@ -406,14 +406,24 @@ def _cond_cov_into(L, lam, Linv, out, q):  # pragma: no cover - numba
             out[b, a] = t
 
 
+@njit(**_OPTS)
+def _scratch(q, p):  # pragma: no cover - numba
+    """One group's work arrays: ``L, W`` (q×q), ``RZX`` (q×p), ``cu, u, b`` (q)."""
+    return (
+        np.empty((q, q)),
+        np.empty((q, q)),
+        np.empty((q, p)),
+        np.empty(q),
+        np.empty(q),
+        np.empty(q),
+    )
+
+
 # -- sums over groups -----------------------------------------------------------------------------
 @njit(**_OPTS)
 def _pls_chunk(F, lo, hi, q, p, lam, out):  # pragma: no cover - numba
     """``out = [Σ log|L|, Σ‖cu‖², Σ RZX'RZX (p×p), Σ RZX'cu (p)]`` over groups lo..hi-1."""
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
+    L, W, RZX, cu, _, _ = _scratch(q, p)
     for r in range(lo, hi):
         out[0] += group_factor(F[r], q, p, lam, L, RZX, cu, W)
         for a in range(q):
@@ -469,12 +479,7 @@ def pls_sums(F: np.ndarray, q: int, p: int, lam: np.ndarray, parallel: bool) -> 
 @njit(**_OPTS)
 def _grad_chunk(F, lo, hi, q, p, lam, beta, Cinv, out):  # pragma: no cover - numba
     """Add groups lo..hi-1 into ``out = [G1 (q×q), G2 (q×q), G3 (q×q)]`` of :func:`grad_sums`."""
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
-    b = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     T = np.empty((q, q))
     V = np.empty((q, p))
     B = np.empty((q, p))
@@ -574,11 +579,7 @@ def grad_sums(F, q: int, p: int, lam, beta, Cinv, parallel: bool):
 def blups(F, q, p, lam, beta):  # pragma: no cover - numba
     """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
     G = F.shape[0]
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
+    L, W, RZX, cu, u, _ = _scratch(q, p)
     B = np.empty((G, q))
     V = np.empty((G, q, q))
     for r in range(G):
@@ -596,12 +597,7 @@ def em_sums(F, q, p, lam, beta):  # pragma: no cover - numba
     ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
     """
     G = F.shape[0]
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
-    b = np.empty(q)
+    L, W, RZX, cu, u, b = _scratch(q, p)
     K = np.empty((q, q))
     Sbb = np.zeros((q, q))
     SK = np.zeros((q, q))
@@ -637,11 +633,7 @@ def em_sums(F, q, p, lam, beta):  # pragma: no cover - numba
 @njit(**_OPTS)
 def predict_group(Fr, q, p, lam, beta, b):  # pragma: no cover - numba
     """One group's BLUP ``b = Λu`` from its blocks ``Fr`` (e.g. :func:`group_row`)."""
-    L = np.empty((q, q))
-    W = np.empty((q, q))
-    RZX = np.empty((q, p))
-    cu = np.empty(q)
-    u = np.empty(q)
+    L, W, RZX, cu, u, _ = _scratch(q, p)
     group_factor(Fr, q, p, lam, L, RZX, cu, W)
     _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
 

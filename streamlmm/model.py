@@ -363,25 +363,19 @@ class MixedLM(base.MiniBatchRegressor):
         batch, at the current parameters, into the quantile sketch."""
         n = rows.shape[0]
         pick = np.unique(np.linspace(0, n - 1, min(n, RESID_PER_BATCH)).astype(np.int64))
+        out = self._predict_rows(rows[pick], A[pick])
+        self._resid.update((y[pick] - out) / math.sqrt(self._par.sigma2))
+
+    def _predict_rows(self, rows: np.ndarray, A: np.ndarray) -> np.ndarray:
+        """Predictions for union values ``A`` in group rows ``rows`` (-1: unseen)."""
         st, par = self._stats, self._par
-        out = np.empty(pick.shape[0])
-        fac = np.array([st.decay_factor(r) for r in rows[pick]]) if st.half_life else None
+        n = rows.shape[0]
+        fac = np.array([st.decay_factor(r) for r in rows]) if st.half_life else np.ones(n)
+        out = np.empty(n)
         kernels.predict_rows(
-            st.M,
-            rows[pick],
-            A[pick],
-            par.c,
-            np.ones(pick.shape[0]) if fac is None else fac,
-            st.vpos,
-            par.zi,
-            par.xi,
-            st.k,
-            st.P,
-            par.lam,
-            par.beta,
-            out,
+            st.M, rows, A, par.c, fac, st.vpos, par.zi, par.xi, st.k, st.P, par.lam, par.beta, out
         )
-        self._resid.update((y[pick] - out) / math.sqrt(par.sigma2))
+        return out
 
     # -- parameters -----------------------------------------------------------------------
     @property
@@ -613,23 +607,7 @@ class MixedLM(base.MiniBatchRegressor):
         if fallback is not None:
             out[:] = fallback
         else:
-            st, par = self._stats, self._par
-            fac = np.array([st.decay_factor(r) for r in rows]) if st.half_life else np.ones(n)
-            kernels.predict_rows(
-                st.M,
-                rows,
-                A,
-                par.c,
-                fac,
-                st.vpos,
-                par.zi,
-                par.xi,
-                st.k,
-                st.P,
-                par.lam,
-                par.beta,
-                out,
-            )
+            out = self._predict_rows(rows, A)
         for r in holes:  # a missing feature (missing="skip") takes its centre value
             out[r] = self.predict_one({c: v[r] for c, v in cols.items()})
         return pd.Series(out, index=X.index)

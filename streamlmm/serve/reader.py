@@ -23,7 +23,14 @@ import numpy as np
 
 from streamlmm.snapshot import Snapshot, SnapshotError
 
-__all__ = ["Current", "SnapshotHolder", "SnapshotReader", "newest_file", "version_of"]
+__all__ = [
+    "Current",
+    "SnapshotHolder",
+    "SnapshotReader",
+    "StateReader",
+    "newest_file",
+    "version_of",
+]
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^snapshot-(\d{12})\.slmm$")
@@ -328,3 +335,53 @@ class SnapshotReader(SnapshotHolder):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class StateReader(SnapshotHolder):
+    """A holder that follows a scale-out model's state and params topics.
+
+    A :class:`~streamlmm.stream.statequery.StateView` reads both topics
+    (``read_committed``); every ``interval`` seconds, when either moved, the whole model
+    is rebuilt from them (every group's BLUP from its state row at the fitter's
+    parameters) and swapped in as one snapshot, versioned by the params record.
+    """
+
+    def __init__(
+        self,
+        state_topic: str,
+        params_topic: str,
+        bootstrap: str | None = None,
+        client_config=None,
+        interval: float = 1.0,
+    ):
+        from streamlmm.stream.statequery import StateView
+
+        super().__init__()
+        self.view = StateView(state_topic, params_topic, bootstrap, client_config)
+        self.interval = interval
+        self._seen: tuple[int, int] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._follow, name="streamlmm-state", daemon=True)
+        self._thread.start()
+
+    def refresh(self) -> bool:
+        """Rebuild from the topics if they moved; True if a new snapshot went live."""
+        seen = self.view.changes()
+        if seen == self._seen or seen[0] < 0:
+            return False
+        snap = self.view.to_snapshot()
+        self.publish(snap, seen[0])
+        self._seen = seen
+        return True
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.refresh()
+            except Exception as e:  # noqa: BLE001 - keep serving the last good snapshot
+                log.warning("state refresh failed: %s", e)
+            self._stop.wait(self.interval)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.view.close()

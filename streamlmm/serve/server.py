@@ -168,7 +168,18 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
         "/openapi.json) from the newest snapshot in --snapshot-dir, swapping in new "
         "snapshots as the engine writes them."
     )
-    p.add_argument("--snapshot-dir", required=True, help="directory the engine writes snapshots to")
+    p.add_argument(
+        "--snapshot-dir",
+        help="directory the engine writes snapshots to [required unless --state-topic]",
+    )
+    p.add_argument(
+        "--state-topic",
+        metavar="TOPIC",
+        help="scale-out: answer for the whole model from the workers' state topic "
+        "(kafka://HOST:PORT/NAME or NAME with --bootstrap) and the fitter's --params-topic",
+    )
+    p.add_argument("--params-topic", metavar="TOPIC", help="the fitter's params topic")
+    p.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap for bare topic names")
     p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default %(default)s)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
     p.add_argument(
@@ -204,11 +215,28 @@ def serve_command(args: argparse.Namespace) -> int:
             **_options(args.host, args.port),
         )
         return 0
-    reader = SnapshotReader(args.snapshot_dir, interval=args.poll_seconds, freeze_gc=True)
+    if args.state_topic or args.params_topic:
+        if not (args.state_topic and args.params_topic):
+            raise ValueError("--state-topic and --params-topic go together")
+        from streamlmm.serve.reader import StateReader
+        from streamlmm.stream.config import load_kafka_settings
+
+        reader = StateReader(
+            args.state_topic,
+            args.params_topic,
+            args.bootstrap,
+            load_kafka_settings(),
+            interval=max(args.poll_seconds, 0.1),
+        )
+    elif not args.snapshot_dir:
+        raise ValueError("--snapshot-dir is required (or --state-topic with --params-topic)")
+    else:
+        reader = SnapshotReader(args.snapshot_dir, interval=args.poll_seconds, freeze_gc=True)
     gc.freeze()  # also when no snapshot is there yet: the imported modules
     if reader.current is None:
         log.warning(
-            "no valid snapshot in %s yet; /readyz is 503 until one appears", args.snapshot_dir
+            "no snapshot from %s yet; /readyz is 503 until one appears",
+            args.snapshot_dir or args.state_topic,
         )
     else:
         log.info("serving snapshot version %d", reader.current.version)

@@ -18,7 +18,7 @@ import tomllib
 
 from streamlmm.stream.engine import EngineConfig
 
-__all__ = ["load_config", "KAFKA_CLIENT_KEYS", "ENV_PREFIX"]
+__all__ = ["load_config", "load_kafka_settings", "KAFKA_CLIENT_KEYS", "ENV_PREFIX"]
 
 ENV_PREFIX = "STREAMLMM_"
 KAFKA_CLIENT_KEYS = frozenset(
@@ -78,6 +78,18 @@ def _kafka_settings(file_kafka: Mapping[str, Any], env: Mapping[str, str]) -> di
     if "ssl_check_hostname" in out and isinstance(out["ssl_check_hostname"], str):
         out["ssl_check_hostname"] = out["ssl_check_hostname"].lower() in ("1", "true", "yes")
     return out
+
+
+def load_kafka_settings(path: str | None = None) -> dict[str, Any]:
+    """Kafka client settings (security) alone: the config file's ``[kafka]`` table
+    (``path`` or ``$STREAMLMM_CONFIG``) and the ``STREAMLMM_KAFKA__<NAME>`` variables, as
+    ``streamlmm run`` reads them (for ``fit``, ``serve`` and the workers)."""
+    path = path or os.environ.get(ENV_PREFIX + "CONFIG")
+    file_kafka: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as fh:
+            file_kafka = tomllib.load(fh).get("kafka", {})
+    return _kafka_settings(file_kafka, os.environ)
 
 
 def load_config(

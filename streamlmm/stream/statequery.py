@@ -8,11 +8,10 @@ O(q³) (docs/math.md §4), so any machine can answer for every group without the
 snapshot. The lookups mirror :class:`~streamlmm.snapshot.Snapshot`'s (``ranef``,
 ``ranef_cov``, ``n``, and the model-level fields), for the HTTP service to serve.
 
-The BLUP is formed in the user's coordinates from the group's *centred* moments: with
-``r = y − x'β``, ``Z'r = S_zy − S_zx β + n z̄ (ȳ − x̄'β)`` and ``Z'Z = S_zz + n z̄ z̄'``,
-where ``S`` are the group's co-moments about its own means, so no digits cancel across
-groups. Then ``u = (Λ'Z'ZΛ + I)⁻¹ Λ'Z'r``, ``b = Λu`` and
-``Var(b | y) = σ² Λ (Λ'Z'ZΛ + I)⁻¹ Λ'``.
+The BLUP is the core's (``kernels.group_row`` then ``kernels.blups``) in the user's
+coordinates: the group's blocks ``Z'Z``, ``Z'X``, ``Z'y`` formed from its means and
+co-moments around 0, then ``u = L'⁻¹(cu − RZX β)``, ``b = Λu`` and
+``Var(b | y) = σ² Λ (L L')⁻¹ Λ'``.
 
 """
 
@@ -27,12 +26,13 @@ from typing import Any
 
 import numpy as np
 
+from streamlmm import kernels
 from streamlmm.design import Design
 from streamlmm.estimate import theta_index
-from streamlmm.formula import INTERCEPT
-from streamlmm.kernels import packed_index
 from streamlmm.keys import check_key
-from streamlmm.stream.state import decode_record, remap_rows, v_columns
+from streamlmm.snapshot import Snapshot
+from streamlmm.stats import GroupStats
+from streamlmm.stream.state import decode_record, remap_rows
 from streamlmm.stream.worker import parse_kafka_spec
 
 __all__ = ["StateView", "group_blup"]
@@ -68,28 +68,16 @@ def group_blup(
     """
     cols = tuple(design.columns)
     M = remap_rows(row, columns, cols)[0]
-    vcols = v_columns(cols)
-    m = len(vcols)
-    P = packed_index(m)
-    k = len(cols)
-    # union column i (k = the response) -> position in v, or -1 for the intercept
-    vpos = np.array([vcols.index(c) if c != INTERCEPT else -1 for c in cols] + [m - 1])
-    n = M[0]
-    means = np.where(vpos >= 0, M[1 + np.maximum(vpos, 0)], 1.0)
-    S = np.zeros((k + 1, k + 1))
-    live = np.flatnonzero(vpos >= 0)
-    S[np.ix_(live, live)] = M[1 + m + P[np.ix_(vpos[live], vpos[live])]]
+    st = GroupStats(design)  # the core's layout and kernels, one row
     zi, xi = np.asarray(design.zi), np.asarray(design.xi)
-    beta = np.where(np.isfinite(beta), beta, 0.0)
-    q = zi.shape[0]
+    kept = np.isfinite(beta)  # a dropped (aliased) column contributes nothing
+    q, p = zi.shape[0], int(kept.sum())
+    F = np.empty((1, q * q + q * p + q))
+    kernels.group_row(M, st.vpos, np.zeros(st.k + 1), zi, xi[kept], st.k, st.P, F[0])
     lam = np.zeros((q, q))
     lam[theta_index(design.blocks, q)] = theta
-    zz = S[np.ix_(zi, zi)] + n * np.outer(means[zi], means[zi])
-    zr = S[zi, k] - S[np.ix_(zi, xi)] @ beta + n * means[zi] * (means[k] - means[xi] @ beta)
-    A = lam.T @ zz @ lam + np.eye(q)
-    Ainv = np.linalg.inv(A)
-    b = lam @ (Ainv @ (lam.T @ zr))
-    return b, sigma2 * lam @ Ainv @ lam.T
+    B, K = kernels.blups(F, q, p, lam, np.asarray(beta, dtype=float)[kept])
+    return B[0], sigma2 * K[0]
 
 
 class StateView:
@@ -120,6 +108,7 @@ class StateView:
         self.client_config = dict(client_config or {})
         self._lock = threading.Lock()
         self._rows: dict = {}  # key -> (row, columns, events)
+        self._taken = 0  # state records taken so far
         self._columns: dict[tuple, tuple] = {}  # interned column tuples
         self._params: dict[str, Any] | None = None
         self._design: Design | None = None
@@ -213,6 +202,7 @@ class StateView:
             got.append((rec.key, (rec.row, cols, rec.events)))
         with self._lock:
             self._rows.update(got)
+            self._taken += len(got)
 
     def _take_params(self, m) -> None:
         try:
@@ -301,6 +291,61 @@ class StateView:
     def snapshot_like(self) -> StateView:
         """This view: it answers like a :class:`~streamlmm.snapshot.Snapshot`."""
         return self
+
+    def changes(self) -> tuple[int, int]:
+        """``(params version, rows taken)``: changes when either topic moved."""
+        with self._lock:
+            v = -1 if self._params is None else int(self._params["version"])
+            return v, self._taken
+
+    def to_snapshot(self) -> Snapshot:
+        """A whole :class:`~streamlmm.snapshot.Snapshot` of the model: the fitter's
+        model-level estimates and every group's BLUP and conditional covariance from its
+        current state row (the core's kernels, one pass over the groups)."""
+        p = self._need()
+        with self._lock:
+            design, rows = self._design, dict(self._rows)
+        cols = tuple(design.columns)
+        keys = list(rows)
+        st = GroupStats(design, capacity=max(len(keys), 1))
+        for key, (row, columns, _) in rows.items():
+            st.M[st._new_row(key)] = remap_rows(row, columns, cols)[0]
+        fixef = {c: _num(p["fixef"][c]) for c in design.fixed}
+        beta = np.array(list(fixef.values()))
+        kept = np.isfinite(beta)
+        zi, xi = np.asarray(design.zi), np.asarray(design.xi)[kept]
+        q = zi.shape[0]
+        blocks = st.cross_products(np.zeros(st.k + 1), zi, xi)
+        lam = np.zeros((q, q))
+        lam[theta_index(design.blocks, q)] = np.asarray(p["theta"], dtype=float)
+        B, K = kernels.blups(blocks.F, q, int(kept.sum()), lam, beta[kept])
+        sigma = _num(p["sigma"])
+        return Snapshot(
+            formula=p["formula"],
+            method=p["method"],
+            fixef=fixef,
+            fixef_se={c: _num(p["fixef_se"][c]) for c in design.fixed},
+            fixef_vcov=np.asarray(p.get("fixef_vcov", np.diag([np.nan] * len(beta))), float),
+            re_cov=np.asarray(p["re_cov"], dtype=float),
+            sigma=sigma,
+            theta=np.asarray(p["theta"], dtype=float),
+            criterion=_num(p["criterion"]),
+            n_obs=st.n_obs,
+            singular=bool(p["singular"]),
+            converged=bool(p["converged"]),
+            n_events=sum(int(e) for _, _, e in rows.values()),
+            keys=keys,
+            b=B,
+            condvar=sigma**2 * K,
+            group_n=st.counts(),
+            group_ybar=st.means()[:, -1],
+            re_names=design.random,
+            dropped=tuple(p.get("dropped", ())),
+            warnings=tuple(p.get("warnings", ())),
+            offsets=p.get("source_offsets", {}),
+            meta={"created": time.time(), "params_version": int(p["version"])},
+            design=design.to_state(),
+        )
 
 
 _MODEL_FIELDS = frozenset(

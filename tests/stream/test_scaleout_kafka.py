@@ -206,8 +206,61 @@ def test_workers_killed_and_added_give_the_exact_fit(kit, topic, tmp_path):
             np.testing.assert_allclose(list(view.ranef(k).values()), want_b, rtol=1e-6, atol=1e-9)
             np.testing.assert_allclose(view.ranef_cov(k), again.ranef_cov(k), rtol=1e-6, atol=1e-12)
         assert view.n("nope") == 0 and view.ranef("nope") == {"(Intercept)": 0.0, "x1": 0.0}
+        whole = view.to_snapshot()  # the model the query service swaps in
+        assert sorted(whole.keys) == sorted(again.keys)
+        for k in again.keys[:50]:
+            np.testing.assert_allclose(
+                whole.b[whole._index[k]], again.b[again._index[k]], rtol=1e-6
+            )
     finally:
         view.close()
+
+    # the query service over the topics: a real `streamlmm serve` process, real HTTP
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    serve = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "streamlmm",
+            "serve",
+            "--state-topic",
+            state,
+            "--params-topic",
+            params,
+            "--bootstrap",
+            kit.bootstrap,
+            "--port",
+            str(port),
+            "--poll-seconds",
+            "0.2",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        key = again.keys[0]
+        url = f"http://127.0.0.1:{port}/v1/groups/%22{key}%22"
+        got = None
+        deadline = time.monotonic() + 90
+        while got is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as r:
+                    got = json.loads(r.read())
+            except OSError:
+                time.sleep(0.3)
+        assert got is not None, "serve --state-topic never answered"
+        want_b = again.ranef(key)
+        for name, v in got["ranef"].items():
+            assert v == pytest.approx(want_b[name], rel=1e-6, abs=1e-9)
+        assert got["n"] == again.n(key)
+    finally:
+        serve.terminate()
+        serve.wait(30)
 
     for w in workers[1:]:
         w.signal(15)
