@@ -26,7 +26,14 @@ def _run_worker(args: argparse.Namespace) -> int:
         raise ValueError("--state-topic does not support --half-life or --partitions")
     kw = {
         k: getattr(args, k)
-        for k in ("consumer_group", "method", "missing", "dead_letter", "max_poll_records")
+        for k in (
+            "consumer_group",
+            "method",
+            "missing",
+            "levels",
+            "dead_letter",
+            "max_poll_records",
+        )
         if getattr(args, k) is not None
     }
     for k in ("progress_seconds", "session_timeout_ms", "transaction_timeout_ms"):
@@ -233,6 +240,13 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         metavar="S",
         help="progress line on stderr every S seconds, 0 for none" + _default("progress_seconds"),
+    )
+    r.add_argument(
+        "--levels",
+        metavar="JSON",
+        help='factor levels, reference first, e.g. \'{"severity": ["mild", "moderate", '
+        '"severe"]}\' (default: the order of appearance; scale-out workers should all '
+        "declare them, so that their factor columns agree)",
     )
     r.add_argument(
         "--serve",

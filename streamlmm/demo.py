@@ -374,6 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         "--progress-seconds",
         "5",
     ]
+    if sim.truth.get("levels"):  # the scenario's factor levels, reference first
+        cmd += ["--levels", json.dumps(sim.truth["levels"])]
     if use_http:
         cmd += ["--serve", str(port)]
     log_path = out / "engine.log"

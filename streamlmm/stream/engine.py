@@ -34,6 +34,7 @@ Exactly once
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -52,7 +53,7 @@ from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder
 from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction
 from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
 
-__all__ = ["EngineConfig", "Engine"]
+__all__ = ["EngineConfig", "Engine", "parse_levels"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class EngineConfig:
     half_life: float | None = None
     time_key: str | None = None
     missing: str = "raise"
+    levels: str | None = None  # JSON: {"field": ["reference", "level", ...]}
     em_every: int | None = None
     refit_every: int | None = None
     max_poll_records: int = 5_000
@@ -90,6 +92,32 @@ class EngineConfig:
     serve: int | None = None
     serve_host: str = "127.0.0.1"
     kafka: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def parse_levels(text: str | None) -> dict[str, list[str]] | None:
+    """``--levels``: a JSON object of factor levels, reference first.
+
+    >>> parse_levels('{"severity": ["mild", "moderate", "severe"]}')
+    {'severity': ['mild', 'moderate', 'severe']}
+    >>> parse_levels('["mild"]')
+    Traceback (most recent call last):
+    ...
+    ValueError: --levels must be a JSON object of lists of strings, e.g. {"f": ["a", "b"]}
+
+    """
+    if not text:
+        return None
+    try:
+        levels = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--levels is not valid JSON: {e}") from None
+    if not isinstance(levels, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) for x in v) for v in levels.values()
+    ):
+        raise ValueError(
+            '--levels must be a JSON object of lists of strings, e.g. {"f": ["a", "b"]}'
+        )
+    return levels
 
 
 class Engine:
@@ -165,6 +193,7 @@ class Engine:
             half_life=cfg.half_life,
             time_key=cfg.time_key,
             missing=cfg.missing,
+            levels=parse_levels(cfg.levels),
             **schedule,
         )
         return model, {}, {}

@@ -48,6 +48,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from streamlmm.model import MixedLM
 from streamlmm.stats import GroupStats
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled
+from streamlmm.stream.engine import parse_levels
 from streamlmm.stream.sinks import DeadLetterSink, Transaction
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, tp_name
 from streamlmm.stream.state import (
@@ -73,6 +74,7 @@ class WorkerConfig:
     consumer_group: str = "streamlmm"
     method: str = "REML"
     missing: str = "raise"
+    levels: str | None = None  # JSON factor levels, reference first (engine --levels)
     dead_letter: str | None = None
     max_poll_records: int = 5_000
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -193,7 +195,9 @@ class Worker:
         if cfg.method not in ("REML", "ML"):
             raise ValueError(f"--method must be REML or ML, got {cfg.method!r}")
         self.bootstrap, self.topic = parse_kafka_spec(cfg.source)
-        self.model = MixedLM(cfg.formula, cfg.method, missing=cfg.missing)
+        self.model = MixedLM(
+            cfg.formula, cfg.method, missing=cfg.missing, levels=parse_levels(cfg.levels)
+        )
         self.design = self.model._design
         self.decoder = Decoder(self.model._reader, max_bytes=cfg.max_message_bytes)
         kafka = dict(cfg.kafka)
