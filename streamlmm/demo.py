@@ -406,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 HttpLookup(f"http://127.0.0.1:{port}") if use_http else SnapshotLookup(snapdir)
             )
             say(f"[demo] engine pid {engine.pid}; lookups from {look.source}")
-            _watch(engine, look, feed, (large, small), args.tick)
+            _watch(engine, look, feed, (large, small), args.tick, snapdir)
             code = engine.wait()
             if writer is not None:
                 writer.join(5)
@@ -433,26 +433,32 @@ def main(argv: list[str] | None = None) -> int:
         _stop(server)
 
 
-def _watch(engine, look: Lookup, feed: Feed, keys: tuple[str, str], tick: float) -> None:
-    """Progress and lookups every ``tick`` seconds while the engine runs."""
+def _watch(
+    engine, look: Lookup, feed: Feed, keys: tuple[str, str], tick: float, snapdir=None
+) -> None:
+    """Progress and lookups every ``tick`` seconds while the engine runs, and once more
+    from the final snapshot if the engine finished before anything was shown."""
     last_n, last_t = 0, time.monotonic()
-    while engine.poll() is None:
-        time.sleep(tick)
+    while True:
+        done = engine.poll() is not None
+        if done and last_n == 0 and snapdir is not None:
+            look = SnapshotLookup(snapdir)  # a short stream: show the final snapshot
+        elif not done:
+            time.sleep(tick)
         m = look.model()
-        if m is None:
-            continue
         now = time.monotonic()
-        rate = (m["n_events"] - last_n) / (now - last_t) if now > last_t else 0.0
-        if m["n_events"] == last_n:
-            continue
-        last_n, last_t = m["n_events"], now
-        say(progress_line(m, rate))
-        for label, key in zip(("large", "small"), keys):
-            g = look.group(key)
-            raw = float("nan")
-            if g is not None:
-                raw = g.get("raw_mean", feed.raw_mean(key, g["n"]))
-            say(lookup_line(label, key, g, raw, m["fixef"]["(Intercept)"]))
+        if m is not None and m["n_events"] != last_n:
+            rate = (m["n_events"] - last_n) / (now - last_t) if now > last_t else 0.0
+            last_n, last_t = m["n_events"], now
+            say(progress_line(m, rate))
+            for label, key in zip(("large", "small"), keys):
+                g = look.group(key)
+                raw = float("nan")
+                if g is not None:
+                    raw = g.get("raw_mean", feed.raw_mean(key, g["n"]))
+                say(lookup_line(label, key, g, raw, m["fixef"]["(Intercept)"]))
+        if done:
+            return
 
 
 def _report(snapdir, plotdir, truth_file, out, events_path, log_path) -> None:

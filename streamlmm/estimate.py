@@ -510,8 +510,10 @@ def _descend(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary, max_
 
 def _escape_boundary(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary):
     """A diagonal θ at 0 whose column of Λ is otherwise empty is a stationary point (d is
-    even in it), so Newton can stop on a saddle. Probe small steps back inside and
-    descend from a lower probe; a truly singular fit has none and stays on the face."""
+    even in it), so Newton can stop on a saddle. Probe steps back inside over four
+    orders of magnitude (an optimum just inside is missed by a probe beyond twice its
+    distance, where the even function is back above its value on the face) and descend
+    from the lowest; a truly singular fit has none lower and stays on the face."""
     lower = fn.prob.lower()
     diag = lower == 0
     for _ in range(3):
@@ -520,7 +522,7 @@ def _escape_boundary(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSumma
             break
         scale = max(float(np.max(pr.theta[diag])), 0.1)
         best = None
-        for delta in (1e-2 * scale, 1e-1 * scale):
+        for delta in (1e-4 * scale, 1e-3 * scale, 1e-2 * scale, 1e-1 * scale):
             kick = pr.theta.copy()
             kick[on_face] = delta
             pk, gk = fn.fg(kick)
@@ -543,6 +545,10 @@ def _check_convergence(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSum
     lower = fn.prob.lower()
     free = _free(pr.theta, g, lower) & ~(pr.theta <= lower)
     summary.grad_norm = float(np.max(np.abs(g[_free(pr.theta, g, lower)]), initial=0.0))
+    if fn.exhausted:  # the budget is spent: no Hessian (lme4 too reports maxfun)
+        summary.return_code = "evaluation limit"
+        summary.messages.append("evaluation limit reached")
+        return
     H = np.zeros((0, 0))
     if free.any():
         last = fn.last_hessian  # Newton's last step from there was at rounding level

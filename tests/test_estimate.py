@@ -538,3 +538,28 @@ def test_estimates_at_maps_centred_estimates_to_the_users_columns(reference, hel
     for i, key in enumerate(st.keys):
         np.testing.assert_allclose(got["b"][key], B[i], rtol=1e-9)
         np.testing.assert_allclose(got["condvar"][key], pr.sigma2 * K[i], rtol=1e-9)
+
+
+def test_a_small_slope_variance_is_not_mistaken_for_a_boundary_fit():
+    """d(θ) is even in a diagonal entry of Λ whose column is otherwise empty, so the face
+    where it is 0 is stationary and Newton started there stays there. The optimum just
+    inside (a slope SD of 0.005 under an intercept SD of 6, θ₃ ≈ 0.014) must still be
+    found: started on the face, the fit ends inside, and no θ₃ beats it."""
+    rng = np.random.default_rng(7)
+    n, G = 300_000, 3_000
+    g = rng.integers(0, G, n)
+    x1, x2 = rng.normal(size=n), rng.normal(size=n)
+    b0, b1 = rng.normal(scale=6.0, size=G), rng.normal(scale=0.005, size=G)
+    y = 1 + 0.5 * x1 - x2 + b0[g] + b1[g] * x1 + rng.normal(size=n)
+    st = GroupStats(numeric_design("y ~ x1 + x2 + (1 + x1 | g)"))
+    A = np.column_stack([np.ones(n), x1, x2])
+    st.add(st.rows(g.tolist()), A, y, np.ones(n), np.zeros(n))
+    prob, _ = estimate.make_problem(st, st.spec, True)
+    start = np.array([6.0, 0.0, 0.0])  # on the face θ₃ = 0
+    pr, summary = estimate.fit_theta(prob, start)
+    assert pr.theta[2] > 1e-3, (pr.theta, summary.messages)
+    for t3 in (1e-4, 1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 1e-1):
+        probe = pr.theta.copy()
+        probe[2] = t3
+        other = prob.profile(probe)
+        assert other is None or other.criterion >= pr.criterion - 1e-9 * abs(pr.criterion), t3
