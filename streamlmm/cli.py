@@ -33,6 +33,8 @@ def _run_worker(args: argparse.Namespace) -> int:
             "levels",
             "dead_letter",
             "max_poll_records",
+            "params_topic",
+            "publish_topic",
         )
         if getattr(args, k) is not None
     }
@@ -78,8 +80,12 @@ def _run(args: argparse.Namespace) -> int:
         args.state_topic = os.environ.get("STREAMLMM_STATE_TOPIC")
     if args.state_topic:
         return _run_worker(args)
+    if args.params_topic:
+        raise ValueError("--params-topic applies to scale-out workers (with --state-topic)")
     flags = {
-        k: v for k, v in vars(args).items() if k not in ("cmd", "config", "func", "state_topic")
+        k: v
+        for k, v in vars(args).items()
+        if k not in ("cmd", "config", "func", "state_topic", "params_topic")
     }
     cfg = load_config(flags, path=args.config)
     engine = Engine(cfg)
@@ -267,6 +273,12 @@ def _parser() -> argparse.ArgumentParser:
         "and write their statistics to this compacted topic of the source's cluster, in "
         "one transaction with the offsets (--snapshot-dir is then not used; see "
         "docs/scaleout.md)",
+    )
+    r.add_argument(
+        "--params-topic",
+        metavar="TOPIC",
+        help="scale-out worker: follow the fitter's parameters (global estimates), so that "
+        "--publish-topic effects use them",
     )
     r.add_argument(
         "--session-timeout-ms",

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import logging
 import signal
 import sys
@@ -45,11 +46,12 @@ from typing import Any
 import numpy as np
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
+from streamlmm.keys import key_to_json
 from streamlmm.model import MixedLM
 from streamlmm.stats import GroupStats
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled
 from streamlmm.stream.engine import parse_levels
-from streamlmm.stream.sinks import DeadLetterSink, Transaction
+from streamlmm.stream.sinks import DeadLetterSink, Transaction, ensure_topic
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, tp_name
 from streamlmm.stream.state import (
     absorb_design,
@@ -75,6 +77,8 @@ class WorkerConfig:
     method: str = "REML"
     missing: str = "raise"
     levels: str | None = None  # JSON factor levels, reference first (engine --levels)
+    params_topic: str | None = None  # the fitter's parameters: global estimates
+    publish_topic: str | None = None  # changed groups' effects at those estimates
     dead_letter: str | None = None
     max_poll_records: int = 5_000
     max_message_bytes: int = MAX_MESSAGE_BYTES
@@ -246,6 +250,22 @@ class Worker:
         self.n_restores = 0
         self.n_bad_state = 0
         self._lock = threading.Lock()
+        self.params: dict | None = None  # the newest params record, parsed
+        self.params_consumer = None
+        if cfg.publish_topic and not cfg.params_topic:
+            raise ValueError("--publish-topic on a scale-out worker needs --params-topic")
+        if cfg.params_topic:
+            _, self.params_topic = parse_kafka_spec(cfg.params_topic, self.bootstrap)
+            self.params_consumer = KafkaConsumer(
+                bootstrap_servers=self.bootstrap,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                isolation_level="read_committed",
+                **common,
+            )
+        if cfg.publish_topic:
+            ensure_topic(self.bootstrap, cfg.publish_topic, kafka, **{"cleanup.policy": "compact"})
 
     def _transaction(self) -> Transaction:
         conf = {"transaction_timeout_ms": self.cfg.transaction_timeout_ms, **dict(self.cfg.kafka)}
@@ -476,6 +496,12 @@ class Worker:
                         design=dstate,
                     )
                     txn.send_to(st_topic, k, v, p)
+                if cfg.publish_topic and self.params is not None:
+                    for key in part.changed:
+                        value = json.dumps(self._effects(key, st), separators=(",", ":"))
+                        txn.send_to(
+                            cfg.publish_topic, key_to_json(key).encode(), value.encode(), None
+                        )
                 k, v = encode_marker(p, part.offset, cfg.formula, cfg.method, self.topic)
                 txn.send_to(st_topic, k, v, p)
             offsets = {tp_name(self.topic, p): off for p, off in last.items()}
@@ -507,6 +533,87 @@ class Worker:
         self.cache.clear()
         self.pending = {tp.partition for tp in self.consumer.assignment()}
 
+    # -- global estimates ------------------------------------------------------------------
+    def _follow_params(self) -> None:
+        """Take the newest record of the fitter's params topic (``read_committed``)."""
+        c = self.params_consumer
+        if c is None:
+            return
+        if not c.assignment():
+            parts = c.partitions_for_topic(self.params_topic)
+            if not parts:
+                return  # the fitter has not created it yet
+            c.assign([self._TP(self.params_topic, q) for q in parts])
+            c.seek_to_beginning()
+        for msgs in c.poll(timeout_ms=0).values():
+            for m in msgs:
+                try:
+                    rec = json.loads(m.value)
+                    version = int(rec["version"])
+                    theta = np.asarray(rec["theta"], dtype=float)
+                    fixef = {
+                        k: float("nan") if v is None else float(v) for k, v in rec["fixef"].items()
+                    }
+                    sigma = float(rec["sigma"])
+                except (ValueError, KeyError, TypeError) as e:
+                    log.error("params record at offset %d skipped: %s", m.offset, e)
+                    continue
+                if self.params is None or version >= self.params["version"]:
+                    self.params = {
+                        "version": version,
+                        "theta": theta,
+                        "fixef": fixef,
+                        "sigma": sigma,
+                    }
+
+    def _global_beta(self) -> np.ndarray:
+        """β in this worker's fixed-column order (NaN for a column the fitter dropped or
+        has not seen yet)."""
+        fixef = self.params["fixef"]
+        return np.array([fixef.get(c, float("nan")) for c in self.design.fixed])
+
+    def _effects(self, key, st: GroupStats) -> dict:
+        """A group's effects record at the global estimates, from its own row."""
+        from streamlmm.stream.statequery import group_blup  # (it imports this module)
+
+        p = self.params
+        b, cv = group_blup(
+            st.M[st.index[key]],
+            self.design.columns,
+            self.design,
+            p["theta"],
+            self._global_beta(),
+            p["sigma"] ** 2,
+        )
+        return {
+            "group": key,
+            "ranef": dict(zip(self.design.random, b.tolist())),
+            "cond_cov": cv.tolist(),
+            "n": float(st.M[st.index[key], 0]),
+            "params_version": p["version"],
+        }
+
+    def predict_one(self, x: Mapping[str, Any]) -> float:
+        """``x'β + z'b_g`` at the fitter's global estimates, with ``b_g`` from this worker's
+        own row of the group (the fixed part alone for a group it does not own).
+
+        ``LookupError`` before the first params record; ``ValueError`` for bad input.
+        """
+        if self.params is None:
+            raise LookupError("no global estimates yet: the fitter has not published any")
+        d = self.design
+        a = d.encode_one(x, np.empty(max(d.k, 1)), learn=False)
+        beta = self._global_beta()
+        kept = np.isfinite(beta)
+        yhat = float(a[np.asarray(d.xi)[kept]] @ beta[kept])
+        key = x.get(self.model._formula.group)
+        for part in self.parts.values():
+            if key in part.stats.index:
+                b = self._effects(key, part.stats)["ranef"]
+                yhat += float(a[np.asarray(d.zi)] @ np.array(list(b.values())))
+                break
+        return yhat
+
     # -- loop ------------------------------------------------------------------------------
     def run(self, install_signals: bool = True) -> int:
         """Consume until SIGTERM/SIGINT; returns the exit code."""
@@ -523,6 +630,7 @@ class Worker:
                 self._drain()
                 if self.pending:
                     self._restore()
+                self._follow_params()
                 polled = self._poll()
                 if self.pending:
                     continue  # a rebalance came with this poll: restore first

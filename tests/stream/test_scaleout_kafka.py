@@ -64,7 +64,7 @@ def assert_close(snap, want_fixef, want_sigma, want_crit, want_re_cov) -> None:
     np.testing.assert_allclose(snap.re_cov, want_re_cov, rtol=0, atol=atol)
 
 
-def start_worker(kit, topic, state, group, i):
+def start_worker(kit, topic, state, group, i, *extra: str):
     args = [
         "--source",
         f"kafka://{kit.bootstrap}/{topic}",
@@ -82,6 +82,7 @@ def start_worker(kit, topic, state, group, i):
         "6000",
         "--progress-seconds",
         "1",
+        *extra,
     ]
     EngineProcess = sys.modules[type(kit).__module__].EngineProcess  # the conftest's
     eng = EngineProcess(args, kit.tmp_path / f"worker-{i}.log", kit.tmp_path)
@@ -266,3 +267,67 @@ def test_workers_killed_and_added_give_the_exact_fit(kit, topic, tmp_path):
         w.signal(15)
     for w in workers[1:]:
         assert w.wait(60) == 0, w.log_tail()
+
+
+def test_workers_publish_effects_at_the_fitters_estimates(kit, topic, tmp_path):
+    """A worker following the params topic publishes each changed group's effects at the
+    fitter's global estimates, in its transactions: each effect equals the dense BLUP
+    ``D Z'(Z D Z' + σ²I)⁻¹(y − Xβ)`` of the group's events so far at those θ, β, σ."""
+    from kafka import TopicPartition
+
+    from streamlmm.keys import key_from_json
+
+    df, _ = load_case()
+    events = df.to_dict("records")
+    half = len(events) // 2
+    kit.create_topic(topic, partitions=2)
+    state, group = f"{topic}-state", f"{topic}-workers"
+    params, effects = f"{topic}-params", f"{topic}-effects"
+    kit.produce_events(topic, events[:half])
+    w = start_worker(
+        kit, topic, state, group, 0, "--params-topic", params, "--publish-topic", effects
+    )
+    ends = kit.end_offsets(topic)
+    kit.wait_for(lambda: kit.committed(group, topic) == ends, 120, "the first half")
+    fit = run_fitter(kit, state, tmp_path / "fit", "--params-topic", params)
+    time.sleep(3)  # the worker polls the params topic between its batches
+    kit.produce_events(topic, events[half:])
+    ends = kit.end_offsets(topic)
+    kit.wait_for(lambda: kit.committed(group, topic) == ends, 120, "the second half")
+    assert w.alive(), w.log_tail()
+
+    consumer = kit.consumer(isolation_level="read_committed")
+    try:
+        parts = kit.wait_for(lambda: consumer.partitions_for_topic(effects), 30, "effects")
+        tps = [TopicPartition(effects, p) for p in parts]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        last: dict = {}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            got = consumer.poll(timeout_ms=1000)
+            if not got and last:
+                break
+            for msgs in got.values():
+                for m in msgs:
+                    last[key_from_json(m.key)] = json.loads(m.value)
+    finally:
+        consumer.close()
+    assert last, "no effects were published"
+    second = set(df["g"].iloc[half:])
+    assert set(last) == second  # published for the groups the second half changed
+    theta = np.asarray(fit.theta)
+    lam = np.array([[theta[0], 0.0], [theta[1], theta[2]]])
+    D = fit.sigma**2 * lam @ lam.T
+    beta = np.array([fit.fixef[c] for c in ("(Intercept)", "x1", "x2")])
+    for key in list(second)[:40]:
+        rec = last[key]
+        assert rec["params_version"] >= 1
+        g = df[df["g"] == key]
+        X = np.column_stack([np.ones(len(g)), g["x1"], g["x2"]])
+        Z = X[:, :2]
+        V = Z @ D @ Z.T + fit.sigma**2 * np.eye(len(g))
+        want = D @ Z.T @ np.linalg.solve(V, g["y"].to_numpy() - X @ beta)
+        got = np.array([rec["ranef"]["(Intercept)"], rec["ranef"]["x1"]])
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9)
+        assert rec["n"] == len(g)
