@@ -41,6 +41,7 @@ import math
 import operator
 import re
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -268,7 +269,17 @@ def _check_arith(node, text: str, label: str) -> None:
         _check_arith(node[2], text, label)
 
 
-def _scalar(node, index: dict[str, int]) -> Callable[[Sequence[float]], float]:
+class _Ops(NamedTuple):
+    """How a compiled transform calls a function, raises to a power and combines two
+    operands: with floats (one event) or with numpy arrays (a batch)."""
+
+    call: Callable[[str, Callable], Callable]
+    power: Callable[[Callable, Callable], Callable]
+    binary: Callable[[str, Callable, Callable], Callable]
+
+
+def _compile(node, index: dict[str, int], ops: _Ops) -> Callable:
+    """A transform's expression tree as nested closures (compiled once, no ``eval``)."""
     kind = node[0]
     if kind == "num":
         c = node[1]
@@ -276,30 +287,37 @@ def _scalar(node, index: dict[str, int]) -> Callable[[Sequence[float]], float]:
     if kind == "name":
         return operator.itemgetter(index[node[1]])
     if kind in ("paren", "pos"):
-        return _scalar(node[1], index)
+        return _compile(node[1], index, ops)
     if kind == "neg":
-        f = _scalar(node[1], index)
+        f = _compile(node[1], index, ops)
         return lambda v: -f(v)
     if kind == "call":
-        f = _scalar(node[2], index)
-        if node[1] == "I":
-            return f
-        fn = FUNCTIONS[node[1]][0]
-        if node[2][0] == "name":
-            g = operator.itemgetter(index[node[2][1]])
-            return lambda v: fn(g(v))
-        return lambda v: fn(f(v))
-    a, b = _scalar(node[2], index), _scalar(node[3], index)
-    op = node[1]
+        f = _compile(node[2], index, ops)
+        return f if node[1] == "I" else ops.call(node[1], f)
+    a, b = _compile(node[2], index, ops), _compile(node[3], index, ops)
+    return ops.power(a, b) if node[1] == "^" else ops.binary(node[1], a, b)
+
+
+def _scalar_call(name: str, f: Callable) -> Callable:
+    fn = FUNCTIONS[name][0]
+    return lambda v: fn(f(v))
+
+
+def _scalar_binary(op: str, a: Callable, b: Callable) -> Callable:
     if op == "+":
         return lambda v: a(v) + b(v)
     if op == "-":
         return lambda v: a(v) - b(v)
     if op == "*":
         return lambda v: a(v) * b(v)
-    if op == "/":
-        return lambda v: a(v) / b(v)
-    return lambda v: math.pow(a(v), b(v))
+    return lambda v: a(v) / b(v)
+
+
+_SCALAR = _Ops(
+    call=_scalar_call,
+    power=lambda a, b: lambda v: math.pow(a(v), b(v)),
+    binary=_scalar_binary,
+)
 
 
 def _pow_vec(a, b):
@@ -315,49 +333,36 @@ def _pow_vec(a, b):
     return out
 
 
-def _vector(node, index: dict[str, int]) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
-    kind = node[0]
-    if kind == "num":
-        c = node[1]
-        return lambda v: c
-    if kind == "name":
-        return operator.itemgetter(index[node[1]])
-    if kind in ("paren", "pos"):
-        return _vector(node[1], index)
-    if kind == "neg":
-        f = _vector(node[1], index)
-        return lambda v: -f(v)
-    if kind == "call":
-        f = _vector(node[2], index)
-        if node[1] == "I":
-            return f
-        fn, vec = FUNCTIONS[node[1]]
+def _vector_call(name: str, f: Callable) -> Callable:
+    fn, vec = FUNCTIONS[name]
 
-        def call(v):
-            x = f(v)
-            if isinstance(x, float):
-                try:
-                    return float(fn(x))
-                except (ValueError, OverflowError):
-                    return math.nan
-            with np.errstate(all="ignore"):
-                return vec(x)
+    def call(v):
+        x = f(v)
+        if isinstance(x, float):
+            try:
+                return float(fn(x))
+            except (ValueError, OverflowError):
+                return math.nan
+        with np.errstate(all="ignore"):
+            return vec(x)
 
-        return call
-    a, b = _vector(node[2], index), _vector(node[3], index)
-    op = node[1]
-    if op == "^":
+    return call
 
-        def power(v):
-            x, y = a(v), b(v)
-            if isinstance(x, float) and isinstance(y, float):
-                try:
-                    return math.pow(x, y)
-                except (ValueError, OverflowError, ZeroDivisionError):
-                    return math.nan
-            return _pow_vec(x, y)
 
-        return power
+def _vector_power(a: Callable, b: Callable) -> Callable:
+    def power(v):
+        x, y = a(v), b(v)
+        if isinstance(x, float) and isinstance(y, float):
+            try:
+                return math.pow(x, y)
+            except (ValueError, OverflowError, ZeroDivisionError):
+                return math.nan
+        return _pow_vec(x, y)
+
+    return power
+
+
+def _vector_binary(op: str, a: Callable, b: Callable) -> Callable:
     ufunc = {"+": np.add, "-": np.subtract, "*": np.multiply, "/": np.divide}[op]
 
     def binary(v):
@@ -365,6 +370,19 @@ def _vector(node, index: dict[str, int]) -> Callable[[Sequence[np.ndarray]], np.
             return ufunc(a(v), b(v))
 
     return binary
+
+
+_VECTOR = _Ops(call=_vector_call, power=_vector_power, binary=_vector_binary)
+
+
+def _scalar(node, index: dict[str, int]) -> Callable[[Sequence[float]], float]:
+    """One event's value of a transform (floats; errors raise)."""
+    return _compile(node, index, _SCALAR)
+
+
+def _vector(node, index: dict[str, int]) -> Callable[[Sequence[np.ndarray]], np.ndarray]:
+    """A batch's values of a transform (numpy; non-finite results are NaN or ±inf)."""
+    return _compile(node, index, _VECTOR)
 
 
 def _diagnose(node, v: Sequence[float], index: dict[str, int]) -> tuple[float, str | None]:
