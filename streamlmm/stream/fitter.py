@@ -36,7 +36,7 @@ from streamlmm.stats import GroupStats
 from streamlmm.store import LocalStore
 from streamlmm.stream.sinks import ensure_topic
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, tp_name
-from streamlmm.stream.state import StateRecord, absorb_design, decode_record, remap_rows
+from streamlmm.stream.state import StateRecord, absorb_design, decode_record, relayout
 from streamlmm.stream.worker import parse_kafka_spec
 
 __all__ = ["FitterConfig", "Fitter", "GlobalState", "PARAMS_KEY", "params_record"]
@@ -125,7 +125,7 @@ class GlobalState:
                 home,
             )
             return False
-        row = remap_rows(rec.row, rec.columns, self.design.columns)[0]
+        row = relayout(rec.row, rec.design, self.design)
         st = self.stats
         r = st.index.get(key)
         if r is None:

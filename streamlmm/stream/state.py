@@ -40,6 +40,7 @@ True
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import struct
 from collections.abc import Mapping, Sequence
@@ -214,6 +215,78 @@ def v_columns(columns: Sequence[str]) -> list[str]:
 
     """
     return [c for c in columns if c != INTERCEPT] + [None]
+
+
+def relayout(row: np.ndarray, src_state: Mapping[str, Any] | None, dst: Design) -> np.ndarray:
+    """A state row written under the design ``src_state`` (the writer's), re-laid for the
+    reader's design ``dst``: by column, and across different factor reference levels.
+
+    Each union column is a product of atoms (numeric fields, factor indicators
+    ``[f = l]``). A reader's column whose indicator is the writer's *reference* level is
+    ``[f = ref] = 1 − Σ_{l ≠ ref} [f = l]``, so every reader column is an affine function
+    ``v' = T v + t`` of the writer's columns, and the row maps exactly: ``n`` stays,
+    means ``m' = T m + t``, co-moments ``C' = T C T'``. A level the writer never saw is a
+    column of zeros. ``ValueError`` when a column cannot be expressed.
+    """
+    src = tuple(src_state["columns"]) if src_state else tuple(dst.columns)
+    if src == tuple(dst.columns):
+        return np.atleast_2d(np.asarray(row, dtype=float))[0].copy()
+    if not src_state or "keys" not in src_state:
+        return remap_rows(row, src, dst.columns)[0]
+    T, t = _affine_map(src_state, dst)
+    M = np.atleast_2d(np.asarray(row, dtype=float))[0]
+    vs = v_columns(src)
+    ms, md = len(vs), T.shape[0]
+    Ps, Pd = packed_index(ms), packed_index(md)
+    mean = M[1 : 1 + ms]
+    C = M[1 + ms + Ps]
+    out = np.empty(1 + md + md * (md + 1) // 2)
+    out[0] = M[0]
+    out[1 : 1 + md] = T @ mean + t
+    Cd = T @ C @ T.T
+    iu = np.triu_indices(md)
+    out[1 + md + Pd[iu]] = Cd[iu]
+    return out
+
+
+def _affine_map(src_state: Mapping[str, Any], dst: Design) -> tuple[np.ndarray, np.ndarray]:
+    """``(T, t)`` with ``v_dst = T v_src + t`` (the response maps to itself)."""
+    src_cols = list(src_state["columns"])
+    keys = [frozenset((lab, lev) for lab, lev in k) for k in src_state["keys"]]
+    levels = {f: list(v) for f, v in src_state.get("levels", {}).items()}
+    vs, vd = v_columns(src_cols), v_columns(dst.columns)
+    vpos = {c: i for i, c in enumerate(vs)}
+    index = {k: vpos.get(c, -1) for k, c in zip(keys, src_cols)}  # -1: the intercept
+    T = np.zeros((len(vd), len(vs)))
+    t = np.zeros(len(vd))
+    T[-1, -1] = 1.0  # the response
+    for name, key in zip(dst.columns, dst._keys):
+        if name == INTERCEPT:
+            continue
+        j = vd.index(name)
+        if key in index:  # the same column (same atoms), whatever its name
+            T[j, index[key]] = 1.0
+            continue
+        if any(lev is not None and lev not in levels.get(lab, [lev]) for lab, lev in key):
+            continue  # a level the writer never saw: 0 in all its events
+        fixed = [a for a in key if a[1] is None or a[1] != levels.get(a[0], [None])[0]]
+        subst = [a for a in key if a not in fixed]  # indicators of the writer's reference
+        options = [[None] + [(f, lv) for lv in levels[f][1:]] for f, _ in subst]
+        for choice in itertools.product(*options):
+            chosen = [c for c in choice if c is not None]
+            term = frozenset(fixed + chosen)
+            if term not in index:
+                raise ValueError(
+                    f"column {name!r} cannot be expressed in the state row's columns "
+                    f"{src_cols} (declare the factors' levels with --levels)"
+                )
+            sign = -1.0 if len(chosen) % 2 else 1.0
+            i = index[term]
+            if i < 0:
+                t[j] += sign
+            else:
+                T[j, i] += sign
+    return T, t
 
 
 def remap_rows(M: np.ndarray, src: Sequence[str], dst: Sequence[str]) -> np.ndarray:

@@ -21,7 +21,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,7 @@ from streamlmm.estimate import theta_index
 from streamlmm.keys import check_key
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats
-from streamlmm.stream.state import decode_record, remap_rows
+from streamlmm.stream.state import decode_record, relayout
 from streamlmm.stream.worker import parse_kafka_spec
 
 __all__ = ["StateView", "group_blup"]
@@ -42,14 +42,15 @@ log = logging.getLogger(__name__)
 
 def group_blup(
     row: np.ndarray,
-    columns: Sequence[str],
+    written: Mapping[str, Any] | None,
     design: Design,
     theta: np.ndarray,
     beta: np.ndarray,
     sigma2: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(b, condvar)`` of one group from its statistics row (laid out for ``columns``,
-    re-laid here for ``design.columns``) at θ, β (``design.fixed`` order; NaN = dropped)
+    """``(b, condvar)`` of one group from its statistics row (written under the design
+    state ``written``, ``None``: ``design`` itself; re-laid here for ``design``) at θ, β
+    (``design.fixed`` order; NaN = dropped)
     and σ².
 
     Examples
@@ -60,14 +61,13 @@ def group_blup(
     ...     m.learn_one({"g": i % 6, "x": float(i % 7)}, (i % 6) * (1 + 0.1 * (i % 7)) + (i % 5))
     >>> s = m.fit().snapshot()
     >>> d = m._design
-    >>> b, v = group_blup(m._stats.M[2], d.columns, d, s.theta,
+    >>> b, v = group_blup(m._stats.M[2], None, d, s.theta,
     ...                   np.array([s.fixef[c] for c in d.fixed]), s.sigma ** 2)
     >>> bool(np.allclose(b, s.b[2], atol=1e-8) and np.allclose(v, s.condvar[2], atol=1e-8))
     True
 
     """
-    cols = tuple(design.columns)
-    M = remap_rows(row, columns, cols)[0]
+    M = relayout(row, written, design)
     st = GroupStats(design)  # the core's layout and kernels, one row
     zi, xi = np.asarray(design.zi), np.asarray(design.xi)
     kept = np.isfinite(beta)  # a dropped (aliased) column contributes nothing
@@ -107,9 +107,9 @@ class StateView:
         _, self.params_topic = parse_kafka_spec(params_topic, self.bootstrap)
         self.client_config = dict(client_config or {})
         self._lock = threading.Lock()
-        self._rows: dict = {}  # key -> (row, columns, events)
+        self._rows: dict = {}  # key -> (row, the writer's design state, events)
         self._taken = 0  # state records taken so far
-        self._columns: dict[tuple, tuple] = {}  # interned column tuples
+        self._written: dict[str, dict] = {}  # interned writers' design states
         self._params: dict[str, Any] | None = None
         self._design: Design | None = None
         self._stop = threading.Event()
@@ -198,7 +198,8 @@ class StateView:
                 continue
             if rec.is_marker:
                 continue
-            cols = self._columns.setdefault(rec.columns, rec.columns)
+            text = json.dumps(rec.design, sort_keys=True)
+            cols = self._written.setdefault(text, rec.design)
             got.append((rec.key, (rec.row, cols, rec.events)))
         with self._lock:
             self._rows.update(got)
@@ -305,11 +306,10 @@ class StateView:
         p = self._need()
         with self._lock:
             design, rows = self._design, dict(self._rows)
-        cols = tuple(design.columns)
         keys = list(rows)
         st = GroupStats(design, capacity=max(len(keys), 1))
-        for key, (row, columns, _) in rows.items():
-            st.M[st._new_row(key)] = remap_rows(row, columns, cols)[0]
+        for key, (row, written, _) in rows.items():
+            st.M[st._new_row(key)] = relayout(row, written, design)
         fixef = {c: _num(p["fixef"][c]) for c in design.fixed}
         beta = np.array(list(fixef.values()))
         kept = np.isfinite(beta)

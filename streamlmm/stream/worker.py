@@ -58,7 +58,7 @@ from streamlmm.stream.state import (
     decode_record,
     encode_group,
     encode_marker,
-    remap_rows,
+    relayout,
 )
 
 __all__ = ["WorkerConfig", "Worker", "parse_kafka_spec", "ensure_state_topic", "read_state"]
@@ -384,7 +384,7 @@ class Worker:
             if recs:
                 rows = st.rows([r.key for r in recs])
                 for r, rec in zip(rows, recs):
-                    st.M[r] = remap_rows(rec.row, rec.columns, self.design.columns)[0]
+                    st.M[r] = relayout(rec.row, rec.design, self.design)
             out[p] = _Part(st, {r.key: r.events for r in recs}, marker[p])
         return out
 
@@ -579,7 +579,7 @@ class Worker:
         p = self.params
         b, cv = group_blup(
             st.M[st.index[key]],
-            self.design.columns,
+            None,
             self.design,
             p["theta"],
             self._global_beta(),

@@ -138,3 +138,37 @@ def test_a_column_the_reader_lacks_is_refused_unless_zero():
         remap_rows(M, ["(Intercept)", "x", "fb"], ["(Intercept)", "x"])
     M[0, 2] = 0.0
     assert remap_rows(M, ["(Intercept)", "x", "fb"], ["(Intercept)", "x"]).shape == (1, 6)
+
+
+def test_rows_written_under_another_reference_level_relayout_exactly():
+    """Two writers that saw different first levels of a factor (references "a" and "b")
+    write rows in different columns; re-laid for the reader's design through
+    ``[f = ref] = 1 − Σ others`` they equal the rows of one pass over the same events."""
+    from streamlmm import MixedLM
+    from streamlmm.stream.state import relayout
+
+    formula = "y ~ x1 * f + (1 + x1 | g)"
+    rng = np.random.default_rng(4)
+
+    def events(first: str, groups: range) -> list[tuple[dict, float]]:
+        out = []
+        for i in range(600):
+            f = first if i == 0 else str(rng.choice(["a", "b", "c"]))
+            x = {"g": int(rng.choice(groups)), "x1": float(rng.normal()), "f": f}
+            out.append((x, 1.0 + x["x1"] + {"a": 0.0, "b": 1.0, "c": -1.0}[f] + rng.normal()))
+        return out
+
+    ev_a, ev_b = events("a", range(0, 20)), events("b", range(20, 40))
+    writer_b = MixedLM(formula)
+    for x, y in ev_b:
+        writer_b.learn_one(x, y)
+    assert writer_b._design.factors["f"][0] == "b"
+    one = MixedLM(formula, levels={"f": ["a", "b", "c"]})
+    for x, y in ev_a + ev_b:
+        one.learn_one(x, y)
+    written = writer_b._design.to_state()
+    st_b, st_one = writer_b._stats, one._stats
+    for key in st_b.keys:
+        got = relayout(st_b.M[st_b.row(key)], written, one._design)
+        want = st_one.M[st_one.row(key)]
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
