@@ -161,9 +161,11 @@ def test_sigkill_at_random_moments_neither_loses_nor_double_counts(kit, topic, t
     for e in events:
         del e["ts"]
     kit.create_topic(topic, partitions=3)
-    where = kit.produce_events(topic, events)
-    ends = kit.end_offsets(topic)
-    assert sum(ends.values()) == N_CRASH
+    # the stream keeps arriving between kills, so every kill is mid-stream however fast
+    # the engine is: chunk i+1 is produced after the i-th kill, the last after the last
+    bounds = np.linspace(0, N_CRASH, N_KILLS + 2).astype(int)
+    chunks = [events[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    where = list(kit.produce_events(topic, chunks[0]))
 
     def assert_holds_exactly_its_offsets(snap) -> None:
         """Each group's count is that of the events before the snapshot's offsets."""
@@ -196,8 +198,9 @@ def test_sigkill_at_random_moments_neither_loses_nor_double_counts(kit, topic, t
         if snap is not None:
             assert_holds_exactly_its_offsets(snap)
         at_kill.append(snap.n_events if snap is not None else 0)
-        if at_kill[-1] >= N_CRASH:
-            break
+        where += kit.produce_events(topic, chunks[i + 1])
+    ends = kit.end_offsets(topic)
+    assert sum(ends.values()) == N_CRASH and len(where) == N_CRASH
     mid_stream = [n for n in at_kill if 0 < n < N_CRASH]
     assert len(mid_stream) >= 3, f"kills were not mid-stream: snapshots at {at_kill}"
 

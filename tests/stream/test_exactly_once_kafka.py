@@ -117,8 +117,12 @@ def dead_letter_origins(kit, dlq: str) -> Counter:
 def test_sigkills_leave_exact_fit_and_exactly_once_dead_letters_and_effects(kit, topic, tmp_path):
     good, msgs, bad_at = make_stream(31)
     kit.create_topic(topic, partitions=3)
-    where = kit.produce(topic, msgs)
-    bad_origins = Counter(where[i] for i in bad_at)
+    # the stream keeps arriving between kills (chunk i+1 after the i-th), so the kills
+    # are mid-stream however fast the engine is
+    bounds = [len(msgs) * i // 6 for i in range(7)]
+    chunks = [msgs[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    where = list(kit.produce(topic, chunks[0]))
+    produced = 1
     dlq, effects = f"{topic}-dlq", f"{topic}-effects"
     kit.create_topic(dlq, partitions=1)
     snap_dir, group = tmp_path / "snap", f"{topic}-engine"
@@ -145,8 +149,14 @@ def test_sigkills_leave_exact_fit_and_exactly_once_dead_letters_and_effects(kit,
         n = kit.latest_snapshot(snap_dir).n_events
         if n < N_GOOD:
             mid.append(n)
+        if produced < len(chunks):
+            where += kit.produce(topic, chunks[produced])
+            produced += 1
         if len(mid) >= 3:
             break
+    for chunk in chunks[produced:]:
+        where += kit.produce(topic, chunk)
+    bad_origins = Counter(where[i] for i in bad_at)
     assert len(mid) >= 3, f"kills were not mid-stream: {mid}"
 
     kit.run_engine(topic, snap_dir, *args, group=group)
