@@ -625,6 +625,10 @@ class _Part:
     def sum(self, node) -> tuple[list[frozenset], bool | None]:
         items: list[tuple[int, object]] = []
         _flatten(node, 1, items)
+        return self.signed(items)
+
+    def signed(self, items) -> tuple[list[frozenset], bool | None]:
+        """The terms and intercept of ``+``/``-`` items (``(sign, node)`` pairs)."""
         out: list[frozenset] = []
         intercept = None
         for sign, item in items:
@@ -765,18 +769,7 @@ def parse_formula(text: str) -> Formula:
         )
 
     fixed = _Part(text, "fixed")
-    fterms: list[frozenset] = []
-    fint: bool | None = None
-    for sign, item in fixed_items:
-        ts, ic = fixed.terms(item)
-        if sign > 0:
-            fterms = _unique(fterms + ts)
-            if ic is not None:
-                fint = ic
-        else:
-            fterms = [t for t in fterms if t not in ts]
-            if ic is not None:
-                fint = not ic
+    fterms, fint = fixed.signed(fixed_items)
     fixed_intercept = True if fint is None else fint
     fixed_terms = fixed.final = fixed.ordered(fterms)
     if not fixed_intercept and not fixed_terms:

@@ -82,10 +82,6 @@ def _current(request: Request) -> Current:
     return cur
 
 
-def _floats(values) -> list:
-    return [float(v) for v in values]
-
-
 def group_entry(cur: Current, key, seen: bool) -> dict[str, Any]:
     """One group's effects as the API returns them, from one snapshot.
 

@@ -289,10 +289,6 @@ class StateView:
         """The group's conditional covariance (``re_cov`` for an unseen group)."""
         return self._blup(key)[1]
 
-    def snapshot_like(self) -> StateView:
-        """This view: it answers like a :class:`~streamlmm.snapshot.Snapshot`."""
-        return self
-
     def changes(self) -> tuple[int, int]:
         """``(params version, rows taken)``: changes when either topic moved."""
         with self._lock:
