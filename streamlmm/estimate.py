@@ -137,6 +137,7 @@ class Profile:
     logdet_L: float
     n: float
     reml: bool
+    sums: kernels.PlsSums | None = dataclasses.field(default=None, repr=False, compare=False)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -221,10 +222,14 @@ class Problem:
         return _blockwise_lower(np.linalg.solve(self.Tz(), lam_u), self.blocks)
 
     # -- the criterion --------------------------------------------------------------------
-    def profile(self, theta: np.ndarray) -> Profile | None:
-        """Profiled REML/ML at θ; ``None`` where the criterion is undefined."""
+    def profile(self, theta: np.ndarray, *, grad: bool = True) -> Profile | None:
+        """Profiled REML/ML at θ; ``None`` where the criterion is undefined.
+
+        One pass over the groups; with ``grad`` it also gathers the sums that
+        :meth:`gradient` needs, so the gradient costs no further pass.
+        """
         theta = np.asarray(theta, dtype=float)
-        s = kernels.pls_sums(self.F, self.q, self.p, self.lam(theta), self.parallel)
+        s = kernels.pls_sums(self.F, self.q, self.p, self.lam(theta), self.parallel, grad)
         if not math.isfinite(s.logdet):  # huge θ: Λ'ZZΛ + I lost its positive definiteness
             return None
         ok, d, beta, sigma2, RX = kernels.profile_tail(
@@ -232,18 +237,23 @@ class Problem:
         )
         if not ok:
             return None
-        return Profile(theta.copy(), float(d), beta, float(sigma2), RX, s.logdet, self.n, self.reml)
+        return Profile(
+            theta.copy(), float(d), beta, float(sigma2), RX, s.logdet, self.n, self.reml, s
+        )
 
     def gradient(self, prof: Profile) -> np.ndarray:
-        """∂d/∂θ at ``prof.theta``, analytically from the blocks (one more pass).
+        """∂d/∂θ at ``prof.theta``, analytically from the sums of its pass.
 
         For θ_k = Λ[i, j] the pieces are ``∂Σlog|M_g| = 2 Σ (M_g⁻¹Λ'ZZ_g)[j, i]``,
         ``∂log|RX'RX| = −2 Σ (Λ'B_gC⁻¹B_g')[j, i]`` and ``∂r² = −2 Σ (Z_g'res_g)[i] u_g[j]``
-        (β and u are optimal: the envelope theorem).
+        (β and u are optimal: the envelope theorem; see :func:`kernels.gradient_terms`).
         """
+        if prof.sums is None or prof.sums.T is None:
+            prof = self.profile(prof.theta)
         RXinv = np.linalg.inv(prof.RX)
-        G1, G2, G3 = kernels.grad_sums(
-            self.F, self.q, self.p, self.lam(prof.theta), prof.beta, RXinv @ RXinv.T, self.parallel
+        lam = self.lam(prof.theta)
+        G1, G2, G3 = kernels.gradient_terms(
+            prof.sums, self.q, self.p, lam, prof.beta, RXinv @ RXinv.T
         )
         dof = prof.n - self.p if prof.reml else prof.n
         r2 = prof.sigma2 * dof
@@ -357,7 +367,7 @@ class OptSummary:
     criterion0: float = math.nan
     criterion: float = math.nan
     evals: int = 0  # criterion evaluations (one pass over the groups each)
-    grad_evals: int = 0  # gradient passes
+    grad_evals: int = 0  # gradients (from their criterion's pass: no pass of their own)
     em_steps: int = 0  # ML-EM passes of a cold start
     iterations: int = 0
     grad_norm: float = math.nan  # max |g| over the free θ at the end
@@ -392,7 +402,10 @@ class _Counted:
         return self.prob.profile(theta)
 
     def fg(self, theta) -> tuple[Profile | None, np.ndarray | None]:
-        pr = self.f(theta)
+        return self.g(self.f(theta))
+
+    def g(self, pr: Profile | None) -> tuple[Profile | None, np.ndarray | None]:
+        """The gradient at an evaluated profile (from the sums of its pass)."""
         if pr is None:
             return None, None
         self.grad_evals += 1
@@ -643,7 +656,7 @@ def _start(fn: _Counted, theta0) -> tuple[Profile | None, np.ndarray | None]:
     best = fn.fg(theta) if not np.array_equal(theta, pr.theta) else (None, None)
     if best[0] is not None and best[0].criterion < pr.criterion:
         return best
-    return fn.fg(prob.start())
+    return fn.g(pr)
 
 
 # -- estimates in the user's columns ---------------------------------------------------------
@@ -717,7 +730,7 @@ def loglik(prob: Problem, theta: np.ndarray, beta: np.ndarray, sigma2: float) ->
     ``−2 log L = Σ 2 log|L_g| + n log(2πσ²) + Q(β)/σ²`` with
     ``Q(β) = yy − 2β'Xy + β'XXβ − (Σ‖cu‖² − 2β'ΣRZX'cu + β'ΣRZX'RZX β)``.
     """
-    s = kernels.pls_sums(prob.F, prob.q, prob.p, prob.lam(theta), prob.parallel)
+    s = kernels.pls_sums(prob.F, prob.q, prob.p, prob.lam(theta), prob.parallel, False)
     Q = (
         prob.yy
         - 2 * beta @ prob.Xy

@@ -22,7 +22,7 @@ added in chunk order, so the result does not depend on the number of threads.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 from numba import njit, prange
@@ -40,7 +40,7 @@ __all__ = [
     "Blocks",
     "PlsSums",
     "pls_sums",
-    "grad_sums",
+    "gradient_terms",
     "blups",
     "em_sums",
     "predict_group",
@@ -55,6 +55,7 @@ __all__ = [
 CHUNK = 2048  # groups per chunk of a sum over groups
 
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
+_FAST = {**_OPTS, "fastmath": {"contract", "arcp"}}  # FMAs, x/d as x·(1/d); NaN, order kept
 
 
 def packed_index(m: int) -> np.ndarray:
@@ -406,7 +407,7 @@ def _cond_cov_into(L, lam, Linv, out, q):  # pragma: no cover - numba
             out[b, a] = t
 
 
-@njit(**_OPTS)
+@njit(inline="always", **_OPTS)
 def _scratch(q, p):  # pragma: no cover - numba
     """One group's work arrays: ``L, W`` (q×q), ``RZX`` (q×p), ``cu, u, b`` (q)."""
     return (
@@ -420,164 +421,109 @@ def _scratch(q, p):  # pragma: no cover - numba
 
 
 # -- sums over groups -----------------------------------------------------------------------------
-@njit(**_OPTS)
-def _pls_chunk(F, lo, hi, q, p, lam, out):  # pragma: no cover - numba
-    """``out = [Σ log|L|, Σ‖cu‖², Σ RZX'RZX (p×p), Σ RZX'cu (p)]`` over groups lo..hi-1."""
-    L, W, RZX, cu, _, _ = _scratch(q, p)
+# Each per-group kernel below is written once, for any (q, p), and inlined into entry points
+# that :func:`_fit_kernels` compiles per (q, p) with both as constants, so LLVM unrolls the
+# small loops (a 2×2 factor then costs what hand-written code would).
+def _layout(q: int, p: int) -> dict[str, int]:
+    """Offsets in one chunk's sums of :func:`_eval_chunk` (``m = q(p+1)``)."""
+    m = q * (p + 1)
+    o = {"logdet": 0, "cu2": 1, "A": 2, "c": 2 + p * p, "T": 2 + p * p + p}
+    o["WY"] = o["T"] + q * q
+    o["WW"] = o["WY"] + m * m
+    o["size"] = o["WW"] + m * m
+    return o
+
+
+@njit(fastmath={"reassoc", "contract"}, **_OPTS)
+def _gram(Wt, Yt, n, WY, WW):  # pragma: no cover - numba
+    """``WY += Σ_g W_g Y_g'`` and the upper triangle of ``WW += Σ_g W_g W_g'`` over the
+    first ``n`` columns (one per group): long dot products, vectorised."""
+    m = Wt.shape[0]
+    for i in range(m):
+        for j in range(m):
+            s = 0.0
+            for g in range(n):
+                s += Wt[i, g] * Yt[j, g]
+            WY[i * m + j] += s
+        for j in range(i, m):
+            s = 0.0
+            for g in range(n):
+                s += Wt[i, g] * Wt[j, g]
+            WW[i * m + j] += s
+
+
+@njit(inline="always", **_OPTS)
+def _eval_chunk(F, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
+    """Add groups lo..hi-1 into ``out`` (offsets: :func:`_layout`).
+
+    Always ``Σ log|L|, Σ‖cu‖², Σ RZX'RZX, Σ RZX'cu``. With ``grad``, also the sums the
+    gradient needs at *any* β, so that criterion and gradient take one pass: with
+    ``Y_g = L'⁻¹[RZX | cu]`` and ``W_g = [ZX | Zy] − ZZ Λ Y_g`` (q×(p+1) each), ``u_g =
+    Y_g β̃`` and ``Z_g'res_g = W_g β̃`` for ``β̃ = (−β, 1)``; returns ``Σ M_g⁻¹Λ'ZZ_g``,
+    ``Σ vec(W_g)vec(Y_g)'`` and the upper triangle of ``Σ vec(W_g)vec(W_g)'``.
+    """
+    L, ZZlam, RZX, cu, col, _ = _scratch(q, p)
+    k = p + 1
+    m = q * k
+    Yt = np.empty((m, CHUNK if grad else 0))  # Y_g, W_g of the chunk's groups, by column
+    Wt = np.empty((m, CHUNK if grad else 0))
+    LY = np.empty(m)
+    zx = q * q
+    zy = q * q + q * p
+    oc = 2 + p * p
+    oT = oc + p
+    oWY = oT + q * q
+    oWW = oWY + m * m
     for r in range(lo, hi):
-        out[0] += group_factor(F[r], q, p, lam, L, RZX, cu, W)
+        Fr = F[r]
+        g = r - lo
+        out[0] += group_factor(Fr, q, p, lam, L, RZX, cu, ZZlam)
         for a in range(q):
             out[1] += cu[a] * cu[a]
         for i in range(p):
             t = 0.0
             for a in range(q):
                 t += RZX[a, i] * cu[a]
-            out[2 + p * p + i] += t
+            out[oc + i] += t
             for j in range(i, p):
                 t = 0.0
                 for a in range(q):
                     t += RZX[a, i] * RZX[a, j]
                 out[2 + i * p + j] += t
-
-
-@njit(**_OPTS)
-def _pls_serial(F, G, q, p, lam, parts):  # pragma: no cover - numba
-    for ch in range(parts.shape[0]):
-        _pls_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, parts[ch])
-
-
-@njit(parallel=True, **_OPTS)
-def _pls_parallel(F, G, q, p, lam, parts):  # pragma: no cover - numba
-    for ch in prange(parts.shape[0]):
-        _pls_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, parts[ch])
-
-
-class PlsSums(NamedTuple):
-    """Sums over groups of the profiled criterion at one Λ (docs/math.md §3)."""
-
-    logdet: float  # Σ log|L_g|
-    cu2: float  # Σ ‖cu_g‖²
-    A: np.ndarray  # Σ RZX_g'RZX_g
-    c: np.ndarray  # Σ RZX_g'cu_g
-
-
-def _chunks(G: int) -> int:
-    return max(1, (G + CHUNK - 1) // CHUNK)
-
-
-def pls_sums(F: np.ndarray, q: int, p: int, lam: np.ndarray, parallel: bool) -> PlsSums:
-    """The sums over groups that the profiled deviance needs, at Λ."""
-    G = F.shape[0]
-    parts = np.zeros((_chunks(G), 2 + p * p + p))
-    (_pls_parallel if parallel else _pls_serial)(F, G, q, p, lam, parts)
-    s = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
-    A = s[2 : 2 + p * p].reshape(p, p)
-    A = np.triu(A) + np.triu(A, 1).T
-    return PlsSums(float(s[0]), float(s[1]), A, s[2 + p * p :].copy())
-
-
-@njit(**_OPTS)
-def _grad_chunk(F, lo, hi, q, p, lam, beta, Cinv, out):  # pragma: no cover - numba
-    """Add groups lo..hi-1 into ``out = [G1 (q×q), G2 (q×q), G3 (q×q)]`` of :func:`grad_sums`."""
-    L, W, RZX, cu, u, b = _scratch(q, p)
-    T = np.empty((q, q))
-    V = np.empty((q, p))
-    B = np.empty((q, p))
-    BC = np.empty((q, p))
-    res = np.empty(q)
-    col = np.empty(q)
-    zx = q * q
-    zy = q * q + q * p
-    for r in range(lo, hi):
-        Fr = F[r]
-        group_factor(Fr, q, p, lam, L, RZX, cu, W)
-        _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
-        # T = M⁻¹ Λ'ZZ = L'⁻¹ L⁻¹ Λ'ZZ, column by column
-        for c in range(q):
+        if not grad:
+            continue
+        for j in range(k):  # Y = L'⁻¹ [RZX | cu]
             for a in range(q):
+                col[a] = RZX[a, j] if j < p else cu[a]
+            _bwd(L, col, q)
+            for a in range(q):
+                Yt[a * k + j, g] = col[a]
+        for c in range(q):  # ΛY
+            for j in range(k):
                 t = 0.0
-                for d in range(a, q):
-                    t += lam[d, a] * Fr[d * q + c]
-                col[a] = t
+                for d in range(c + 1):
+                    t += lam[c, d] * Yt[d * k + j, g]
+                LY[c * k + j] = t
+        for a in range(q):  # W = [ZX | Zy] − ZZ ΛY
+            for j in range(k):
+                t = Fr[zx + a * p + j] if j < p else Fr[zy + a]
+                for c in range(q):
+                    t -= Fr[a * q + c] * LY[c * k + j]
+                Wt[a * k + j, g] = t
+        for c in range(q):  # M⁻¹Λ'ZZ column by column; (Λ'ZZ)[a, c] = (ZZΛ)[c, a]
+            for a in range(q):
+                col[a] = ZZlam[c, a]
             _fwd(L, col, q)
             _bwd(L, col, q)
             for a in range(q):
-                T[a, c] = col[a]
-        # V = L'⁻¹ RZX;  B = ZX − ZZ Λ V
-        for j in range(p):
-            for a in range(q):
-                col[a] = RZX[a, j]
-            _bwd(L, col, q)
-            for a in range(q):
-                V[a, j] = col[a]
-        for a in range(q):
-            for j in range(p):
-                t = Fr[zx + a * p + j]
-                for c in range(q):
-                    lv = 0.0
-                    for d in range(c + 1):
-                        lv += lam[c, d] * V[d, j]
-                    t -= Fr[a * q + c] * lv
-                B[a, j] = t
-        for a in range(q):
-            for j in range(p):
-                t = 0.0
-                for kk in range(p):
-                    t += B[a, kk] * Cinv[kk, j]
-                BC[a, j] = t
-        # res'Z = Zy − ZXβ − ZZ b
-        for a in range(q):
-            t = Fr[zy + a]
-            for j in range(p):
-                t -= Fr[zx + a * p + j] * beta[j]
-            for c in range(q):
-                t -= Fr[a * q + c] * b[c]
-            res[a] = t
-        for a in range(q):
-            for c in range(q):
-                out[a * q + c] += T[a, c]
-                out[2 * q * q + a * q + c] += res[a] * u[c]
-                t = 0.0
-                for d in range(a, q):
-                    bcb = 0.0
-                    for j in range(p):
-                        bcb += BC[d, j] * B[c, j]
-                    t += lam[d, a] * bcb
-                out[q * q + a * q + c] += t
+                out[oT + a * q + c] += col[a]
+    if grad:
+        _gram(Wt, Yt, hi - lo, out[oWY:oWW], out[oWW:])
 
 
-@njit(**_OPTS)
-def _grad_serial(F, G, q, p, lam, beta, Cinv, parts):  # pragma: no cover - numba
-    for ch in range(parts.shape[0]):
-        _grad_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, beta, Cinv, parts[ch])
-
-
-@njit(parallel=True, **_OPTS)
-def _grad_parallel(F, G, q, p, lam, beta, Cinv, parts):  # pragma: no cover - numba
-    for ch in prange(parts.shape[0]):
-        _grad_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, beta, Cinv, parts[ch])
-
-
-def grad_sums(F, q: int, p: int, lam, beta, Cinv, parallel: bool):
-    """Sums over groups for the gradient of the profiled criterion in Λ.
-
-    With ``M_g = L_gL_g'``, ``u_g`` the spherical BLUP at β, ``res'Z_g = Zy_g − ZX_gβ −
-    ZZ_gΛu_g`` and ``B_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g``, returns
-    ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ = (RX'RX)⁻¹``.
-    A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
-    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
-    """
-    G = F.shape[0]
-    parts = np.zeros((_chunks(G), 3 * q * q))
-    (_grad_parallel if parallel else _grad_serial)(F, G, q, p, lam, beta, Cinv, parts)
-    s = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
-    qq = q * q
-    return s[:qq].reshape(q, q), s[qq : 2 * qq].reshape(q, q), s[2 * qq :].reshape(q, q)
-
-
-@njit(**_OPTS)
-def blups(F, q, p, lam, beta):  # pragma: no cover - numba
-    """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
+@njit(inline="always", **_OPTS)
+def _blups_all(F, q, p, lam, beta):  # pragma: no cover - numba
+    """All groups' ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (see :func:`blups`)."""
     G = F.shape[0]
     L, W, RZX, cu, u, _ = _scratch(q, p)
     B = np.empty((G, q))
@@ -589,13 +535,9 @@ def blups(F, q, p, lam, beta):  # pragma: no cover - numba
     return B, V
 
 
-@njit(**_OPTS)
-def em_sums(F, q, p, lam, beta):  # pragma: no cover - numba
-    """Sums over groups for one ML-EM step in the Λ form (docs/math.md §5).
-
-    With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
-    ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
-    """
+@njit(inline="always", **_OPTS)
+def _em_all(F, q, p, lam, beta):  # pragma: no cover - numba
+    """The sums of :func:`em_sums`."""
     G = F.shape[0]
     L, W, RZX, cu, u, b = _scratch(q, p)
     K = np.empty((q, q))
@@ -628,6 +570,124 @@ def em_sums(F, q, p, lam, beta):  # pragma: no cover - numba
                 t += Fr[zx + a * p + j] * b[a]
             T[j] += t
     return Sbb, SK, rss, trK, T
+
+
+class _FitKernels(NamedTuple):
+    evaluate: Any  # (F, lam, grad, parts) → None, chunk by chunk
+    evaluate_parallel: Any
+    blups: Any  # (F, lam, beta) → (B, V)
+    em: Any  # (F, lam, beta) → (Sbb, SK, rss, trK, T)
+
+
+_FIT_KERNELS: dict[tuple[int, int], _FitKernels] = {}
+
+
+def _fit_kernels(q: int, p: int) -> _FitKernels:
+    """The fit's entry points compiled for this (q, p) (numba caches each on disk)."""
+    key = (int(q), int(p))
+    got = _FIT_KERNELS.get(key)
+    if got is None:
+        got = _FIT_KERNELS[key] = _compile_fit_kernels(*key)
+    return got
+
+
+def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
+    @njit(**_FAST)
+    def evaluate(F, lam, grad, parts):  # pragma: no cover - numba
+        G = F.shape[0]
+        for ch in range(parts.shape[0]):
+            _eval_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, grad, parts[ch])
+
+    @njit(parallel=True, **_FAST)
+    def evaluate_parallel(F, lam, grad, parts):  # pragma: no cover - numba
+        G = F.shape[0]
+        for ch in prange(parts.shape[0]):
+            _eval_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, grad, parts[ch])
+
+    @njit(**_OPTS)
+    def blups_qp(F, lam, beta):  # pragma: no cover - numba
+        return _blups_all(F, q, p, lam, beta)
+
+    @njit(**_OPTS)
+    def em_qp(F, lam, beta):  # pragma: no cover - numba
+        return _em_all(F, q, p, lam, beta)
+
+    return _FitKernels(evaluate, evaluate_parallel, blups_qp, em_qp)
+
+
+class PlsSums(NamedTuple):
+    """Sums over groups of the profiled criterion at one Λ (docs/math.md §3), and, when
+    asked for, those of its gradient at any β (see :func:`gradient_terms`)."""
+
+    logdet: float  # Σ log|L_g|
+    cu2: float  # Σ ‖cu_g‖²
+    A: np.ndarray  # Σ RZX_g'RZX_g
+    c: np.ndarray  # Σ RZX_g'cu_g
+    T: np.ndarray | None = None  # Σ M_g⁻¹Λ'ZZ_g (q×q)
+    WY: np.ndarray | None = None  # Σ vec(W_g)vec(Y_g)' (q(p+1) square)
+    WW: np.ndarray | None = None  # Σ vec(W_g)vec(W_g)'
+
+
+def _chunks(G: int) -> int:
+    return max(1, (G + CHUNK - 1) // CHUNK)
+
+
+def _symmetric(U: np.ndarray) -> np.ndarray:
+    """The symmetric matrix whose upper triangle is ``U``'s."""
+    return np.triu(U) + np.triu(U, 1).T
+
+
+def pls_sums(
+    F: np.ndarray, q: int, p: int, lam: np.ndarray, parallel: bool, grad: bool = False
+) -> PlsSums:
+    """The sums over groups that the profiled deviance (and, with ``grad``, its gradient)
+    needs at Λ: one pass over ``F``, in chunks summed in chunk order."""
+    o = _layout(q, p)
+    parts = np.zeros((_chunks(F.shape[0]), o["size"] if grad else o["T"]))
+    k = _fit_kernels(q, p)
+    (k.evaluate_parallel if parallel else k.evaluate)(F, lam, grad, parts)
+    s = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
+    A = _symmetric(s[o["A"] : o["c"]].reshape(p, p))
+    sums = PlsSums(float(s[0]), float(s[1]), A, s[o["c"] : o["T"]].copy())
+    if not grad:
+        return sums
+    m = q * (p + 1)
+    return sums._replace(
+        T=s[o["T"] : o["WY"]].reshape(q, q).copy(),
+        WY=s[o["WY"] : o["WW"]].reshape(m, m).copy(),
+        WW=_symmetric(s[o["WW"] :].reshape(m, m)),
+    )
+
+
+def gradient_terms(s: PlsSums, q: int, p: int, lam, beta, Cinv):
+    """The gradient's sums over groups at β, from :func:`pls_sums` (``grad=True``).
+
+    With ``M_g = L_gL_g'``, ``u_g`` the spherical BLUP at β, ``Z_g'res_g = Zy_g − ZX_gβ −
+    ZZ_gΛu_g`` and ``B_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g`` (the first p columns of ``W_g``),
+    returns ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ =
+    (RX'RX)⁻¹``. A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
+    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
+    """
+    k = p + 1
+    bt = np.append(-np.asarray(beta, dtype=float), 1.0)
+    G3 = np.einsum("ajck,j,k->ac", s.WY.reshape(q, k, q, k), bt, bt)
+    BB = s.WW.reshape(q, k, q, k)[:, :p, :, :p]
+    G2 = lam.T @ np.einsum("djck,jk->dc", BB, Cinv)
+    return s.T, G2, G3
+
+
+def blups(F, q: int, p: int, lam, beta):
+    """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
+    return _fit_kernels(q, p).blups(F, lam, np.asarray(beta, dtype=float))
+
+
+def em_sums(F, q: int, p: int, lam, beta):
+    """Sums over groups for one ML-EM step in the Λ form (docs/math.md §5).
+
+    With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
+    ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
+    """
+    return _fit_kernels(q, p).em(F, lam, np.asarray(beta, dtype=float))
 
 
 @njit(**_OPTS)

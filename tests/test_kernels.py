@@ -133,6 +133,34 @@ def test_pls_sums_equal_numpy(blocks, lam):
         np.testing.assert_array_equal(getattr(par, name), getattr(got, name), err_msg=name)
 
 
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_gradient_terms_equal_numpy(blocks, lam):
+    """The one-pass gradient sums, contracted at β and C⁻¹, equal the per-group formulas
+    ``Σ M⁻¹Λ'ZZ``, ``Σ Λ'B C⁻¹B'`` and ``Σ (Z'res) u'`` computed directly."""
+    _, bl = blocks
+    F, q, p = bl.F, FORMULA.q, FORMULA.p
+    beta = np.array([0.7, 0.3, -1.2])
+    Cinv = np.array([[2.0, 0.3, -0.1], [0.3, 1.0, 0.2], [-0.1, 0.2, 0.5]])
+    s = kernels.pls_sums(F, q, p, lam, parallel=False, grad=True)
+    got = kernels.gradient_terms(s, q, p, lam, beta, Cinv)
+    want = [np.zeros((q, q)) for _ in range(3)]
+    for r in range(F.shape[0]):
+        ZZ, ZX, Zy = _group(F, r)
+        M = lam.T @ ZZ @ lam + np.eye(q)
+        u = np.linalg.solve(M, lam.T @ (Zy - ZX @ beta))
+        B = ZX - ZZ @ lam @ np.linalg.solve(M, lam.T @ ZX)
+        res = Zy - ZX @ beta - ZZ @ lam @ u
+        want[0] += np.linalg.solve(M, lam.T @ ZZ)
+        want[1] += lam.T @ B @ Cinv @ B.T
+        want[2] += np.outer(res, u)
+    for name, g, w in zip(("G1", "G2", "G3"), got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-9, atol=1e-9 * np.abs(w).max(), err_msg=name)
+    # the same pass without the gradient gives the same criterion sums, bitwise
+    plain = kernels.pls_sums(F, q, p, lam, parallel=False)
+    for name in ("logdet", "cu2", "A", "c"):
+        np.testing.assert_array_equal(getattr(plain, name), getattr(s, name), err_msg=name)
+
+
 def test_pls_sums_do_not_depend_on_the_number_of_chunks():
     """More groups than one chunk: serial and parallel give bitwise the same sums."""
     rng = np.random.default_rng(0)
@@ -149,9 +177,9 @@ def test_pls_sums_do_not_depend_on_the_number_of_chunks():
         axis=1,
     )
     lam = LAMBDAS[0]
-    a = kernels.pls_sums(F, q, p, lam, parallel=False)
-    b = kernels.pls_sums(F, q, p, lam, parallel=True)
-    for name in ("logdet", "cu2", "A", "c"):
+    a = kernels.pls_sums(F, q, p, lam, parallel=False, grad=True)
+    b = kernels.pls_sums(F, q, p, lam, parallel=True, grad=True)
+    for name in ("logdet", "cu2", "A", "c", "T", "WY", "WW"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
