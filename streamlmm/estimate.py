@@ -222,7 +222,7 @@ class Problem:
         return _blockwise_lower(np.linalg.solve(self.Tz(), lam_u), self.blocks)
 
     # -- the criterion --------------------------------------------------------------------
-    def profile(self, theta: np.ndarray, *, grad: bool = True) -> Profile | None:
+    def profile(self, theta: np.ndarray, *, grad: bool = False) -> Profile | None:
         """Profiled REML/ML at θ; ``None`` where the criterion is undefined.
 
         One pass over the groups; with ``grad`` it also gathers the sums that
@@ -249,7 +249,7 @@ class Problem:
         (β and u are optimal: the envelope theorem; see :func:`kernels.gradient_terms`).
         """
         if prof.sums is None or prof.sums.T is None:
-            prof = self.profile(prof.theta)
+            prof = self.profile(prof.theta, grad=True)
         RXinv = np.linalg.inv(prof.RX)
         lam = self.lam(prof.theta)
         G1, G2, G3 = kernels.gradient_terms(
@@ -399,7 +399,7 @@ class _Counted:
 
     def f(self, theta) -> Profile | None:
         self.evals += 1
-        return self.prob.profile(theta)
+        return self.prob.profile(theta, grad=True)
 
     def fg(self, theta) -> tuple[Profile | None, np.ndarray | None]:
         return self.g(self.f(theta))

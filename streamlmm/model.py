@@ -42,8 +42,8 @@ METHODS = ("REML", "ML")
 SCHEDULED_REFIT_EVALS = 12
 # The schedule's cost model, µs per pass over the groups: overhead + per group. Measured
 # on the benchmark machine (scripts/bench_core.py); only the schedule depends on it.
-PASS_COST_US = (350.0, 0.5)
-EM_PASS_COST_US = (1000.0, 0.25)
+PASS_COST_US = (150.0, 0.1)
+EM_PASS_COST_US = (400.0, 0.25)  # a whole em_step(): set-up, two profiles, adopt
 REFRESH_BUDGET_US = 100.0  # default refresh_budget: µs of refresh work per event, amortised
 HISTORY_MAX = 256  # model-level records kept for trajectories
 RESID_EVERY = 64  # learn_one: every 64th event's scaled residual goes into the sketch
