@@ -325,15 +325,16 @@ class MixedLM(base.MiniBatchRegressor):
             self._widen()
         self.n_skipped += n - kept.shape[0]
         # new groups get rows in the order of their first kept event, as in a learn_one loop
-        if kept.shape[0] == n and (wk > 0).all():
-            idx = np.arange(len(uniques))  # factorize already orders by first appearance
+        if kept.shape[0] == n and (wv is None or (wk > 0).all()):
+            urows = self._stats.rows(uniques)  # factorize orders by first appearance
+            touched = uniques
         else:
             import pandas as pd
 
             idx = pd.unique(codes[wk > 0])
-        touched = [uniques[j] for j in idx]
-        urows = np.full(len(uniques), -1, dtype=np.int64)
-        urows[idx] = self._stats.rows(touched)
+            touched = [uniques[j] for j in idx]
+            urows = np.full(len(uniques), -1, dtype=np.int64)
+            urows[idx] = self._stats.rows(touched)
         self._accumulate(urows[codes], A, yk, wk, tk, touched)
 
     def learn_batch(self, keys, A, y, w, t=None) -> None:

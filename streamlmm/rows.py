@@ -147,11 +147,7 @@ class RowReader:
         n = yv.shape[0] if yv.ndim == 1 else -1
         if n > MAX_BATCH:
             raise ValueError(f"batch of {n} rows exceeds the limit of {MAX_BATCH}")
-        wv = np.ones(max(n, 0)) if w is None else self.column("w", w, n)
-        if np.isnan(wv).any():
-            raise ValueError(f"field 'w': NaN in row {int(np.argmax(np.isnan(wv)))}")
-        if (wv < 0).any():
-            raise ValueError(f"field 'w': negative weight in row {int(np.argmax(wv < 0))}")
+        wv = np.ones(max(n, 0)) if w is None else self._weights(w, n)
         t = None
         if self.time_key is not None:
             if self.time_key not in cols:
@@ -195,6 +191,15 @@ class RowReader:
             A, yk, wv = A[kept], yk[kept], wv[kept]
             t = None if t is None else t[kept]
         return codes, uniques, A, yk, wv, t, kept
+
+    def _weights(self, w, n: int) -> np.ndarray:
+        """The weight column: finite numbers ≥ 0, else a ``ValueError`` naming the row."""
+        wv = self.column("w", w, n)
+        if np.isnan(wv).any():
+            raise ValueError(f"field 'w': NaN in row {int(np.argmax(np.isnan(wv)))}")
+        if (wv < 0).any():
+            raise ValueError(f"field 'w': negative weight in row {int(np.argmax(wv < 0))}")
+        return wv
 
     def union_columns(self, cols: Mapping[str, Any], n: int) -> np.ndarray:
         """Union values of a batch for predictions (no level is learned); a missing value
@@ -266,8 +271,11 @@ class RowReader:
             raise
         if getattr(uniques, "dtype", None) is not None and uniques.dtype.kind in "iu":
             return codes, uniques.tolist()  # integers (never bool): valid keys as they are
+        keys = list(uniques)
+        if set(map(type, keys)) == {str} and max(map(len, keys)) <= MAX_KEY_LEN:
+            return codes, keys  # strings short enough: valid keys as they are
         checked = []
-        for j, u in enumerate(uniques):
+        for j, u in enumerate(keys):
             if type(u) is str and len(u) <= MAX_KEY_LEN:
                 checked.append(u)
                 continue
