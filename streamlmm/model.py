@@ -48,6 +48,7 @@ REFRESH_BUDGET_US = 100.0  # default refresh_budget: µs of refresh work per eve
 HISTORY_MAX = 256  # model-level records kept for trajectories
 RESID_EVERY = 64  # learn_one: every 64th event's scaled residual goes into the sketch
 RESID_PER_BATCH = 256  # learn_many / the engine: at most this many per batch
+_LO = -MAX_ABS  # the fast paths' lower bound, without negating MAX_ABS per value
 
 
 class MixedLM(base.MiniBatchRegressor):
@@ -188,7 +189,7 @@ class MixedLM(base.MiniBatchRegressor):
     def learn_one(self, x: Mapping[str, Any], y: float, w: float = 1.0) -> None:
         """Accumulate one event. Invalid input raises ``ValueError`` and changes nothing."""
         fast = self._fast1
-        if fast is not None and w == 1.0 and type(y) is float and -MAX_ABS <= y <= MAX_ABS:
+        if fast is not None and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
             # the common event of a plain numeric formula: the same rules as the general
             # path below (which handles everything else), without its calls
             group, direct, a, st, coefs = fast
@@ -196,7 +197,7 @@ class MixedLM(base.MiniBatchRegressor):
             if type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN):
                 for i, c in direct:
                     v = x.get(c)
-                    if type(v) is float and -MAX_ABS <= v <= MAX_ABS:
+                    if type(v) is float and _LO <= v <= MAX_ABS:
                         a[i] = v
                     else:
                         break
@@ -549,7 +550,7 @@ class MixedLM(base.MiniBatchRegressor):
                     yhat, terms = coef
                     for c, b in terms:
                         v = x.get(c)
-                        if type(v) is not float or not -MAX_ABS <= v <= MAX_ABS:
+                        if type(v) is not float or not _LO <= v <= MAX_ABS:
                             break
                         yhat += b * v
                     else:
