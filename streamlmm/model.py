@@ -48,6 +48,7 @@ REFRESH_BUDGET_US = 100.0  # default refresh_budget: µs of refresh work per eve
 HISTORY_MAX = 256  # model-level records kept for trajectories
 RESID_EVERY = 64  # learn_one: every 64th event's scaled residual goes into the sketch
 RESID_PER_BATCH = 256  # learn_many / the engine: at most this many per batch
+_LO = -MAX_ABS  # the fast paths' lower bound, without negating MAX_ABS per value
 
 
 class MixedLM(base.MiniBatchRegressor):
@@ -158,6 +159,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._resid = ResidualSketch()
         self._fast1 = None  # learn_one's fast path (see _fast_layout)
         self._fastp = None  # predict_one's fast path (see _predict_layout)
+        self._coefs: dict[str | int, _Coefs] = {}  # predict_one's per-group cache
         self._blk = np.empty(0)  # predict_one scratch, sized by the parameters' q and p
         self._b1 = np.empty(0)
 
@@ -187,15 +189,15 @@ class MixedLM(base.MiniBatchRegressor):
     def learn_one(self, x: Mapping[str, Any], y: float, w: float = 1.0) -> None:
         """Accumulate one event. Invalid input raises ``ValueError`` and changes nothing."""
         fast = self._fast1
-        if fast is not None and w == 1.0 and type(y) is float and -MAX_ABS <= y <= MAX_ABS:
+        if fast is not None and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
             # the common event of a plain numeric formula: the same rules as the general
             # path below (which handles everything else), without its calls
-            group, direct, a, st = fast
+            group, direct, a, st, coefs = fast
             key = x.get(group)
             if type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN):
                 for i, c in direct:
                     v = x.get(c)
-                    if type(v) is float and -MAX_ABS <= v <= MAX_ABS:
+                    if type(v) is float and _LO <= v <= MAX_ABS:
                         a[i] = v
                     else:
                         break
@@ -205,6 +207,7 @@ class MixedLM(base.MiniBatchRegressor):
                         r = st._new_row(key)
                     n = self.n_events + 1
                     kernels.accumulate_unit(st.M, r, a, y, st.vi, st.P)
+                    coefs.pop(key, None)
                     self.n_events = n
                     if n % RESID_EVERY == 0 and self._par is not None:
                         self._sample_one(a, r, y)
@@ -228,7 +231,7 @@ class MixedLM(base.MiniBatchRegressor):
         a = self._reader.a
         for i in d.ones:
             a[i] = 1.0
-        return self._formula.group, d.plain, a, self._stats
+        return self._formula.group, d.plain, a, self._stats, self._coefs
 
     def _sample_one(self, a: np.ndarray, r: int, y: float) -> None:
         """One event's scaled residual into the sketch (every ``RESID_EVERY`` events)."""
@@ -257,6 +260,7 @@ class MixedLM(base.MiniBatchRegressor):
         if design.k != self._stats.k:
             self._widen()
         self._stats.add_one(key, a, reader.y, wt, t)
+        self._coefs.pop(key, None)
         self.n_events += 1
         if self._par is not None and self.n_events % RESID_EVERY == 0:
             self._sample_one(a, self._stats.index[key], reader.y)
@@ -272,7 +276,8 @@ class MixedLM(base.MiniBatchRegressor):
         """Adopt ``design`` (a restored one: a failed batch must leave no level behind)."""
         self._design = design
         self._formula = design.formula
-        self._fast1 = self._fastp = None
+        self._fast1 = None
+        self._drop_predictions()
         self._reader.design = design
         self._stats.spec = design
 
@@ -281,7 +286,8 @@ class MixedLM(base.MiniBatchRegressor):
         statistics with exact zeros, and the fit's centre with zeros too."""
         k_old = self._stats.k
         self._stats.widen(self._design)
-        self._fast1 = self._fastp = None
+        self._fast1 = None
+        self._drop_predictions()
         if self._par is not None:
             c = self._par.c
             grown = np.concatenate([c[:k_old], np.zeros(self._stats.k - k_old), c[k_old:]])
@@ -320,15 +326,17 @@ class MixedLM(base.MiniBatchRegressor):
             self._widen()
         self.n_skipped += n - kept.shape[0]
         # new groups get rows in the order of their first kept event, as in a learn_one loop
-        if kept.shape[0] == n and (wk > 0).all():
-            idx = np.arange(len(uniques))  # factorize already orders by first appearance
+        if kept.shape[0] == n and (wv is None or (wk > 0).all()):
+            urows = self._stats.rows(uniques)  # factorize orders by first appearance
+            touched = uniques
         else:
             import pandas as pd
 
             idx = pd.unique(codes[wk > 0])
-        urows = np.full(len(uniques), -1, dtype=np.int64)
-        urows[idx] = self._stats.rows([uniques[j] for j in idx])
-        self._accumulate(urows[codes], A, yk, wk, tk)
+            touched = [uniques[j] for j in idx]
+            urows = np.full(len(uniques), -1, dtype=np.int64)
+            urows[idx] = self._stats.rows(touched)
+        self._accumulate(urows[codes], A, yk, wk, tk, touched)
 
     def learn_batch(self, keys, A, y, w, t=None) -> None:
         """Accumulate a batch that is already validated (the stream engine's path).
@@ -342,10 +350,13 @@ class MixedLM(base.MiniBatchRegressor):
         keep = w > 0
         rows = np.full(len(keys), -1, dtype=np.int64)
         idx = np.flatnonzero(keep)
-        rows[idx] = self._stats.rows([keys[i] for i in idx])
-        self._accumulate(rows, A, y, w, t)
+        touched = [keys[i] for i in idx]
+        rows[idx] = self._stats.rows(touched)
+        self._accumulate(rows, A, y, w, t, touched)
 
-    def _accumulate(self, rows, A, y, w, t) -> None:
+    def _accumulate(self, rows, A, y, w, t, keys: list) -> None:
+        """Add validated events into their group rows; ``keys`` are the groups whose
+        statistics change (repeats allowed), whose cached predictions are dropped."""
         keep = w > 0
         if not keep.all():
             rows, A, y, w = rows[keep], A[keep], y[keep], w[keep]
@@ -356,9 +367,26 @@ class MixedLM(base.MiniBatchRegressor):
         if t is None:  # time = event count (read only under forgetting)
             t = float(self.n_events) + 1.0 + np.arange(n if self.half_life else 0, dtype=float)
         self._stats.add(rows, A, y, w, t)
+        self._forget_groups(keys)
         self.n_events += n
         if self._par is not None:
             self._sample_residuals(rows, A, y)
+
+    def _forget_groups(self, keys: list) -> None:
+        """Drop the cached prediction coefficients of groups ``keys`` (their statistics
+        changed); all of them at once when that is cheaper."""
+        coefs = self._coefs
+        if len(keys) >= len(coefs):
+            coefs.clear()
+        else:
+            for key in keys:
+                coefs.pop(key, None)
+
+    def _drop_predictions(self) -> None:
+        """Forget predict_one's fast path and every cached coefficient (new parameters,
+        design or statistics)."""
+        self._fastp = None
+        self._coefs.clear()
 
     def _sample_residuals(self, rows, A, y) -> None:
         """Scaled residuals of up to :data:`RESID_PER_BATCH` evenly spaced events of a
@@ -408,7 +436,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._blk, self._b1 = np.empty(q * q + q * p + q), np.empty(q)
         self._lam_u = prob.to_user_lam(lam)
         self._param_source = (source, self.n_events)
-        self._fastp = None  # new parameters: every group's cached coefficients are stale
+        self._drop_predictions()  # new parameters: every cached coefficient is stale
         return True
 
     def fit(self, max_evals: int = 500) -> MixedLM:
@@ -443,6 +471,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._next_refit = n + gap
         self._next_em = n + self._gap(1, EM_PASS_COST_US, 0.5, self.em_every)
         self._refreshed_at = n
+        self._fastp = None  # the schedule moved, and predict_one's horizon with it
         self._record_history("refit")
         return self
 
@@ -461,6 +490,7 @@ class MixedLM(base.MiniBatchRegressor):
         self.n_em_steps += 1
         self._next_em = self.n_events + self._gap(1, EM_PASS_COST_US, 0.5, self.em_every)
         self._refreshed_at = self.n_events
+        self._fastp = None  # the schedule moved, and predict_one's horizon with it
         self._record_history("em")
         return self
 
@@ -508,46 +538,72 @@ class MixedLM(base.MiniBatchRegressor):
 
         Under ``missing="skip"`` a missing feature takes its reference value.
         """
-        fast, n = self._fastp, self.n_events
-        if fast is not None and n < self._next_refit and n < self._next_em:
-            # a plain numeric formula, no refresh due: the group's cached coefficients
-            group, direct, st, cache, unseen = fast
+        fast = self._fastp
+        if fast is not None:
+            # a plain numeric formula with parameters and no refresh due: the group's
+            # cached ``ŷ = K + Σ b·x`` (dropped whenever its statistics change)
+            group, until, coefs = fast
             key = x.get(group)
-            r = st.index.get(key, -1) if type(key) is int or type(key) is str else -1
-            coef = unseen if r < 0 else cache.get(key)
-            if coef is None or (r >= 0 and coef[0] != st.M[r, 0]):
-                coef = cache[key] = self._group_coefficients(r)
-            yhat = coef[1]
-            for (_, c), b in zip(direct, coef[2]):
-                v = x.get(c)
-                if type(v) is not float or not -MAX_ABS <= v <= MAX_ABS:
-                    break
-                yhat += b * v
-            else:
-                return yhat
+            if self.n_events < until and (type(key) is int or type(key) is str):
+                coef = coefs.get(key) or self._cache_coefficients(key)
+                if coef is not None:
+                    yhat, terms = coef
+                    for c, b in terms:
+                        v = x.get(c)
+                        if type(v) is not float or not _LO <= v <= MAX_ABS:
+                            break
+                        yhat += b * v
+                    else:
+                        return yhat
+        return self._predict_one(x)
+
+    def _predict_one(self, x: Mapping[str, Any]) -> float:
+        """:meth:`predict_one` through the kernel: refreshes first if due, validates
+        ``x`` (raising ``ValueError`` as ``learn_one`` does), imputes under "skip"."""
         fallback = self._fallback()
         if fallback is not None:
             return fallback
         a = self._reader.features(x, impute=self._reader.skip)
         r = self._group_row(x)
-        if self._fastp is None:
+        fast = self._fastp
+        if fast is None or self.n_events >= fast[1]:
             self._fastp = self._predict_layout()
         return self._predict_union(a, r)
 
-    def _predict_layout(self):
-        """What :meth:`predict_one`'s fast path needs, or ``None`` when it does not apply:
-        a plain numeric design, no forgetting, parameters. Per group it caches
-        ``(n_g, K, coefficients)`` with ``ŷ = K + Σ coefficient·x`` over the fields."""
+    def _predict_layout(self) -> tuple[str, float, dict[str | int, _Coefs]] | None:
+        """What :meth:`predict_one`'s fast path needs, or ``None`` when it does not apply
+        (a plain numeric design, no forgetting, parameters): the group field, the event
+        count at which a refresh is due, and the per-group coefficient cache."""
         d = self._design
         if d.plain is None or self.half_life is not None or self._par is None:
             return None
         if d.k != self._stats.k:
             return None
-        return self._formula.group, d.plain, self._stats, {}, self._group_coefficients(-1)
+        return self._formula.group, min(self._next_refit, self._next_em), self._coefs
 
-    def _group_coefficients(self, r: int) -> tuple[float, float, tuple[float, ...]]:
-        """``(n_g, K, c)`` with ``ŷ = K + Σ_f c_f x_f`` for group row ``r`` (-1: unseen),
-        from ``ŷ = c_y + Σ (a_x − c_x)β̃ + Σ (a_z − c_z)b̃``, the intercept folded into K."""
+    def _cache_coefficients(self, key: str | int) -> _Coefs | None:
+        """The coefficients of group ``key`` (int or str), cached if the group is seen;
+        ``None`` for a key :meth:`_predict_one` must reject (too long)."""
+        r = self._stats.index.get(key)
+        if r is None:
+            if type(key) is str and len(key) > MAX_KEY_LEN:
+                return None
+            return self._unseen_coefficients()
+        coef = self._coefs[key] = self._group_coefficients(r)
+        return coef
+
+    def _unseen_coefficients(self) -> _Coefs:
+        """The fixed part's coefficients (an unseen group), cached under a key no group
+        can have."""
+        coef = self._coefs.get(_UNSEEN)
+        if coef is None:
+            coef = self._coefs[_UNSEEN] = self._group_coefficients(-1)
+        return coef
+
+    def _group_coefficients(self, r: int) -> _Coefs:
+        """``(K, ((field, c_f), …))`` with ``ŷ = K + Σ_f c_f x_f`` for group row ``r``
+        (-1: unseen), from ``ŷ = c_y + Σ (a_x − c_x)β̃ + Σ (a_z − c_z)b̃``, the intercept
+        folded into K."""
         st, par = self._stats, self._par
         coef = np.zeros(st.k)
         coef[par.xi] += par.beta
@@ -561,8 +617,7 @@ class MixedLM(base.MiniBatchRegressor):
         K = float(par.c[st.k] - coef @ par.c[: st.k])
         ones = list(self._design.ones)
         K += float(coef[ones].sum())
-        n_g = float(st.M[r, 0]) if r >= 0 else 0.0
-        return n_g, K, tuple(float(coef[i]) for i, _ in self._design.plain)
+        return K, tuple((c, float(coef[i])) for i, c in self._design.plain)
 
     def _predict_union(self, a: np.ndarray, r: int) -> float:
         """The prediction for union values ``a`` in group row ``r`` (-1: unseen)."""
@@ -932,6 +987,11 @@ def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:
                 if j2 >= 0:
                     vcov[i, i2] = good["vcov"][j, j2]
     return {**good, "names": tuple(names), "fixef": fixef, "vcov": vcov, "keep": keep}
+
+
+# predict_one's cached coefficients of a group: ``(K, ((field, c_f), …))``
+_Coefs = tuple[float, tuple[tuple[str, float], ...]]
+_UNSEEN = ("unseen",)  # the fixed part's cache key: a tuple, never a group key
 
 
 class _Params(NamedTuple):

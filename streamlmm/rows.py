@@ -147,11 +147,7 @@ class RowReader:
         n = yv.shape[0] if yv.ndim == 1 else -1
         if n > MAX_BATCH:
             raise ValueError(f"batch of {n} rows exceeds the limit of {MAX_BATCH}")
-        wv = np.ones(max(n, 0)) if w is None else self.column("w", w, n)
-        if np.isnan(wv).any():
-            raise ValueError(f"field 'w': NaN in row {int(np.argmax(np.isnan(wv)))}")
-        if (wv < 0).any():
-            raise ValueError(f"field 'w': negative weight in row {int(np.argmax(wv < 0))}")
+        wv = np.ones(max(n, 0)) if w is None else self._weights(w, n)
         t = None
         if self.time_key is not None:
             if self.time_key not in cols:
@@ -195,6 +191,15 @@ class RowReader:
             A, yk, wv = A[kept], yk[kept], wv[kept]
             t = None if t is None else t[kept]
         return codes, uniques, A, yk, wv, t, kept
+
+    def _weights(self, w, n: int) -> np.ndarray:
+        """The weight column: finite numbers ≥ 0, else a ``ValueError`` naming the row."""
+        wv = self.column("w", w, n)
+        if np.isnan(wv).any():
+            raise ValueError(f"field 'w': NaN in row {int(np.argmax(np.isnan(wv)))}")
+        if (wv < 0).any():
+            raise ValueError(f"field 'w': negative weight in row {int(np.argmax(wv < 0))}")
+        return wv
 
     def union_columns(self, cols: Mapping[str, Any], n: int) -> np.ndarray:
         """Union values of a batch for predictions (no level is learned); a missing value
@@ -248,7 +253,7 @@ class RowReader:
         import pandas as pd
 
         name = self.group
-        arr = col if hasattr(col, "dtype") and hasattr(col, "shape") else np.asarray(col)
+        arr = _factorizable(col)
         if arr.shape != (n,):
             raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
         try:
@@ -266,8 +271,11 @@ class RowReader:
             raise
         if getattr(uniques, "dtype", None) is not None and uniques.dtype.kind in "iu":
             return codes, uniques.tolist()  # integers (never bool): valid keys as they are
+        keys = list(uniques)
+        if set(map(type, keys)) == {str} and max(map(len, keys)) <= MAX_KEY_LEN:
+            return codes, keys  # strings short enough: valid keys as they are
         checked = []
-        for j, u in enumerate(uniques):
+        for j, u in enumerate(keys):
             if type(u) is str and len(u) <= MAX_KEY_LEN:
                 checked.append(u)
                 continue
@@ -277,6 +285,20 @@ class RowReader:
                 bad = int(np.argmax(codes == j))
                 raise ValueError(f"row {bad}: {e}") from None
         return codes, checked
+
+
+def _factorizable(col: Any) -> Any:
+    """The group column in the form pandas factorizes fastest: the NumPy array behind a
+    Series of a NumPy dtype or of Python-stored strings (pandas' ``str`` and ``string``
+    dtypes without pyarrow, whose own factorize first builds a mask of the missing
+    values: a third of the time), else the column itself (Arrow strings, categoricals
+    and nullable integers factorize fastest as they are)."""
+    dtype = getattr(col, "dtype", None)
+    if dtype is None or not hasattr(col, "shape"):
+        return np.asarray(col)
+    if isinstance(dtype, np.dtype) or getattr(dtype, "storage", None) == "python":
+        return np.asarray(col)  # no copy
+    return col
 
 
 def _is_nan(v: Any) -> bool:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from streamlmm import kernels
+from streamlmm import batch, kernels
 from streamlmm.formula import INTERCEPT
 from streamlmm.keys import check_key
 from streamlmm.values import MAX_ABS
@@ -120,16 +120,20 @@ class GroupStats:
         """Row of ``key``, or -1 for an unseen group (no row is created)."""
         return self.index.get(key, -1)
 
-    def rows(self, keys) -> np.ndarray:
-        """Rows of ``keys`` (already validated), creating rows for new groups in order."""
-        index = self.index
-        out = np.empty(len(keys), dtype=np.int64)
-        for e, key in enumerate(keys):
-            r = index.get(key)
-            if r is None:
-                r = self._new_row(key)
-            out[e] = r
-        return out
+    def rows(self, keys: list) -> np.ndarray:
+        """Rows of ``keys`` (already validated), creating rows for new groups in order
+        of first appearance."""
+        get = self.index.get
+        out = [get(key, -1) for key in keys]
+        if -1 not in out:
+            return np.array(out, dtype=np.int64)
+        new = list(dict.fromkeys([key for key, r in zip(keys, out) if r < 0]))
+        r0 = len(self.keys)
+        if r0 + len(new) > self.M.shape[0]:
+            self._grow(max(2 * self.M.shape[0], r0 + len(new), 64))
+        self.index.update(zip(new, range(r0, r0 + len(new))))
+        self.keys.extend(new)
+        return np.array([get(key) for key in keys], dtype=np.int64)
 
     def _new_row(self, key: str | int) -> int:
         r = len(self.keys)
@@ -159,7 +163,10 @@ class GroupStats:
         Rows must come from :meth:`rows` on the same keys, and :meth:`check` must have
         passed, so this cannot fail half-way.
         """
-        if self.half_life and t.shape[0]:
+        if not self.half_life:
+            batch.accumulate_rows(self.M, rows, A, y, w, self.vi)
+            return
+        if t.shape[0]:
             self.now = max(self.now, float(t.max()))
         kernels.accumulate(self.M, self.tg, rows, A, y, w, t, self.vi, self.inv_half_life, self.P)
 

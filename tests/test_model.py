@@ -614,7 +614,7 @@ def test_scaled_residual_quantiles_are_close_to_normal():
 
 def test_predict_one_fast_path_equals_the_kernel():
     """The cached per-group coefficients give the kernel's prediction, also right after
-    the group learns (cache keyed by n_g) and after new parameters (cache dropped)."""
+    the group learns (its entry dropped) and after new parameters (cache dropped)."""
     rng = np.random.default_rng(3)
     m = MixedLM("y ~ x1 + x2 + (1 + x1 | g)")
     for _ in range(3_000):
