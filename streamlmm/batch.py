@@ -18,15 +18,14 @@ __all__ = ["accumulate_rows"]
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 
 
-@njit(**_OPTS)
-def accumulate_rows(M, rows, A, y, w, vi):  # pragma: no cover - numba
+@njit(inline="always", **_OPTS)
+def _accumulate_rows(M, rows, A, y, w, vi, k):  # pragma: no cover - numba
     """Add events into their groups' rows in event order, without forgetting.
 
     Event ``e`` goes to row ``rows[e]`` with ``v = [A[e, vi], y[e]]`` and
     frequency weight ``w[e] > 0``: ``n += w``, ``m += (w/n)d``, ``C += w(n₀/n)dd'``
     with ``d = v − m_old``; ``C`` is packed row by row (``kernels.packed_index``).
     """
-    k = vi.shape[0]
     m = k + 1
     d = np.empty(m)
     for e in range(rows.shape[0]):
@@ -49,3 +48,24 @@ def accumulate_rows(M, rows, A, y, w, vi):  # pragma: no cover - numba
             for j in range(i, m):
                 Mr[c] += gd * d[j]
                 c += 1
+
+
+_BY_K: dict[int, object] = {}
+
+
+def accumulate_rows(M, rows, A, y, w, vi) -> None:
+    """:func:`_accumulate_rows` compiled for this number of columns ``k = len(vi)`` (a
+    constant there, so the loops over the event's values unroll; numba caches each)."""
+    k = int(vi.shape[0])
+    fn = _BY_K.get(k)
+    if fn is None:
+        fn = _BY_K[k] = _compile_accumulate(k)
+    fn(M, rows, A, y, w, vi)
+
+
+def _compile_accumulate(k: int):
+    @njit(**_OPTS)
+    def accumulate_k(M, rows, A, y, w, vi):  # pragma: no cover - numba
+        _accumulate_rows(M, rows, A, y, w, vi, k)
+
+    return accumulate_k
