@@ -469,6 +469,7 @@ def _descend(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary, max_
     radius = max(1.0, float(np.linalg.norm(theta)))
     f = pr.criterion
     noise = 1e-13 * max(1.0, abs(f))
+    H = None  # a differenced Hessian, or its BFGS update after a long step
     for _ in range(max_iter):
         free = _free(theta, g, lower)
         gnorm = float(np.max(np.abs(g[free]), initial=0.0))
@@ -477,7 +478,8 @@ def _descend(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary, max_
         if fn.exhausted:
             summary.messages.append("evaluation limit reached")
             break
-        H = fn.hessian(theta, g)
+        if H is None:
+            H = fn.hessian(theta, g)
         if H is None:
             summary.messages.append("criterion undefined next to θ")
             break
@@ -485,7 +487,7 @@ def _descend(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary, max_
         improved = False
         for _ in range(30):
             s = _tr_step(g, H, free, radius)
-            new = np.maximum(theta + s, lower)
+            new = _toward_bound(theta, theta + s, lower)
             s = new - theta
             if not np.any(s):
                 break
@@ -509,6 +511,9 @@ def _descend(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary, max_
                 ):
                     improved = True
             if improved:
+                H = _far_update(H, s, g_new - g, f - pr_new.criterion, f)
+                if np.any(new <= lower):  # on a bound: the curvature there is differenced
+                    H = None
                 theta, f, g, pr = new, pr_new.criterion, g_new, pr_new
                 break
             radius = np.linalg.norm(s) / 4.0
@@ -519,6 +524,37 @@ def _descend(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary, max_
         if np.max(np.abs(s)) <= 1e-13 * max(1.0, float(np.max(np.abs(theta)))):
             break
     return pr, g
+
+
+def _toward_bound(theta, new, lower, keep: float = 0.1):
+    """Project a step onto the bounds, but stop a diagonal entry that would cross its
+    bound at ``keep`` of its distance from it, unless it is already within 1e-6 of the
+    scale of θ: a bound is reached in a few steps when the optimum is on it, and a
+    near-boundary optimum inside is not mistaken for a face (where d(θ) is even in the
+    entry, so Newton would stop on a saddle)."""
+    out = np.maximum(new, lower)
+    hit = (new < lower) & (theta - lower > 1e-6 * max(1.0, float(np.max(np.abs(theta)))))
+    out[hit] = lower[hit] + keep * (theta[hit] - lower[hit])
+    return out
+
+
+FAR = 1e-6  # a decrease of d(θ) above FAR·|d| is a long step: its Hessian is updated
+
+
+def _far_update(H, s, y, decrease: float, f: float):
+    """The Hessian for the next iteration: after a long step (d(θ) fell by more than
+    ``FAR·|d|``), the BFGS update of ``H`` from the step ``s`` and the change of the
+    gradient ``y``, which costs no pass; near the optimum (or when the update would
+    not stay positive definite) ``None``, so Newton differences the gradient afresh and
+    converges quadratically to rounding."""
+    sy = float(s @ y)
+    if decrease <= FAR * max(1.0, abs(f)) or not sy > 0.0:
+        return None
+    Hs = H @ s
+    sHs = float(s @ Hs)
+    if not sHs > 0.0:
+        return None
+    return H - np.outer(Hs, Hs) / sHs + np.outer(y, y) / sy
 
 
 def _escape_boundary(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary):
