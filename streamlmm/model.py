@@ -849,6 +849,22 @@ class MixedLM(base.MiniBatchRegressor):
             m._lam_u = lam.reshape(m._design.q, m._design.q)
         return m
 
+    def learn_coded(self, uniques, codes, A, y, w, t=None) -> None:
+        """Accumulate a validated batch whose group keys are coded (the stream engine's
+        path): event ``i`` is in group ``uniques[codes[i]]``, so each distinct key is
+        looked up once per batch. Otherwise as :meth:`learn_batch`: new groups get rows
+        in the order of their first event of positive weight.
+        """
+        self._check_products(A, y, w)
+        if self._design.k != self._stats.k:
+            self._widen()
+        weighted = codes[w > 0]
+        seen, first = np.unique(weighted, return_index=True)
+        order = seen[np.argsort(first)]
+        urows = np.full(len(uniques), -1, dtype=np.int64)
+        urows[order] = self._stats.rows([uniques[j] for j in order.tolist()])
+        self._accumulate(urows[codes], A, y, w, t)
+
 
 def _batch_columns(X, y, w, group: str | None = None):
     """Columns of ``X`` and the arrays of ``y`` and ``w``, with errors that name what is

@@ -306,28 +306,41 @@ class Engine:
     def _keep_groups_home(self, batch: Batch) -> None:
         """An event of a known group arriving on another partition is a dead letter; a
         new group's home is the partition of its first (weighted) event."""
-        n = len(batch)
-        if not n:
+        if not len(batch):
             return
-        parts, home, keys = batch.parts, self.home, batch.keys
-        h = np.fromiter(map(home.get, keys, repeat(-1)), np.int64, n)
-        new = np.flatnonzero(h < 0)
-        for i in new:
-            p = home.get(keys[i])
-            if p is None:
-                p = int(parts[i])
-                if batch.w[i] > 0:  # a group has a home once it has statistics
-                    home[keys[i]] = p
-            h[i] = p
+        parts, codes, uniques = batch.parts, batch.codes, batch.uniques
+        known = np.fromiter(map(self.home.get, uniques, repeat(-1)), np.int64, len(uniques))
+        h = known[codes]
+        new = h < 0
+        if new.any():
+            h[new] = self._settle_new_groups(batch, new, known)
         away = h != parts
         if away.any():
             batch.drop(
                 away,
                 lambda i: (
-                    f"group {keys[i]!r} lives on partition {h[i]} but arrived "
+                    f"group {uniques[codes[i]]!r} lives on partition {h[i]} but arrived "
                     f"on partition {parts[i]}: producers must key by group"
                 ),
             )
+
+    def _settle_new_groups(self, batch: Batch, new: np.ndarray, known: np.ndarray) -> np.ndarray:
+        """Homes of this poll's new groups (at their first weighted event, in poll
+        order); the partition each of the events ``new`` is held to: its group's home
+        from that event on, its own before."""
+        parts, codes = batch.parts, batch.codes
+        weighted = np.flatnonzero(new & (batch.w > 0))
+        seen, at = np.unique(codes[weighted], return_index=True)
+        firsts = weighted[at]
+        for c, i in sorted(zip(seen.tolist(), firsts.tolist()), key=lambda ci: ci[1]):
+            self.home[batch.uniques[c]] = int(parts[i])
+        since = np.full(len(known), len(batch))
+        since[seen] = firsts
+        home = np.full(len(known), -1)
+        home[seen] = parts[firsts]
+        ev = np.flatnonzero(new)
+        c = codes[ev]
+        return np.where(ev >= since[c], home[c], parts[ev])
 
     def _caught_up(self, targets: Mapping[str, int]) -> bool:
         if hasattr(self.source, "exhausted"):  # a file: its end is where reading stops
@@ -371,7 +384,7 @@ class Engine:
                 dead = send
             self.dead.send(dead)
         if len(batch):
-            self.model.learn_batch(batch.keys, batch.A, batch.y, batch.w, batch.t)
+            self.model.learn_coded(batch.uniques, batch.codes, batch.A, batch.y, batch.w, batch.t)
         topic = self.source.topic
         for p, off in polled.last_offsets().items():
             name = tp_name(topic, p)
