@@ -36,6 +36,7 @@ from streamlmm.formula import Formula
 from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.rows import RowReader
 from streamlmm.stream import jsonscan
+from streamlmm.stream.keytable import KeyTable
 from streamlmm.values import MAX_ABS
 
 __all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
@@ -135,8 +136,10 @@ class Polled:
         if n == 0:
             return {}
         if callable(self._offsets):  # in offset order: each partition's last message
-            seen, at = np.unique(parts[::-1], return_index=True)
-            return {int(p): self.record(n - 1 - int(i)).offset + 1 for p, i in zip(seen, at)}
+            last = {}
+            for i in np.append(np.flatnonzero(parts[1:] != parts[:-1]), n - 1).tolist():
+                last[int(parts[i])] = i  # the end of a run of one partition's messages
+            return {p: self.record(i).offset + 1 for p, i in sorted(last.items())}
         lo, hi = int(parts.min()), int(parts.max())
         if lo == hi:
             return {lo: int(self.offsets.max()) + 1}
@@ -172,8 +175,9 @@ class DeadLetter:
 class Batch:
     """Validated events of one poll, as columns, plus the dead letters.
 
-    Group keys are coded: event ``i`` is in group ``uniques[codes[i]]`` (each distinct
-    key is a Python object once per poll, not once per event). ``idx`` is each kept
+    Group keys are coded: event ``i`` is in group ``uniques[codes[i]]``, where
+    ``uniques`` is the decoder's :class:`~streamlmm.stream.keytable.KeyTable` list (it
+    only grows, and a key keeps its code for the decoder's life). ``idx`` is each kept
     event's position in the poll, ``parts`` its source partition.
     """
 
@@ -222,27 +226,14 @@ class Batch:
 
 
 class _Part(NamedTuple):
-    """Events of a poll decoded by one path: coded keys, columns, poll positions."""
+    """Events of a poll decoded by one path: key codes, columns, poll positions."""
 
-    uniques: list
     codes: np.ndarray
     A: np.ndarray
     y: np.ndarray
     w: np.ndarray
     t: np.ndarray | None
     pos: np.ndarray
-
-
-def factorize(keys: list) -> tuple[list, np.ndarray]:
-    """Distinct keys in order of first appearance, and each key's code.
-
-    >>> factorize(["b", "a", "b", 1])
-    (['b', 'a', 1], array([0, 1, 0, 2]))
-
-    """
-    index: dict = {}
-    codes = np.fromiter((index.setdefault(k, len(index)) for k in keys), np.int64, len(keys))
-    return list(index), codes
 
 
 def _len(v: bytes | None) -> int:
@@ -316,6 +307,7 @@ class Decoder:
         self.time_key = time_key
         self.max_bytes = max_bytes
         self.n_skipped = 0
+        self.keys = KeyTable()  # every group key decoded, with its code
         self._fast: _Fast | None = None
         self._fast_for: tuple | None = None  # the design layout the bulk decoder was made for
 
@@ -398,11 +390,9 @@ class Decoder:
             ok,
         )
         ok &= self._valid(num)
-        codes, first = np.empty(n, np.int64), np.empty(n, np.int64)
-        n_codes = jsonscan.factorize_slices(buf, kpos, ok, codes, first)
-        uniques = [joined[a:b].decode("ascii") for a, b in kpos[first[:n_codes]].tolist()]
+        codes = self.keys.ids_of_slices(joined, kpos, ok)
         keep = np.flatnonzero(ok)
-        return self._part(uniques, codes[keep], num[keep], pos[keep]), pos[~ok]
+        return self._part(codes[keep], num[keep], pos[keep]), pos[~ok]
 
     def _msgspec(self, values: list, pos: np.ndarray, lens: np.ndarray) -> tuple[_Part, np.ndarray]:
         """msgspec's decode of each of ``values[pos]`` into a struct: the events it
@@ -427,9 +417,9 @@ class Decoder:
             if type(k) is str and len(k) > MAX_KEY_LEN:
                 good[j] = False
         keep = np.flatnonzero(good)
-        uniques, codes = factorize([keys[j] for j in keep])
+        codes = self.keys.ids([keys[j] for j in keep])
         declined = np.setdiff1d(pos, taken[keep], assume_unique=True)
-        return self._part(uniques, codes, num[keep], taken[keep]), declined
+        return self._part(codes, num[keep], taken[keep]), declined
 
     def _valid(self, num: np.ndarray) -> np.ndarray:
         """Rows whose numbers the reference path takes as they are: finite, within
@@ -438,7 +428,7 @@ class Decoder:
         good &= num[:, self._fast.w_at] >= 0
         return good
 
-    def _part(self, uniques: list, codes: np.ndarray, num: np.ndarray, pos: np.ndarray) -> _Part:
+    def _part(self, codes: np.ndarray, num: np.ndarray, pos: np.ndarray) -> _Part:
         """Columns of accepted rows: the union values, response, weight and time."""
         fast, n = self._fast, num.shape[0]
         nf = len(fast.cols)
@@ -446,7 +436,7 @@ class Decoder:
         A[:, fast.cols] = num[:, :nf]
         A[:, fast.ones] = 1.0
         t = num[:, fast.w_at + 1] if self.time_key else None
-        return _Part(uniques, codes, A, num[:, nf], num[:, fast.w_at], t, pos)
+        return _Part(codes, A, num[:, nf], num[:, fast.w_at], t, pos)
 
     # -- the reference path -------------------------------------------------------------
     def _one(self, value: bytes | None):
@@ -492,9 +482,8 @@ class Decoder:
             y[j], w[j], t[j] = got[1], got[2], got[3]
         m = len(keys)
         tk = t[:m] if self.time_key is not None else None
-        uniques, codes = factorize(keys)
         A = _padded(rows, self.design.k)
-        return _Part(uniques, codes, A, y[:m], w[:m], tk, np.array(kept, np.int64))
+        return _Part(self.keys.ids(keys), A, y[:m], w[:m], tk, np.array(kept, np.int64))
 
     # -- all paths ----------------------------------------------------------------------
     def decode(self, polled: Polled | Sequence[Record]) -> Batch:
@@ -533,39 +522,27 @@ class Decoder:
         return parts, np.arange(done, n)
 
     def _batch(self, polled: Polled, parts: list[_Part], dead: list[DeadLetter]) -> Batch:
-        parts = [p for p in parts if len(p.pos)]
         if dead:
             dead.sort(key=lambda d: (d.record.partition, d.record.offset))
+        parts = [p for p in parts if len(p.pos)] or [self._no_part()]
         if len(parts) == 1:
             p = parts[0]
-            return Batch(p.uniques, p.codes, p.A, p.y, p.w, p.t, dead, p.pos, polled)
+            return Batch(self.keys.keys, p.codes, p.A, p.y, p.w, p.t, dead, p.pos, polled)
         k = self.design.k  # a level first seen in this poll widened the design
-        if not parts:
-            empty = np.empty(0)
-            t = None if self.time_key is None else empty
-            return Batch(
-                [],
-                np.empty(0, np.int64),
-                np.empty((0, k)),
-                empty,
-                empty,
-                t,
-                dead,
-                np.empty(0, np.int64),
-                polled,
-            )
-        index: dict = {}
-        remaps = [
-            np.array([index.setdefault(u, len(index)) for u in p.uniques], np.int64) for p in parts
-        ]
         idx = np.concatenate([p.pos for p in parts])
         order = np.argsort(idx, kind="stable")
-        codes = np.concatenate([r[p.codes] for r, p in zip(remaps, parts)])[order]
+        codes = np.concatenate([p.codes for p in parts])[order]
         A = np.concatenate([_widened(p.A, k) for p in parts])[order]
         y = np.concatenate([p.y for p in parts])[order]
         w = np.concatenate([p.w for p in parts])[order]
         t = None if self.time_key is None else np.concatenate([p.t for p in parts])[order]
-        return Batch(list(index), codes, A, y, w, t, dead, idx[order], polled)
+        return Batch(self.keys.keys, codes, A, y, w, t, dead, idx[order], polled)
+
+    def _no_part(self) -> _Part:
+        """No events."""
+        none = np.empty(0, np.int64)
+        t = None if self.time_key is None else np.empty(0)
+        return _Part(none, np.empty((0, self.design.k)), np.empty(0), np.empty(0), t, none)
 
 
 class _Fast(NamedTuple):

@@ -162,6 +162,7 @@ class Engine:
         if not config.new_source:
             self.home = {k: int(p) for k, p in self.meta.get("home", ())}
         self.check_home = isinstance(self.source, _KafkaBase)
+        self._homes = np.empty(0, np.int64)  # self.home by the decoder's key codes
         self.stop_requested = False
         self.last_snapshot: Snapshot | None = None
         self._final_at: int | None = None
@@ -309,11 +310,11 @@ class Engine:
         if not len(batch):
             return
         parts, codes, uniques = batch.parts, batch.codes, batch.uniques
-        known = np.fromiter(map(self.home.get, uniques, repeat(-1)), np.int64, len(uniques))
-        h = known[codes]
+        homes = self._code_homes(uniques)
+        h = homes[codes]
         new = h < 0
         if new.any():
-            h[new] = self._settle_new_groups(batch, new, known)
+            h[new] = self._settle_new_groups(batch, new, homes)
         away = h != parts
         if away.any():
             batch.drop(
@@ -324,7 +325,21 @@ class Engine:
                 ),
             )
 
-    def _settle_new_groups(self, batch: Batch, new: np.ndarray, known: np.ndarray) -> np.ndarray:
+    def _code_homes(self, uniques: list) -> np.ndarray:
+        """The home partition of each code of the decoder's keys (-1: none yet), kept
+        in step with :attr:`home` as the key table grows."""
+        homes = self._homes
+        if homes.shape[0] < len(uniques):
+            have = homes.shape[0]
+            grown = np.full(max(len(uniques), 2 * have), -1, np.int64)
+            grown[:have] = homes
+            grown[have : len(uniques)] = np.fromiter(
+                map(self.home.get, uniques[have:], repeat(-1)), np.int64, len(uniques) - have
+            )
+            self._homes = homes = grown
+        return homes
+
+    def _settle_new_groups(self, batch: Batch, new: np.ndarray, homes: np.ndarray) -> np.ndarray:
         """Homes of this poll's new groups (at their first weighted event, in poll
         order); the partition each of the events ``new`` is held to: its group's home
         from that event on, its own before."""
@@ -334,13 +349,12 @@ class Engine:
         firsts = weighted[at]
         for c, i in sorted(zip(seen.tolist(), firsts.tolist()), key=lambda ci: ci[1]):
             self.home[batch.uniques[c]] = int(parts[i])
-        since = np.full(len(known), len(batch))
+        homes[seen] = parts[firsts]
+        since = np.full(homes.shape[0], len(batch))
         since[seen] = firsts
-        home = np.full(len(known), -1)
-        home[seen] = parts[firsts]
         ev = np.flatnonzero(new)
         c = codes[ev]
-        return np.where(ev >= since[c], home[c], parts[ev])
+        return np.where(ev >= since[c], homes[c], parts[ev])
 
     def _caught_up(self, targets: Mapping[str, int]) -> bool:
         if hasattr(self.source, "exhausted"):  # a file: its end is where reading stops

@@ -14,8 +14,8 @@ paths of :mod:`streamlmm.stream.decode`, which decide and give the reasons):
   nearest double exactly as Python's ``float`` does (Clinger's fast path, else the
   Eisel-Lemire algorithm; the rare input neither decides is declined).
 
-A second kernel numbers the distinct keys of a poll in order of first appearance, so
-that Python touches each distinct key once per poll, not once per event.
+The keys' byte ranges go to :class:`~streamlmm.stream.keytable.KeyTable`, which gives
+them ids.
 
 """
 
@@ -26,7 +26,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["scan", "factorize_slices", "field_table", "POW10_HI", "POW10_LO"]
+__all__ = ["scan", "field_table", "POW10_HI", "POW10_LO"]
 
 _OPTS = {"cache": True, "nogil": True}
 _INLINE = {**_OPTS, "inline": "always"}  # no call (and no reference counting) per field
@@ -339,47 +339,3 @@ def scan(
             num[r, c] = defaults[c]
         seen = _object(buf, starts[r], starts[r + 1], r, names, name_off, num, kpos, max_key)
         ok[r] = seen >= 0 and (seen & required) == required
-
-
-@njit(**_OPTS)
-def factorize_slices(buf, kpos, ok, codes, first):  # pragma: no cover - numba
-    """Number the distinct byte strings ``buf[kpos[r, 0]:kpos[r, 1]]`` of the rows with
-    ``ok`` in order of first appearance: ``codes[r]`` (-1 where not ``ok``) and
-    ``first[u]``, the first row of code ``u``. Returns the number of codes."""
-    n = kpos.shape[0]
-    size = 16
-    while size < 2 * n:
-        size *= 2
-    table = np.full(size, -1, np.int64)
-    mask = np.uint64(size - 1)
-    n_codes = 0
-    for r in range(n):
-        if not ok[r]:
-            codes[r] = -1
-            continue
-        s, e = kpos[r, 0], kpos[r, 1]
-        h = np.uint64(14695981039346656037)
-        for j in range(s, e):
-            h = (h ^ np.uint64(buf[j])) * np.uint64(1099511628211)
-        slot = h & mask
-        while True:
-            u = table[slot]
-            if u < 0:
-                table[slot] = n_codes
-                first[n_codes] = r
-                codes[r] = n_codes
-                n_codes += 1
-                break
-            f = first[u]
-            fs, fe = kpos[f, 0], kpos[f, 1]
-            if fe - fs == e - s:
-                same = True
-                for j in range(e - s):
-                    if buf[fs + j] != buf[s + j]:
-                        same = False
-                        break
-                if same:
-                    codes[r] = u
-                    break
-            slot = (slot + np.uint64(1)) & mask
-    return n_codes
