@@ -3,19 +3,25 @@
 A message is one JSON object whose fields are named by the formula (group key,
 features, response), with an optional frequency weight ``w`` and event time ``ts``.
 
-Two paths, one set of rules:
+Three paths, one set of rules; each takes what the previous one declined:
 
-- **Bulk.** A poll's messages are decoded by msgspec straight into typed structs (one
-  C call per message, no dicts), then checked in bulk with numpy into columns: finite
-  values, ``w >= 0``, key length. This is the path of every clean poll.
-- **Per message.** A message that the bulk path does not accept as it stands is decoded
-  alone by the reference path: the standard library's strict-UTF-8 JSON decoder and
+- **Scan.** A poll's messages, laid end to end in one buffer, are read by one numba call
+  (:mod:`~streamlmm.stream.jsonscan`) into numeric columns and key byte ranges, and the
+  keys become codes of the decoder's :class:`~streamlmm.stream.keytable.KeyTable`. It
+  takes flat objects with plain ASCII strings and a string group key: every clean poll.
+- **Struct.** msgspec decodes a declined message into a typed struct (one C call, no
+  dict): non-ASCII or escaped strings, integer keys, nested fields it ignores.
+- **Per message.** What neither accepts as it stands is decoded alone by the reference
+  path: the standard library's strict-UTF-8 JSON decoder and
   :class:`~streamlmm.rows.RowReader`, the validation of ``learn_one``. That path decides:
   it accepts (an integer-valued float group key, ``"w": null``), skips (``missing="skip"``)
   or rejects with the field name and why, exactly as ``learn_one`` would.
 
-The bulk path only ever accepts what :class:`~streamlmm.rows.RowReader` accepts, with
-the same values, so both paths give the same columns and the same dead letters.
+The bulk paths check their columns with numpy as the reference path checks a value
+(finite, within ±``MAX_ABS``, ``w >= 0``, key length) and only ever accept what
+:class:`~streamlmm.rows.RowReader` accepts, with the same values, so all paths give the
+same columns and the same dead letters. Until the design knows its fields' kinds (its
+first events) messages take the reference path, a few at a time.
 
 """
 
