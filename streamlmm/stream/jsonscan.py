@@ -29,7 +29,6 @@ from numba import njit
 __all__ = ["scan", "field_table", "POW10_HI", "POW10_LO"]
 
 _OPTS = {"cache": True, "nogil": True}
-_INLINE = {**_OPTS, "inline": "always"}  # no call (and no reference counting) per field
 _MIN_EXP10 = -348
 _MAX_EXP10 = 347
 
@@ -207,14 +206,14 @@ def _number(buf, i, end):  # pragma: no cover - numba
 
 
 # -- objects -------------------------------------------------------------------------------
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _ws(buf, i, end):  # pragma: no cover - numba
     while i < end and (buf[i] == 32 or buf[i] == 10 or buf[i] == 13 or buf[i] == 9):
         i += 1
     return i
 
 
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _string(buf, i, end):  # pragma: no cover - numba
     """End (the closing quote) of a plain ASCII string whose opening quote is at
     ``i - 1``; -1 if the string is not plain."""
@@ -228,7 +227,7 @@ def _string(buf, i, end):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _literal(buf, i, end):  # pragma: no cover - numba
     """Index after ``true``, ``false`` or ``null`` at ``i``; -1 otherwise."""
     for word in ((116, 114, 117, 101), (110, 117, 108, 108)):
@@ -241,7 +240,7 @@ def _literal(buf, i, end):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _field(buf, s, e, names, name_off):  # pragma: no cover - numba
     """Index of the member name ``buf[s:e]`` in the field table, or -1."""
     n = e - s
@@ -259,7 +258,7 @@ def _field(buf, s, e, names, name_off):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _value(buf, i, end, f, row, num, kpos, max_key):  # pragma: no cover
     """Read the value of field ``f`` (-1: not a formula field) at ``i``; the index after
     it, or -1 to decline the message."""
@@ -287,7 +286,7 @@ def _value(buf, i, end, f, row, num, kpos, max_key):  # pragma: no cover
     return _literal(buf, i, end)
 
 
-@njit(**_INLINE)
+@njit(**_OPTS)
 def _object(buf, i, end, row, names, name_off, num, kpos, max_key):  # pragma: no cover
     """Scan one message ``buf[i:end]``; the bit set of the formula fields it held, or
     -1 to decline it."""
