@@ -1,4 +1,5 @@
-"""The engine's partition homes of groups, polled from an in-memory Kafka-like source."""
+"""Engine steps on polls of an in-memory Kafka-like source: the groups' partition homes,
+and dead letters the model would refuse."""
 
 from __future__ import annotations
 
@@ -58,3 +59,18 @@ def test_groups_stay_home_from_their_first_weighted_event(tmp_path):
     assert engine.model.n_events == 5  # warm, a (0, 1), b (1, 4), a (0, 4), b (1, 6)
     assert engine.offsets == {"t:0": 5, "t:1": 7}
     np.testing.assert_array_equal(engine._code_homes(engine.decoder.keys.keys)[:4], [0, 0, 1, -1])
+
+
+def test_an_event_whose_products_would_overflow_is_a_dead_letter(tmp_path):
+    dead = tmp_path / "dead.jsonl"
+    cfg = EngineConfig("memory", FORMULA, str(tmp_path / "snap"), dead_letter=f"jsonl:{dead}")
+    engine = Engine(cfg, source=MemorySource())
+    engine.step(poll([(0, 0, "a", 1.0)]))
+    big = Record("t", 0, 1, b"a", b'{"g": "a", "x1": 1e149, "y": 2, "w": 1e149}')
+    engine.step(
+        Polled.from_records([big, Record("t", 0, 2, b"a", big.value.replace(b"1e149,", b"1,"))])
+    )
+    engine.dead.flush()
+    (letter,) = [json.loads(line) for line in dead.read_text().splitlines()]
+    assert letter["offset"] == 1 and "'x1'" in letter["reason"] and "overflow" in letter["reason"]
+    assert engine.model.n_events == 2 and engine.offsets == {"t:0": 3}
