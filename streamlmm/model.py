@@ -904,6 +904,38 @@ class MixedLM(base.MiniBatchRegressor):
             m._lam_u = lam.reshape(m._design.q, m._design.q)
         return m
 
+    def learn_coded(self, uniques, codes, A, y, w, t=None) -> None:
+        """Accumulate a validated batch whose group keys are coded (the stream engine's
+        path): event ``i`` is in group ``uniques[codes[i]]``. ``uniques`` may be a list
+        that only grows between calls (a decoder's key table): the row of each code is
+        kept, so only keys new to the model are looked up. Otherwise as
+        :meth:`learn_batch`: new groups get rows in the order of their first event of
+        positive weight.
+        """
+        self._check_products(A, y, w)
+        if self._design.k != self._stats.k:
+            self._widen()
+        rows = self._code_rows(uniques)
+        ev = np.flatnonzero((rows[codes] < 0) & (w > 0))
+        if ev.shape[0]:
+            seen, first = np.unique(codes[ev], return_index=True)
+            order = seen[np.argsort(first)]
+            rows[order] = self._stats.rows([uniques[j] for j in order.tolist()])
+        self._accumulate(rows[codes], A, y, w, t)
+
+    def _code_rows(self, uniques) -> np.ndarray:
+        """The statistics row of each code of ``uniques`` (-1: not looked up yet), kept
+        while ``uniques`` and the statistics are the same objects."""
+        cache = getattr(self, "_coded", None)
+        if cache is None or cache[0] is not uniques or cache[1] is not self._stats:
+            cache = (uniques, self._stats, np.empty(0, dtype=np.int64))
+        rows = cache[2]
+        if rows.shape[0] < len(uniques):
+            rows = np.full(max(len(uniques), 2 * rows.shape[0]), -1, dtype=np.int64)
+            rows[: cache[2].shape[0]] = cache[2]
+        self._coded = (uniques, self._stats, rows)
+        return rows
+
 
 def _batch_columns(X, y, w, group: str | None = None):
     """Columns of ``X`` and the arrays of ``y`` and ``w``, with errors that name what is

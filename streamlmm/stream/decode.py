@@ -3,19 +3,25 @@
 A message is one JSON object whose fields are named by the formula (group key,
 features, response), with an optional frequency weight ``w`` and event time ``ts``.
 
-Two paths, one set of rules:
+Three paths, one set of rules; each takes what the previous one declined:
 
-- **Bulk.** A poll's messages are decoded by msgspec straight into typed structs (one
-  C call per message, no dicts), then checked in bulk with numpy into columns: finite
-  values, ``w >= 0``, key length. This is the path of every clean poll.
-- **Per message.** A message that the bulk path does not accept as it stands is decoded
-  alone by the reference path: the standard library's strict-UTF-8 JSON decoder and
+- **Scan.** A poll's messages, laid end to end in one buffer, are read by one numba call
+  (:mod:`~streamlmm.stream.jsonscan`) into numeric columns and key byte ranges, and the
+  keys become codes of the decoder's :class:`~streamlmm.stream.keytable.KeyTable`. It
+  takes flat objects with plain ASCII strings and a string group key: every clean poll.
+- **Struct.** msgspec decodes a declined message into a typed struct (one C call, no
+  dict): non-ASCII or escaped strings, integer keys, nested fields it ignores.
+- **Per message.** What neither accepts as it stands is decoded alone by the reference
+  path: the standard library's strict-UTF-8 JSON decoder and
   :class:`~streamlmm.rows.RowReader`, the validation of ``learn_one``. That path decides:
   it accepts (an integer-valued float group key, ``"w": null``), skips (``missing="skip"``)
   or rejects with the field name and why, exactly as ``learn_one`` would.
 
-The bulk path only ever accepts what :class:`~streamlmm.rows.RowReader` accepts, with
-the same values, so both paths give the same columns and the same dead letters.
+The bulk paths check their columns with numpy as the reference path checks a value
+(finite, within ±``MAX_ABS``, ``w >= 0``, key length) and only ever accept what
+:class:`~streamlmm.rows.RowReader` accepts, with the same values, so all paths give the
+same columns and the same dead letters. Until the design knows its fields' kinds (its
+first events) messages take the reference path, a few at a time.
 
 """
 
@@ -35,6 +41,9 @@ from streamlmm.design import Design
 from streamlmm.formula import Formula
 from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.rows import RowReader
+from streamlmm.stream import jsonscan
+from streamlmm.stream.keytable import KeyTable
+from streamlmm.values import MAX_ABS
 
 __all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
 
@@ -61,7 +70,10 @@ class Polled:
     """One poll as columns: the values, partitions and offsets, and full records on demand.
 
     Sources build the columns they have cheaply; :meth:`record` materialises one
-    message (for a dead letter) only when it is needed.
+    message (for a dead letter) only when it is needed. ``offsets`` may be given as a
+    function that builds them when first needed, by a source whose polls hold each
+    partition's messages in offset order: the next offsets after a poll then take
+    one record per partition.
 
     Examples
     --------
@@ -71,18 +83,18 @@ class Polled:
 
     """
 
-    __slots__ = ("values", "parts", "offsets", "_record")
+    __slots__ = ("values", "parts", "_offsets", "_record")
 
     def __init__(
         self,
         values: list[bytes | None],
         parts: np.ndarray,
-        offsets: np.ndarray,
+        offsets: np.ndarray | Callable[[], np.ndarray],
         record: Callable[[int], Record],
     ):
         self.values = values
         self.parts = parts
-        self.offsets = offsets
+        self._offsets = offsets
         self._record = record
 
     @classmethod
@@ -95,6 +107,13 @@ class Polled:
             np.fromiter((r.offset for r in records), np.int64, n),
             lambda i: records[i],
         )
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """Each message's offset."""
+        if callable(self._offsets):
+            self._offsets = self._offsets()
+        return self._offsets
 
     def record(self, i: int) -> Record:
         """The full ``i``-th message."""
@@ -113,14 +132,24 @@ class Polled:
         >>> p = Polled([b"", b"", b""], np.array([0, 1, 0]), np.array([5, 9, 6]), None)
         >>> p.last_offsets()
         {0: 7, 1: 10}
+        >>> recs = [Record("t", 0, 5, None, b""), Record("t", 1, 9, None, b""),
+        ...         Record("t", 0, 6, None, b"")]
+        >>> Polled([b""] * 3, np.array([0, 1, 0]), lambda: None, recs.__getitem__).last_offsets()
+        {0: 7, 1: 10}
 
         """
-        if len(self.parts) == 0:
+        parts, n = self.parts, len(self.parts)
+        if n == 0:
             return {}
-        lo, hi = int(self.parts.min()), int(self.parts.max())
+        if callable(self._offsets):  # in offset order: each partition's last message
+            last = {}
+            for i in np.append(np.flatnonzero(parts[1:] != parts[:-1]), n - 1).tolist():
+                last[int(parts[i])] = i  # the end of a run of one partition's messages
+            return {p: self.record(i).offset + 1 for p, i in sorted(last.items())}
+        lo, hi = int(parts.min()), int(parts.max())
         if lo == hi:
             return {lo: int(self.offsets.max()) + 1}
-        return {int(p): int(self.offsets[self.parts == p].max()) + 1 for p in np.unique(self.parts)}
+        return {int(p): int(self.offsets[parts == p].max()) + 1 for p in np.unique(parts)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,10 +181,14 @@ class DeadLetter:
 class Batch:
     """Validated events of one poll, as columns, plus the dead letters.
 
-    ``idx`` is each kept event's position in the poll, ``parts`` its source partition.
+    Group keys are coded: event ``i`` is in group ``uniques[codes[i]]``, where
+    ``uniques`` is the decoder's :class:`~streamlmm.stream.keytable.KeyTable` list (it
+    only grows, and a key keeps its code for the decoder's life). ``idx`` is each kept
+    event's position in the poll, ``parts`` its source partition.
     """
 
-    keys: list
+    uniques: list
+    codes: np.ndarray
     A: np.ndarray
     y: np.ndarray
     w: np.ndarray
@@ -163,6 +196,15 @@ class Batch:
     dead: list[DeadLetter]
     idx: np.ndarray
     polled: Polled
+    _keys: list | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def keys(self) -> list:
+        """The group key of each kept event (built once, on demand)."""
+        if self._keys is None:
+            u = self.uniques
+            self._keys = [u[c] for c in self.codes.tolist()]
+        return self._keys
 
     @property
     def parts(self) -> np.ndarray:
@@ -179,18 +221,37 @@ class Batch:
         for i in np.flatnonzero(mask):
             self.dead.append(DeadLetter(self.polled.record(int(self.idx[i])), reason(int(i))))
         keep = np.flatnonzero(~mask)
-        self.keys = [self.keys[i] for i in keep]
-        self.idx = self.idx[keep]
+        self.codes, self.idx = self.codes[keep], self.idx[keep]
         self.A, self.y, self.w = self.A[keep], self.y[keep], self.w[keep]
         if self.t is not None:
             self.t = self.t[keep]
+        self._keys = None
 
     def __len__(self) -> int:
-        return len(self.keys)
+        return self.codes.shape[0]
+
+
+class _Part(NamedTuple):
+    """Events of a poll decoded by one path: key codes, columns, poll positions."""
+
+    codes: np.ndarray
+    A: np.ndarray
+    y: np.ndarray
+    w: np.ndarray
+    t: np.ndarray | None
+    pos: np.ndarray
 
 
 def _len(v: bytes | None) -> int:
     return -1 if v is None else len(v)
+
+
+def _lengths(values: list[bytes | None]) -> np.ndarray:
+    """Each message's length in bytes; -1 for a tombstone (``None``)."""
+    try:
+        return np.fromiter(map(len, values), np.int64, len(values))
+    except TypeError:  # a tombstone
+        return np.fromiter(map(_len, values), np.int64, len(values))
 
 
 def _padded(rows: list[np.ndarray], k: int) -> np.ndarray:
@@ -252,18 +313,25 @@ class Decoder:
         self.time_key = time_key
         self.max_bytes = max_bytes
         self.n_skipped = 0
-        self._fast = None
+        self.keys = KeyTable()  # every group key decoded, with its code
+        self._fast: _Fast | None = None
         self._fast_for: tuple | None = None  # the design layout the bulk decoder was made for
 
     @property
     def design(self) -> Design:
         return self.reader.design
 
-    # -- the bulk path ------------------------------------------------------------------
-    def _fast_decoder(self):
-        """A msgspec decoder into a struct of the formula's fields, or ``None`` when the
-        design is not (yet) plain numeric columns: then every message takes the
-        reference path, which learns kinds and factor levels in message order."""
+    # -- the bulk paths -----------------------------------------------------------------
+    def _layout(self) -> None:
+        """(Re)build the bulk decoders when the design's layout changed."""
+        layout = (self.design.version, self.design.k, self.design.ready)
+        if self._fast_for != layout:
+            self._fast, self._fast_for = self._fast_decoders(), layout
+
+    def _fast_decoders(self) -> _Fast | None:
+        """The bulk decoders for the formula's fields, or ``None`` when the design is not
+        (yet) plain numeric columns: then every message takes the reference path, which
+        learns kinds and factor levels in message order."""
         try:
             import msgspec
         except ImportError:  # pragma: no cover - a runtime dependency
@@ -277,71 +345,104 @@ class Decoder:
         names = [group, *feats, response] + ([self.time_key] if self.time_key else [])
         if len(set(names)) != len(names) or "w" in names:
             return None  # ambiguous field roles: leave every message to the reference path
+        # numeric columns, in this order: features, response, weight, time
+        numeric = [*feats, response, "w"] + ([self.time_key] if self.time_key else [])
         fields: list[tuple] = [("k", str | int)]
-        fields += [(f"f{i}", float) for i in range(len(feats))]
-        fields += [("r", float)]
-        if self.time_key:
-            fields.append(("t", float))
-        fields.append(("w", float, 1.0))
-        rename = {"k": group, "r": response, "w": "w"}
-        rename.update({f"f{i}": c for i, c in enumerate(feats)})
-        if self.time_key:
-            rename["t"] = self.time_key
-        event = msgspec.defstruct("Event", fields, rename=rename)
-        self._num = attrgetter(
-            *[f"f{i}" for i in range(len(feats))], "r", "w", *(["t"] if self.time_key else [])
+        fields += [(f"f{i}", float) for i in range(len(numeric))]
+        w_at = len(feats) + 1
+        fields[1 + w_at] = (f"f{w_at}", float, 1.0)
+        rename = {"k": group, **{f"f{i}": c for i, c in enumerate(numeric)}}
+        event = msgspec.defstruct("Event", fields, rename=rename, kw_only=True)
+        table, offsets = jsonscan.field_table([group, *numeric])
+        defaults = np.full(len(numeric), np.nan)
+        defaults[w_at] = 1.0
+        required = sum(1 << f for f in range(len(numeric) + 1) if f != 1 + w_at)
+        return _Fast(
+            msgspec.json.Decoder(event).decode,
+            attrgetter(*[f"f{i}" for i in range(len(numeric))]),
+            table,
+            offsets,
+            required,
+            defaults,
+            [i for i, _ in plain],
+            list(d.ones),
+            d.k,
+            w_at,
         )
-        self._key = attrgetter("k")
-        self._cols = [i for i, _ in plain]
-        self._ones = list(d.ones)
-        self._k = d.k
-        return msgspec.json.Decoder(event).decode
 
-    def _bulk(self, values: list, pos: np.ndarray):
-        """Decode ``values[pos]`` in bulk: ``(keys, A, y, w, t, ok)`` for the positions
-        ``ok`` that the bulk path accepts; the others are left to the reference path."""
-        dec = self._fast
-        vals = values if len(pos) == len(values) else [values[i] for i in pos]
-        try:
-            buf = b"".join(vals)
-            if not buf.isascii():
-                buf.decode("utf-8")  # strictly UTF-8, as the reference path
-            events = [dec(v) for v in vals]
-        except Exception:  # noqa: BLE001 - the poll fails as a whole: message by message
-            events, ok = [], []
-            for j, v in enumerate(vals):
-                try:
-                    if not v.isascii():
-                        v.decode("utf-8")
-                    events.append(dec(v))
-                except Exception:  # noqa: BLE001 - the reference path gives the reason
-                    continue
-                ok.append(j)
-            vals, pos = [vals[j] for j in ok], pos[np.array(ok, dtype=np.int64)]
-        if not events:
-            return [], None, None, None, None, pos
-        return self._columns(events, vals, pos)
+    def _scan(self, values: list, pos: np.ndarray, lens: np.ndarray) -> tuple[_Part, np.ndarray]:
+        """The numba scan of ``values[pos]`` (:mod:`~streamlmm.stream.jsonscan`), whose
+        lengths are ``lens[pos]``: the events it accepts, and the positions it declined."""
+        fast = self._fast
+        n = len(pos)
+        vals = values if n == len(values) else [values[i] for i in pos.tolist()]
+        joined = b"".join(vals)
+        buf = np.frombuffer(joined, np.uint8)
+        starts = np.zeros(n + 1, np.int64)
+        np.cumsum(lens[pos], out=starts[1:])
+        num = np.empty((n, len(fast.defaults)))
+        kpos = np.empty((n, 2), np.int64)
+        ok = np.empty(n, np.bool_)
+        jsonscan.scan(
+            buf,
+            starts,
+            fast.table,
+            fast.offsets,
+            fast.required,
+            fast.defaults,
+            MAX_KEY_LEN,
+            num,
+            kpos,
+            ok,
+        )
+        ok &= self._valid(num)
+        codes = self.keys.ids_of_slices(joined, kpos, ok)
+        keep = np.flatnonzero(ok)
+        return self._part(codes[keep], num[keep], pos[keep]), pos[~ok]
 
-    def _columns(self, events: list, vals: list, pos: np.ndarray):
-        n, nf = len(events), len(self._cols)
-        num = np.array(list(map(self._num, events)), dtype=float).reshape(n, -1)
-        keys = list(map(self._key, events))
-        good = np.isfinite(num).all(axis=1) & (num[:, nf + 1] >= 0)
-        long = np.flatnonzero(np.fromiter(map(len, vals), np.int64, n) > MAX_KEY_LEN)
-        for i in long:  # only a message longer than the key limit can hold a long key
-            k = keys[i]
+    def _msgspec(self, values: list, pos: np.ndarray, lens: np.ndarray) -> tuple[_Part, np.ndarray]:
+        """msgspec's decode of each of ``values[pos]`` into a struct: the events it
+        accepts, and the positions it declined (``lens`` as for :meth:`_scan`)."""
+        fast = self._fast
+        events, ok = [], []
+        for j, i in enumerate(pos.tolist()):
+            v = values[i]
+            try:
+                if not v.isascii():
+                    v.decode("utf-8")  # strictly UTF-8, as the reference path
+                events.append(fast.decode(v))
+            except Exception:  # noqa: BLE001 - the reference path gives the reason
+                continue
+            ok.append(j)
+        n = len(events)
+        taken = pos[np.array(ok, np.int64)]
+        num = np.array(list(map(fast.numbers, events)), dtype=float).reshape(n, len(fast.defaults))
+        keys = [e.k for e in events]
+        good = self._valid(num)
+        for j, k in enumerate(keys):
             if type(k) is str and len(k) > MAX_KEY_LEN:
-                good[i] = False
-        A = np.empty((n, self._k))
-        A[:, self._cols] = num[:, :nf]
-        A[:, self._ones] = 1.0
-        t = num[:, nf + 2] if self.time_key else None
-        if not good.all():
-            keep = np.flatnonzero(good)
-            keys = [keys[i] for i in keep]
-            A, num, pos = A[keep], num[keep], pos[keep]
-            t = None if t is None else t[keep]
-        return keys, A, num[:, nf], num[:, nf + 1], t, pos
+                good[j] = False
+        keep = np.flatnonzero(good)
+        codes = self.keys.ids([keys[j] for j in keep])
+        declined = np.setdiff1d(pos, taken[keep], assume_unique=True)
+        return self._part(codes, num[keep], taken[keep]), declined
+
+    def _valid(self, num: np.ndarray) -> np.ndarray:
+        """Rows whose numbers the reference path takes as they are: finite, within
+        ±:data:`~streamlmm.values.MAX_ABS`, weight ``>= 0``."""
+        good = (np.abs(num) <= MAX_ABS).all(axis=1)  # NaN fails too
+        good &= num[:, self._fast.w_at] >= 0
+        return good
+
+    def _part(self, codes: np.ndarray, num: np.ndarray, pos: np.ndarray) -> _Part:
+        """Columns of accepted rows: the union values, response, weight and time."""
+        fast, n = self._fast, num.shape[0]
+        nf = len(fast.cols)
+        A = np.empty((n, fast.k))
+        A[:, fast.cols] = num[:, :nf]
+        A[:, fast.ones] = 1.0
+        t = num[:, fast.w_at + 1] if self.time_key else None
+        return _Part(codes, A, num[:, nf], num[:, fast.w_at], t, pos)
 
     # -- the reference path -------------------------------------------------------------
     def _one(self, value: bytes | None):
@@ -364,32 +465,33 @@ class Decoder:
             return None
         return key, reader.y, w, t
 
-    def _reference(self, polled: Polled, pos: np.ndarray, dead: list[DeadLetter]):
+    def _reference(self, polled: Polled, pos: np.ndarray, dead: list[DeadLetter]) -> _Part:
         """Message by message through the reference path (used for what bulk declined)."""
         n = len(pos)
         rows: list[np.ndarray] = []
         y, w, t = np.empty(n), np.empty(n), np.empty(n)
         keys: list = []
         kept: list[int] = []
-        for i in pos:
+        for i in pos.tolist():
             j = len(keys)
             try:
                 got = self._one(polled.values[i])
             except ValueError as e:
-                dead.append(DeadLetter(polled.record(int(i)), str(e)))
+                dead.append(DeadLetter(polled.record(i), str(e)))
                 continue
             if got is None:
                 self.n_skipped += 1
                 continue
             keys.append(got[0])
-            kept.append(int(i))
+            kept.append(i)
             rows.append(self.reader.a[: self.design.k].copy())
             y[j], w[j], t[j] = got[1], got[2], got[3]
         m = len(keys)
         tk = t[:m] if self.time_key is not None else None
-        return keys, _padded(rows, self.design.k), y[:m], w[:m], tk, np.array(kept, np.int64)
+        A = _padded(rows, self.design.k)
+        return _Part(self.keys.ids(keys), A, y[:m], w[:m], tk, np.array(kept, np.int64))
 
-    # -- both ---------------------------------------------------------------------------
+    # -- all paths ----------------------------------------------------------------------
     def decode(self, polled: Polled | Sequence[Record]) -> Batch:
         """Decode a poll's messages; never raises for bad content.
 
@@ -397,40 +499,68 @@ class Decoder:
         """
         if not isinstance(polled, Polled):
             polled = Polled.from_records(polled)
-        values = polled.values
-        n = len(values)
         dead: list[DeadLetter] = []
-        layout = (self.design.version, self.design.k, self.design.ready)
-        if self._fast_for != layout:
-            self._fast, self._fast_for = self._fast_decoder(), layout
-        if self._fast is None or n == 0:
-            return self._batch(polled, [self._reference(polled, np.arange(n), dead)], dead)
-        lens = np.fromiter(map(_len, values), np.int64, n)
-        fit = (lens > 0) & (lens <= self.max_bytes)
-        pos = np.arange(n) if fit.all() else np.flatnonzero(fit)
-        parts = [self._bulk(values, pos)] if len(pos) else []
-        done = parts[0][5] if parts else np.empty(0, np.int64)
-        if parts and not len(done):
-            parts = []
-        if len(done) < n:
-            rest = np.setdiff1d(np.arange(n), done, assume_unique=True)
-            parts.append(self._reference(polled, rest, dead))
+        parts, rest = self._until_plain(polled, dead)
+        if len(rest):
+            lens = _lengths(polled.values)
+            fit = (lens[rest] > 0) & (lens[rest] <= self.max_bytes)
+            for path in (self._scan, self._msgspec):
+                if not fit.any():
+                    break
+                part, declined = path(polled.values, rest[fit], lens)
+                parts.append(part)
+                rest = np.sort(np.concatenate([rest[~fit], declined]))
+                fit = np.isin(rest, declined, assume_unique=True)
+            if len(rest):
+                parts.append(self._reference(polled, rest, dead))
         return self._batch(polled, parts, dead)
 
-    def _batch(self, polled: Polled, parts: list, dead: list[DeadLetter]) -> Batch:
-        if len(parts) == 1:
-            keys, A, y, w, t, idx = parts[0]
-        else:
-            idx = np.concatenate([p[5] for p in parts])
-            order = np.argsort(idx, kind="stable")
-            keys_all = [k for p in parts for k in p[0]]
-            keys = [keys_all[i] for i in order]
-            k = self.design.k  # a level first seen in this poll widened the design
-            A = np.concatenate([_widened(p[1], k) for p in parts])[order]
-            y = np.concatenate([p[2] for p in parts])[order]
-            w = np.concatenate([p[3] for p in parts])[order]
-            t = None if self.time_key is None else np.concatenate([p[4] for p in parts])[order]
-            idx = idx[order]
+    def _until_plain(self, polled: Polled, dead: list[DeadLetter]) -> tuple[list, np.ndarray]:
+        """Reference-decode the poll's first messages, more each time, until the design
+        has a bulk layout (its fields' kinds are known); the positions left."""
+        n, done, step = len(polled), 0, 16
+        parts: list[_Part] = []
+        self._layout()
+        while self._fast is None and done < n:
+            parts.append(self._reference(polled, np.arange(done, min(n, done + step)), dead))
+            done, step = min(n, done + step), 2 * step
+            self._layout()
+        return parts, np.arange(done, n)
+
+    def _batch(self, polled: Polled, parts: list[_Part], dead: list[DeadLetter]) -> Batch:
         if dead:
             dead.sort(key=lambda d: (d.record.partition, d.record.offset))
-        return Batch(keys, A, y, w, t, dead, np.asarray(idx, dtype=np.int64), polled)
+        parts = [p for p in parts if len(p.pos)] or [self._no_part()]
+        if len(parts) == 1:
+            p = parts[0]
+            return Batch(self.keys.keys, p.codes, p.A, p.y, p.w, p.t, dead, p.pos, polled)
+        k = self.design.k  # a level first seen in this poll widened the design
+        idx = np.concatenate([p.pos for p in parts])
+        order = np.argsort(idx, kind="stable")
+        codes = np.concatenate([p.codes for p in parts])[order]
+        A = np.concatenate([_widened(p.A, k) for p in parts])[order]
+        y = np.concatenate([p.y for p in parts])[order]
+        w = np.concatenate([p.w for p in parts])[order]
+        t = None if self.time_key is None else np.concatenate([p.t for p in parts])[order]
+        return Batch(self.keys.keys, codes, A, y, w, t, dead, idx[order], polled)
+
+    def _no_part(self) -> _Part:
+        """No events."""
+        none = np.empty(0, np.int64)
+        t = None if self.time_key is None else np.empty(0)
+        return _Part(none, np.empty((0, self.design.k)), np.empty(0), np.empty(0), t, none)
+
+
+class _Fast(NamedTuple):
+    """The bulk decoders of one design layout."""
+
+    decode: Callable[[bytes], Any]  # msgspec: one message into a struct
+    numbers: Callable[[Any], tuple]  # a struct's numeric fields, in column order
+    table: np.ndarray  # the scan's field names: group, then the numeric fields
+    offsets: np.ndarray
+    required: int  # bit set of the fields an event must have
+    defaults: np.ndarray  # numeric fields' values when absent (NaN: required)
+    cols: list[int]  # union columns of the features
+    ones: list[int]  # the intercept columns
+    k: int  # union columns
+    w_at: int  # the weight's numeric column (the response is just before it)

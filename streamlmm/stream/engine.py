@@ -33,13 +33,15 @@ Exactly once
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from itertools import repeat
 from typing import Any
 
@@ -52,6 +54,7 @@ from streamlmm.store import LocalStore
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder
 from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction
 from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
+from streamlmm.values import MAX_ABS
 
 __all__ = ["EngineConfig", "Engine", "parse_levels"]
 
@@ -120,6 +123,25 @@ def parse_levels(text: str | None) -> dict[str, list[str]] | None:
     return levels
 
 
+@contextlib.contextmanager
+def _young_objects_die_young(poll_records: int) -> Iterator[None]:
+    """Collect the youngest generation only after several polls' worth of objects.
+
+    A poll allocates a message object per record, and they all die with the poll. At
+    Python's default threshold (700) a collection runs several times within each poll,
+    promotes the live messages, and every so often a full collection walks the whole
+    heap (about 0.1 s in a large process): more time than the engine's own work. With
+    the threshold above a poll's allocations, collections almost never run in the loop.
+    The previous thresholds are restored on exit.
+    """
+    before = gc.get_threshold()
+    gc.set_threshold(max(before[0], 4 * poll_records), *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+
+
 class Engine:
     """Runs one stream into one model until stopped or (``until_end``) caught up.
 
@@ -162,6 +184,7 @@ class Engine:
         if not config.new_source:
             self.home = {k: int(p) for k, p in self.meta.get("home", ())}
         self.check_home = isinstance(self.source, _KafkaBase)
+        self._homes = np.empty(0, np.int64)  # self.home by the decoder's key codes
         self.stop_requested = False
         self.last_snapshot: Snapshot | None = None
         self._final_at: int | None = None
@@ -306,28 +329,75 @@ class Engine:
     def _keep_groups_home(self, batch: Batch) -> None:
         """An event of a known group arriving on another partition is a dead letter; a
         new group's home is the partition of its first (weighted) event."""
-        n = len(batch)
-        if not n:
+        if not len(batch):
             return
-        parts, home, keys = batch.parts, self.home, batch.keys
-        h = np.fromiter(map(home.get, keys, repeat(-1)), np.int64, n)
-        new = np.flatnonzero(h < 0)
-        for i in new:
-            p = home.get(keys[i])
-            if p is None:
-                p = int(parts[i])
-                if batch.w[i] > 0:  # a group has a home once it has statistics
-                    home[keys[i]] = p
-            h[i] = p
+        parts, codes, uniques = batch.parts, batch.codes, batch.uniques
+        homes = self._code_homes(uniques)
+        h = homes[codes]
+        new = h < 0
+        if new.any():
+            h[new] = self._settle_new_groups(batch, new, homes)
         away = h != parts
         if away.any():
             batch.drop(
                 away,
                 lambda i: (
-                    f"group {keys[i]!r} lives on partition {h[i]} but arrived "
+                    f"group {uniques[codes[i]]!r} lives on partition {h[i]} but arrived "
                     f"on partition {parts[i]}: producers must key by group"
                 ),
             )
+
+    def _code_homes(self, uniques: list) -> np.ndarray:
+        """The home partition of each code of the decoder's keys (-1: none yet), kept
+        in step with :attr:`home` as the key table grows."""
+        homes = self._homes
+        if homes.shape[0] < len(uniques):
+            have = homes.shape[0]
+            grown = np.full(max(len(uniques), 2 * have), -1, np.int64)
+            grown[:have] = homes
+            grown[have : len(uniques)] = np.fromiter(
+                map(self.home.get, uniques[have:], repeat(-1)), np.int64, len(uniques) - have
+            )
+            self._homes = homes = grown
+        return homes
+
+    def _settle_new_groups(self, batch: Batch, new: np.ndarray, homes: np.ndarray) -> np.ndarray:
+        """Homes of this poll's new groups (at their first weighted event, in poll
+        order); the partition each of the events ``new`` is held to: its group's home
+        from that event on, its own before."""
+        parts, codes = batch.parts, batch.codes
+        weighted = np.flatnonzero(new & (batch.w > 0))
+        seen, at = np.unique(codes[weighted], return_index=True)
+        firsts = weighted[at]
+        for c, i in sorted(zip(seen.tolist(), firsts.tolist()), key=lambda ci: ci[1]):
+            self.home[batch.uniques[c]] = int(parts[i])
+        homes[seen] = parts[firsts]
+        since = np.full(homes.shape[0], len(batch))
+        since[seen] = firsts
+        ev = np.flatnonzero(new)
+        c = codes[ev]
+        return np.where(ev >= since[c], homes[c], parts[ev])
+
+    def _refuse_overflows(self, batch: Batch) -> None:
+        """An event whose weighted products ``w·v·v'`` would overflow the statistics is a
+        dead letter: the model refuses a batch that holds one, as ``learn_one`` refuses
+        the event (the values are each within ±MAX_ABS, their products need not be)."""
+        if not len(batch):
+            return
+        vmax = np.maximum(np.abs(batch.A).max(axis=1), np.abs(batch.y))
+        over = ~(batch.w * vmax * vmax <= MAX_ABS * MAX_ABS)
+        if over.any():
+            design = self.decoder.design
+            names = [*design.columns, design.formula.response_field]
+
+            def reason(i: int) -> str:
+                values = np.abs(np.append(batch.A[i], batch.y[i]))
+                field = names[int(np.argmax(values))]
+                return (
+                    f"field {field!r}: weight {batch.w[i]:g} × value² would overflow the statistics"
+                )
+
+            batch.drop(over, reason)
 
     def _caught_up(self, targets: Mapping[str, int]) -> bool:
         if hasattr(self.source, "exhausted"):  # a file: its end is where reading stops
@@ -357,6 +427,7 @@ class Engine:
         batch = self.decoder.decode(polled)
         if self.check_home:
             self._keep_groups_home(batch)
+        self._refuse_overflows(batch)
         if batch.dead:
             dead = batch.dead
             if self.floor:  # already committed before a crash: count, don't send again
@@ -371,7 +442,7 @@ class Engine:
                 dead = send
             self.dead.send(dead)
         if len(batch):
-            self.model.learn_batch(batch.keys, batch.A, batch.y, batch.w, batch.t)
+            self.model.learn_coded(batch.uniques, batch.codes, batch.A, batch.y, batch.w, batch.t)
         topic = self.source.topic
         for p, off in polled.last_offsets().items():
             name = tp_name(topic, p)
@@ -391,33 +462,40 @@ class Engine:
             from streamlmm.serve.server import start_server
 
             self.server = start_server(cfg.serve_host, cfg.serve)
-        targets: dict[str, int] = {}
         try:
-            if cfg.until_end:
-                self._retry("read end offsets", lambda: targets.update(self.source.end_offsets()))
-            since_events, since_t = 0, time.monotonic()
-            progress_t, progress_n = since_t, self.model.n_events
-            while not self.stop_requested:
-                polled = self._poll()
-                if polled is not None and len(polled):
-                    since_events += self.step(polled)
-                now = time.monotonic()
-                if since_events and (
-                    since_events >= cfg.snapshot_every_events
-                    or now - since_t >= cfg.snapshot_every_seconds
-                ):
-                    self.checkpoint()
-                    since_events, since_t = 0, time.monotonic()
-                if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
-                    self._progress(now - progress_t, self.model.n_events - progress_n)
-                    progress_t, progress_n = now, self.model.n_events
-                if cfg.until_end and self._caught_up(targets):
-                    break
-            if self._final_at != self.model.n_events or since_events:
-                self.checkpoint(final=True)
+            with _young_objects_die_young(cfg.max_poll_records):
+                self._loop()
         finally:
             self._close()
         return 0
+
+    def _loop(self) -> None:
+        """Poll, learn and checkpoint until stopped or caught up; then the final one."""
+        cfg = self.cfg
+        targets: dict[str, int] = {}
+        if cfg.until_end:
+            self._retry("read end offsets", lambda: targets.update(self.source.end_offsets()))
+        since_events, since_t = 0, time.monotonic()
+        progress_t, progress_n = since_t, self.model.n_events
+        while not self.stop_requested:
+            polled = self._poll()
+            if polled is not None and len(polled):
+                since_events += self.step(polled)
+            polled = None  # the poll's records die before the next poll
+            now = time.monotonic()
+            if since_events and (
+                since_events >= cfg.snapshot_every_events
+                or now - since_t >= cfg.snapshot_every_seconds
+            ):
+                self.checkpoint()
+                since_events, since_t = 0, time.monotonic()
+            if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
+                self._progress(now - progress_t, self.model.n_events - progress_n)
+                progress_t, progress_n = now, self.model.n_events
+            if cfg.until_end and self._caught_up(targets):
+                break
+        if self._final_at != self.model.n_events or since_events:
+            self.checkpoint(final=True)
 
     def _close(self) -> None:
         for what in (self.source, self.dead, self.txn, self.server):

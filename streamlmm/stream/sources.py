@@ -57,6 +57,7 @@ MAX_LINE_BYTES = 1 << 20
 # a broker outage the engine would sit idle for up to 30 s once the broker is back.
 RECONNECT_BACKOFF_MAX_MS = 1000
 _CHUNK = 1 << 20
+FETCH_QUEUE_BACKOFF_MS = 10
 
 
 class SourceChanged(ValueError):
@@ -479,6 +480,10 @@ class ConfluentSource(_KafkaBase):
                 "enable.partition.eof": False,
                 "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
                 "max.partition.fetch.bytes": 4 << 20,
+                # librdkafka waits this long to fetch again once a partition's local queue
+                # is over its threshold (default 1 s): a consumer that decodes between
+                # polls would sit idle for a second at a time
+                "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
                 **conf,
             }
         )
@@ -509,13 +514,8 @@ class ConfluentSource(_KafkaBase):
     def poll(self, max_records: int, timeout_s: float) -> Polled:
         msgs = self.consumer.consume(max_records, timeout_s)
         M = self._M
-        errors = list(map(M.error, msgs))
-        if any(errors):
-            bad = [e for e in errors if e is not None]
-            msgs = [m for m, e in zip(msgs, errors) if e is None]
-            if any(e.fatal() for e in bad):
-                raise RuntimeError(f"kafka consumer: {bad[0]}")
-            log.warning("kafka consumer: %s", bad[0])
+        if any(map(M.error, msgs)):
+            msgs = self._without_errors(msgs)
         n = len(msgs)
         topic = self.topic
 
@@ -526,17 +526,35 @@ class ConfluentSource(_KafkaBase):
         return Polled(
             list(map(M.value, msgs)),
             np.fromiter(map(M.partition, msgs), np.int64, n),
-            np.fromiter(map(M.offset, msgs), np.int64, n),
+            lambda: np.fromiter(map(M.offset, msgs), np.int64, n),  # librdkafka: in order
             record,
         )
 
+    @staticmethod
+    def _without_errors(msgs: list) -> list:
+        """The messages of a poll that are not errors; a fatal error raises."""
+        bad = [m.error() for m in msgs if m.error() is not None]
+        if any(e.fatal() for e in bad):
+            raise RuntimeError(f"kafka consumer: {bad[0]}")
+        log.warning("kafka consumer: %s", bad[0])
+        return [m for m in msgs if m.error() is None]
+
     def end_offsets(self) -> dict[str, int]:
+        """Every partition's end in one request (Kafka's ListOffsets "latest": the high
+        watermark, or the last stable offset while a transaction is open, the end a
+        ``read_committed`` consumer reaches); per partition where that fails."""
+        from confluent_kafka import OFFSET_END
+
+        tps = [self._TP(self.topic, p, OFFSET_END) for p in self.partitions]
         out = {}
+        for tp in self.consumer.offsets_for_times(tps, timeout=10):
+            if tp.error is None and tp.offset >= 0:
+                out[tp_name(self.topic, tp.partition)] = int(tp.offset)
         for p in self.partitions:
-            lo, hi = self.consumer.get_watermark_offsets(
-                self._TP(self.topic, p), timeout=10, cached=False
-            )
-            out[tp_name(self.topic, p)] = int(hi)
+            name = tp_name(self.topic, p)
+            if name not in out:
+                tp = self._TP(self.topic, p)
+                out[name] = int(self.consumer.get_watermark_offsets(tp, 10, cached=False)[1])
         return out
 
     def commit(self, offsets: Mapping[str, int]) -> None:

@@ -79,3 +79,94 @@ def test_time_key_is_required_and_read():
 def test_integer_beyond_float_range_is_a_dead_letter_not_a_crash():
     b = Decoder(F).decode([rec(b'{"g": "a", "x1": 1' + b"0" * 400 + b', "x2": 1, "y": 1}')])
     assert len(b) == 0 and "'x1'" in b.dead[0].reason
+
+
+# -- the bulk paths agree with the reference path -------------------------------------------
+ODD = [
+    b'{"g": "a", "x1": 0, "x2": -0, "y": -0.0}',
+    b'{"x2": 1e5, "y": 2E-3, "g": "b", "x1": -1.5e+2}',
+    b' {\t"g":"a" , "x1" :1,"x2":2,"y":3 }\n',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3, "w": 0}',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3, "w": 2.5}',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3, "w": null}',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3, "w": -0.5}',
+    b'{"g": "a", "x1": 1e200, "x2": 2, "y": 3}',
+    b'{"g": "a", "x1": 1e-320, "x2": 2, "y": 3}',
+    b'{"g": "a", "x1": 12345678901234567890123, "x2": 2, "y": 3}',
+    b'{"g": "a", "x1": 0.1234567890123456789012, "x2": 2, "y": 3}',
+    b'{"g": "a", "x1": 01, "x2": 2, "y": 3}',
+    b'{"g": "a", "x1": 1.e5, "x2": 2, "y": 3}',
+    b'{"g": 7, "x1": 1, "x2": 2, "y": 3}',
+    b'{"g": "7", "x1": 1, "x2": 2, "y": 3}',
+    b'{"g": 7.0, "x1": 1, "x2": 2, "y": 3}',
+    b'{"g": "\\u00e9t\\u00e9", "x1": 1, "x2": 2, "y": 3}',
+    '{"g": "été", "x1": 1, "x2": 2, "y": 3}'.encode(),
+    b'{"g": "a\\"b", "x1": 1, "x2": 2, "y": 3}',
+    b'{"g": "' + b"k" * 300 + b'", "x1": 1, "x2": 2, "y": 3}',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3, "x1": 4}',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3, "meta": {"a": [1, 2]}, "s": "x\\ny", "b": true}',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3, "n": null, "f": false, "big": 1e999}',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3}  x',
+    b'{"g": "a", "x1": 1, "x2": 2, "y": 3,}',
+    b'{"g": "a", "x1": 1, "x2": 2}',
+    b'{"g": "a", "x1": "1", "x2": 2, "y": 3}',
+    b'{"g": "a", "x1": true, "x2": 2, "y": 3}',
+    b"{}",
+    b"[]",
+    b"",
+    None,
+]
+
+
+def reference_only(dec: Decoder) -> Decoder:
+    dec._fast_decoders = lambda: None  # every message through the reference path
+    return dec
+
+
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("time_key", [None, "ts"])
+def test_bulk_paths_decode_exactly_as_the_reference_path(seed, time_key):
+    rng = np.random.default_rng(seed)
+    good = [
+        json.dumps(
+            {"g": f"g{i % 7}", "x1": float(v), "x2": int(i), "y": float(v) * 3, "ts": i}
+        ).encode()
+        for i, v in enumerate(rng.normal(size=60) * 10.0 ** rng.integers(-5, 5, 60))
+    ]
+    if time_key:
+        odd = [v if v is None else v.replace(b'"y"', b'"ts": 1.5, "y"') for v in ODD]
+    else:
+        odd = ODD
+    values = good[:5] + [odd[i] for i in rng.permutation(len(odd))] + good[5:]
+    records = [Record("t", i % 2, i, None, v) for i, v in enumerate(values)]
+    fast, slow = Decoder(F, time_key=time_key), reference_only(Decoder(F, time_key=time_key))
+    for part in (records[:40], records[40:]):
+        a, b = fast.decode(part), slow.decode(part)
+        assert a.keys == b.keys and [type(k) for k in a.keys] == [type(k) for k in b.keys]
+        np.testing.assert_array_equal(a.A, b.A)
+        np.testing.assert_array_equal(np.signbit(a.A), np.signbit(b.A))
+        np.testing.assert_array_equal(a.y, b.y)
+        np.testing.assert_array_equal(a.w, b.w)
+        if time_key:
+            np.testing.assert_array_equal(a.t, b.t)
+        assert a.idx.tolist() == b.idx.tolist()
+        assert [(d.record.offset, d.reason) for d in a.dead] == [
+            (d.record.offset, d.reason) for d in b.dead
+        ]
+    assert fast.n_skipped == slow.n_skipped
+
+
+def test_a_feature_beyond_the_limit_is_a_dead_letter_in_a_bulk_poll():
+    dec = Decoder(F)
+    good = json.dumps(GOOD).encode()
+    dec.decode([rec(good)])  # the design knows its kinds: the next poll is bulk
+    b = dec.decode([rec(good, 1), rec(b'{"g": "a", "x1": 1e300, "x2": 1, "y": 2}', 2)])
+    assert len(b) == 1 and "'x1'" in b.dead[0].reason and b.dead[0].record.offset == 2
+
+
+def test_key_codes_are_stable_across_polls():
+    dec = Decoder(F)
+    first = dec.decode([rec(json.dumps({**GOOD, "g": g}).encode()) for g in ["a", "b", "a"]])
+    again = dec.decode([rec(json.dumps({**GOOD, "g": g}).encode()) for g in ["b", "c", "a"]])
+    assert first.codes.tolist() == [0, 1, 0] and again.codes.tolist() == [1, 2, 0]
+    assert again.uniques is first.uniques and again.keys == ["b", "c", "a"]
