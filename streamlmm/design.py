@@ -541,7 +541,10 @@ class Design:
         v = number(e.fields[0], y)
         if e.is_field:
             return v
-        return e.evaluate([v])
+        r = e.evaluate([v])
+        if not -MAX_ABS <= r <= MAX_ABS:  # as for a predictor's transform
+            raise ValueError(e.why([v]))
+        return r
 
     # -- columns --------------------------------------------------------------------------
     def _not_number(self, fld: str, got: str) -> str:
@@ -786,7 +789,7 @@ class Design:
         if e.is_field:
             return v
         r = np.asarray(e.vector()([v]), dtype=float)
-        bad = ~np.isnan(v) & ~np.isfinite(r)
+        bad = ~np.isnan(v) & ~(np.abs(r) <= MAX_ABS)
         if bad.any():
             i = int(np.argmax(bad))
             raise ValueError(f"row {i}: {e.why([float(v[i])])}")

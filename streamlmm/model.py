@@ -32,7 +32,7 @@ from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.rows import RowReader
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
-from streamlmm.values import MAX_ABS
+from streamlmm.values import MAX_ABS, overflow_message
 
 __all__ = ["MixedLM"]
 
@@ -295,16 +295,12 @@ class MixedLM(base.MiniBatchRegressor):
 
     def _check_products(self, A, y, w) -> None:
         """``ValueError`` naming the row and field whose weighted products would overflow."""
-        e = self._stats.check(A, y, w)
+        e = self._stats.check(A, y, w, self._design.columns)
         if e < 0:
             return
         names = [*self._design.columns, self._formula.response_field]
-        vals = np.abs(np.append(A[e], y[e]))
-        field = names[int(np.argmax(vals))]
         where = f"row {e}: " if A.shape[0] > 1 else ""
-        raise ValueError(
-            f"{where}field {field!r}: weight {w[e]:g} × value² would overflow the statistics"
-        )
+        raise ValueError(where + overflow_message(names, np.append(A[e], y[e]), w[e]))
 
     def learn_many(self, X, y, w=None) -> None:
         """Accumulate a batch (pandas DataFrame and Series), exactly as a ``learn_one`` loop.
@@ -330,10 +326,8 @@ class MixedLM(base.MiniBatchRegressor):
             urows = self._stats.rows(uniques)  # factorize orders by first appearance
             touched = uniques
         else:
-            import pandas as pd
-
-            idx = pd.unique(codes[wk > 0])
-            touched = [uniques[j] for j in idx]
+            idx = _first_order(codes[wk > 0])
+            touched = [uniques[j] for j in idx.tolist()]
             urows = np.full(len(uniques), -1, dtype=np.int64)
             urows[idx] = self._stats.rows(touched)
         self._accumulate(urows[codes], A, yk, wk, tk, touched)
@@ -916,12 +910,12 @@ class MixedLM(base.MiniBatchRegressor):
         if self._design.k != self._stats.k:
             self._widen()
         rows = self._code_rows(uniques)
-        ev = np.flatnonzero((rows[codes] < 0) & (w > 0))
-        if ev.shape[0]:
-            seen, first = np.unique(codes[ev], return_index=True)
-            order = seen[np.argsort(first)]
-            rows[order] = self._stats.rows([uniques[j] for j in order.tolist()])
-        self._accumulate(rows[codes], A, y, w, t)
+        pos = w > 0
+        new = _first_order(codes[pos & (rows[codes] < 0)])
+        if new.shape[0]:
+            rows[new] = self._stats.rows([uniques[j] for j in new.tolist()])
+        touched = [uniques[j] for j in np.unique(codes[pos]).tolist()] if self._coefs else []
+        self._accumulate(rows[codes], A, y, w, t, touched)
 
     def _code_rows(self, uniques) -> np.ndarray:
         """The statistics row of each code of ``uniques`` (-1: not looked up yet), kept
@@ -935,6 +929,18 @@ class MixedLM(base.MiniBatchRegressor):
             rows[: cache[2].shape[0]] = cache[2]
         self._coded = (uniques, self._stats, rows)
         return rows
+
+
+def _first_order(codes: np.ndarray) -> np.ndarray:
+    """The distinct codes in the order of their first appearance (new groups get rows
+    in the order of their first event, as in a ``learn_one`` loop).
+
+    >>> _first_order(np.array([3, 1, 3, 0, 1])).tolist()
+    [3, 1, 0]
+
+    """
+    seen, first = np.unique(codes, return_index=True)
+    return seen[np.argsort(first)]
 
 
 def _batch_columns(X, y, w, group: str | None = None):

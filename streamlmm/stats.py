@@ -34,6 +34,16 @@ from streamlmm.values import MAX_ABS
 __all__ = ["GroupStats", "check_key", "MAX_ABS"]
 
 
+def value_positions(columns) -> np.ndarray:
+    """Positions of the union columns that enter ``v`` (all but the intercept).
+
+    >>> value_positions(["(Intercept)", "x1", "x2"]).tolist()
+    [1, 2]
+
+    """
+    return np.array([i for i, c in enumerate(columns) if c != INTERCEPT], dtype=np.int64)
+
+
 class GroupStats:
     """Sufficient statistics of a mixed model, grouped and (optionally) decayed.
 
@@ -76,7 +86,7 @@ class GroupStats:
         cols = tuple(spec.columns)
         self.columns = cols  # the design may grow in place: keep what the rows hold
         self.k = len(cols)
-        self.vi = np.array([i for i, c in enumerate(cols) if c != INTERCEPT], dtype=np.int64)
+        self.vi = value_positions(cols)
         self.m = self.vi.shape[0] + 1  # the response is v's last entry
         vpos = np.full(self.k + 1, -1, dtype=np.int64)
         vpos[self.vi] = np.arange(self.m - 1)
@@ -153,9 +163,14 @@ class GroupStats:
             self.tg = tg
 
     # -- updates ----------------------------------------------------------------------
-    def check(self, A: np.ndarray, y: np.ndarray, w: np.ndarray) -> int:
-        """First event whose products ``w·v·v'`` could overflow, or -1 (changes nothing)."""
-        return kernels.first_overflow(A, y, w, self.vi, MAX_ABS * MAX_ABS)
+    def check(self, A: np.ndarray, y: np.ndarray, w: np.ndarray, columns=None) -> int:
+        """First event whose products ``w·v·v'`` could overflow, or -1 (changes nothing).
+
+        ``columns``: the union columns of ``A`` when they extend the statistics' own (a
+        batch that brings new factor levels is checked before the statistics widen).
+        """
+        vi = self.vi if columns is None else value_positions(columns)
+        return kernels.first_overflow(A, y, w, vi, MAX_ABS * MAX_ABS)
 
     def add(self, rows: np.ndarray, A: np.ndarray, y: np.ndarray, w: np.ndarray, t: np.ndarray):
         """Accumulate validated events: union values ``A`` (N×k), targets, weights, times.

@@ -13,9 +13,20 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Missing", "number", "MAX_ABS"]
+__all__ = ["Missing", "number", "overflow_message", "MAX_ABS"]
 
 MAX_ABS = 1e150  # |value| at which w·v·v' could overflow: such an event is refused
+
+
+def overflow_message(names, values, w: float) -> str:
+    """Why an event's weighted products ``w·v·v'`` would overflow: the largest field.
+
+    >>> overflow_message(["x", "y"], [3.0, -2e150], 2.0)
+    "field 'y': weight 2 × value² would overflow the statistics"
+
+    """
+    field = names[int(np.argmax(np.abs(np.asarray(values, dtype=float))))]
+    return f"field {field!r}: weight {w:g} × value² would overflow the statistics"
 
 
 class Missing(ValueError):

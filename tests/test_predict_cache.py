@@ -96,6 +96,16 @@ def _cached(m: MixedLM, x: dict = X5) -> float:
             ),
             id="learn_batch",
         ),
+        pytest.param(
+            lambda m: m.learn_coded(
+                [7, 5],
+                np.array([0, 1]),
+                np.array([[1.0, 1.0, 0.0], [1.0, 2.0, 0.5]]),
+                np.array([3.0, 9.0]),
+                np.array([1.0, 1.0]),
+            ),  # fmt: skip
+            id="learn_coded",
+        ),
     ],
 )
 def test_learning_an_event_drops_the_groups_coefficients(learn):

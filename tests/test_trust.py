@@ -219,3 +219,29 @@ def test_int_and_str_keys_stay_apart_in_every_export():
     assert {type(g["group"]) for g in d["groups"]} == {int, str}
     assert key_to_json(1) != key_to_json("1")
     assert key_from_json(key_to_json("1")) == "1" and key_from_json(key_to_json(1)) == 1
+
+
+def test_overflow_in_a_new_levels_column_is_refused_before_widening():
+    """A batch that brings a new factor level is checked over the widened columns: its
+    interaction column x1·[f = b] overflows with the weight, and nothing changes."""
+    m = MixedLM("y ~ x1:f + (1 | g)")  # x1 enters only through the levels' columns
+    m.learn_many(
+        pd.DataFrame({"g": [1, 2], "x1": [1.0, 2.0], "f": ["a", "a"]}), pd.Series([1.0, 2.0])
+    )
+    before, cols = m._stats.active.copy(), list(m._design.columns)
+    frame = pd.DataFrame({"g": [1, 2], "x1": [1.0, 1e149], "f": ["a", "b"]})
+    with pytest.raises(ValueError, match="row 1: field 'x1:fb'"):
+        m.learn_many(frame, pd.Series([1.0, 1.0]), w=pd.Series([1.0, 1e10]))
+    np.testing.assert_array_equal(m._stats.active, before)
+    assert list(m._design.columns) == cols
+
+
+def test_a_transformed_response_beyond_the_limit_is_refused_by_both_paths():
+    """exp(400) is finite, but its square overflows the statistics: learn_one refuses it
+    as learn_many does (and as a predictor's transform is refused), changing nothing."""
+    m = MixedLM("exp(y) ~ x + (1 | g)")
+    with pytest.raises(ValueError, match=r"field 'y': exp\(y\) is not finite"):
+        m.learn_one({"g": 1, "x": 1.0}, 400.0)
+    with pytest.raises(ValueError, match=r"row 0: field 'y': exp\(y\) is not finite"):
+        m.learn_many(pd.DataFrame({"g": [1], "x": [1.0]}), pd.Series([400.0]))
+    assert m.n_events == 0 and m._stats.n_groups == 0

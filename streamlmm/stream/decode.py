@@ -43,7 +43,7 @@ from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.rows import RowReader
 from streamlmm.stream import jsonscan
 from streamlmm.stream.keytable import KeyTable
-from streamlmm.values import MAX_ABS
+from streamlmm.values import MAX_ABS, overflow_message
 
 __all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
 
@@ -226,6 +226,21 @@ class Batch:
         if self.t is not None:
             self.t = self.t[keep]
         self._keys = None
+
+    def refuse_overflows(self, design: Design) -> None:
+        """Events whose weighted products ``w·v·v'`` would overflow the statistics become
+        dead letters: each value is within ±MAX_ABS, their products need not be, and
+        the model refuses a batch that holds one (as ``learn_one`` refuses the event)."""
+        if not len(self):
+            return
+        vmax = np.maximum(np.abs(self.A).max(axis=1, initial=0.0), np.abs(self.y))
+        over = ~(self.w * vmax * vmax <= MAX_ABS * MAX_ABS)
+        if over.any():
+            names = [*design.columns, design.formula.response_field]
+            self.drop(
+                over,
+                lambda i: overflow_message(names, np.append(self.A[i], self.y[i]), self.w[i]),
+            )
 
     def __len__(self) -> int:
         return self.codes.shape[0]

@@ -54,7 +54,6 @@ from streamlmm.store import LocalStore
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder
 from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction
 from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
-from streamlmm.values import MAX_ABS
 
 __all__ = ["EngineConfig", "Engine", "parse_levels"]
 
@@ -378,27 +377,6 @@ class Engine:
         c = codes[ev]
         return np.where(ev >= since[c], homes[c], parts[ev])
 
-    def _refuse_overflows(self, batch: Batch) -> None:
-        """An event whose weighted products ``w·v·v'`` would overflow the statistics is a
-        dead letter: the model refuses a batch that holds one, as ``learn_one`` refuses
-        the event (the values are each within ±MAX_ABS, their products need not be)."""
-        if not len(batch):
-            return
-        vmax = np.maximum(np.abs(batch.A).max(axis=1), np.abs(batch.y))
-        over = ~(batch.w * vmax * vmax <= MAX_ABS * MAX_ABS)
-        if over.any():
-            design = self.decoder.design
-            names = [*design.columns, design.formula.response_field]
-
-            def reason(i: int) -> str:
-                values = np.abs(np.append(batch.A[i], batch.y[i]))
-                field = names[int(np.argmax(values))]
-                return (
-                    f"field {field!r}: weight {batch.w[i]:g} × value² would overflow the statistics"
-                )
-
-            batch.drop(over, reason)
-
     def _caught_up(self, targets: Mapping[str, int]) -> bool:
         if hasattr(self.source, "exhausted"):  # a file: its end is where reading stops
             return self.source.exhausted
@@ -427,7 +405,7 @@ class Engine:
         batch = self.decoder.decode(polled)
         if self.check_home:
             self._keep_groups_home(batch)
-        self._refuse_overflows(batch)
+        batch.refuse_overflows(self.decoder.design)
         if batch.dead:
             dead = batch.dead
             if self.floor:  # already committed before a crash: count, don't send again

@@ -411,6 +411,7 @@ class Worker:
         batch = self.decoder.decode(polled)
         if len(batch):
             self._keep_home(batch)
+        batch.refuse_overflows(self.decoder.design)
         self._widen()  # a level first seen in this poll
         if batch.dead:
             self.n_dead += len(batch.dead)

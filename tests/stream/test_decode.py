@@ -170,3 +170,19 @@ def test_key_codes_are_stable_across_polls():
     again = dec.decode([rec(json.dumps({**GOOD, "g": g}).encode()) for g in ["b", "c", "a"]])
     assert first.codes.tolist() == [0, 1, 0] and again.codes.tolist() == [1, 2, 0]
     assert again.uniques is first.uniques and again.keys == ["b", "c", "a"]
+
+
+@pytest.mark.parametrize("n", [3, 300])  # a small poll, and one the bulk paths take
+def test_weighted_overflows_become_dead_letters(n):
+    """The engine's and the workers' batches refuse an event whose w·v² would overflow
+    the statistics, with the model's words, and keep every other event."""
+    good = [{**GOOD, "g": f"k{i}", "w": 2.0} for i in range(n)]
+    bad = {**GOOD, "g": "big", "x2": 1e149, "w": 1e10}
+    events = good[:1] + [bad] + good[1:]
+    dec = Decoder(F)
+    b = dec.decode([rec(json.dumps(e).encode(), i) for i, e in enumerate(events)])
+    b.refuse_overflows(dec.design)
+    assert b.keys == [e["g"] for e in good]
+    assert [(d.record.offset, d.reason) for d in b.dead] == [
+        (1, "field 'x2': weight 1e+10 × value² would overflow the statistics")
+    ]
