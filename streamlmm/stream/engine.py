@@ -52,7 +52,7 @@ from streamlmm.serve.reader import version_of
 from streamlmm.snapshot import Snapshot
 from streamlmm.store import LocalStore
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder
-from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction
+from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction, close_all
 from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
 
 __all__ = ["EngineConfig", "Engine", "parse_levels"]
@@ -476,13 +476,9 @@ class Engine:
             self.checkpoint(final=True)
 
     def _close(self) -> None:
-        for what in (self.source, self.dead, self.txn, self.server):
-            if what is None:
-                continue
-            try:
-                what.close()
-            except Exception as e:  # noqa: BLE001 - closing on the way out
-                log.warning("close failed: %s", e)
+        close_all(
+            *(w.close for w in (self.source, self.dead, self.txn, self.server) if w is not None)
+        )
 
     def _n_groups(self) -> int:
         n = getattr(self.model, "n_groups", None)

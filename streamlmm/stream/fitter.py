@@ -34,7 +34,7 @@ from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats
 from streamlmm.store import LocalStore
-from streamlmm.stream.sinks import ensure_topic
+from streamlmm.stream.sinks import close_all, ensure_topic
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, tp_name
 from streamlmm.stream.state import StateRecord, absorb_design, decode_record, relayout
 from streamlmm.stream.worker import parse_kafka_spec
@@ -321,13 +321,7 @@ class Fitter:
             self.close()
 
     def close(self) -> None:
-        for what in (self.consumer, self.producer):
-            if what is None:
-                continue
-            try:
-                what.close()
-            except Exception as e:  # noqa: BLE001 - closing on the way out
-                log.warning("close failed: %s", e)
+        close_all(*(w.close for w in (self.consumer, self.producer) if w is not None))
 
 
 def params_record(

@@ -34,6 +34,8 @@ from streamlmm.stream.decode import DeadLetter
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, _own
 
 __all__ = [
+    "close_all",
+    "log_dead_letter",
     "DeadLetterSink",
     "EffectsPublisher",
     "Transaction",
@@ -45,6 +47,23 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 MODEL_KEY = "__model__"
+
+
+def close_all(*closers) -> None:
+    """Call each of ``closers`` (``close`` methods), logging a failure instead of
+    raising: closing on the way out must not stop the rest."""
+    for close in closers:
+        try:
+            close()
+        except Exception as e:  # noqa: BLE001 - closing on the way out
+            log.warning("close failed: %s", e)
+
+
+def log_dead_letter(d: DeadLetter) -> None:
+    """A dead letter as a warning (where no dead-letter destination is configured)."""
+    log.warning(
+        "dead letter %s:%s@%s: %s", d.record.topic, d.record.partition, d.record.offset, d.reason
+    )
 
 
 class Transaction:
@@ -180,13 +199,7 @@ class DeadLetterSink:
         for d in letters:
             self.count += 1
             if not self.spec:
-                log.warning(
-                    "dead letter %s:%s@%s: %s",
-                    d.record.topic,
-                    d.record.partition,
-                    d.record.offset,
-                    d.reason,
-                )
+                log_dead_letter(d)
                 continue
             env = d.to_json()
             if self._fh is not None:

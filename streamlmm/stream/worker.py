@@ -51,7 +51,13 @@ from streamlmm.model import MixedLM
 from streamlmm.stats import GroupStats
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled
 from streamlmm.stream.engine import parse_levels
-from streamlmm.stream.sinks import DeadLetterSink, Transaction, ensure_topic
+from streamlmm.stream.sinks import (
+    DeadLetterSink,
+    Transaction,
+    close_all,
+    ensure_topic,
+    log_dead_letter,
+)
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, tp_name
 from streamlmm.stream.state import (
     absorb_design,
@@ -419,13 +425,7 @@ class Worker:
                 self.dead.send(batch.dead)
             else:
                 for d in batch.dead[:5]:
-                    log.warning(
-                        "dead letter %s:%s@%s: %s",
-                        d.record.topic,
-                        d.record.partition,
-                        d.record.offset,
-                        d.reason,
-                    )
+                    log_dead_letter(d)
         if len(batch):
             parts = batch.parts
             for p in np.unique(parts).tolist():
@@ -652,12 +652,6 @@ class Worker:
         return 0
 
     def close(self) -> None:
-        for what in (
-            lambda: self.consumer.close(autocommit=False),
-            self.txn.close,
-            self.restorer.close,
-        ):
-            try:
-                what()
-            except Exception as e:  # noqa: BLE001 - closing on the way out
-                log.warning("close failed: %s", e)
+        close_all(
+            lambda: self.consumer.close(autocommit=False), self.txn.close, self.restorer.close
+        )
