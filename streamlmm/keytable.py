@@ -133,7 +133,9 @@ def _tags_of(buf, lo, hi, ok, tags):  # pragma: no cover - numba
 
 
 @njit(**_OPTS)
-def _intern(buf, lo, hi, keytags, r0, codes, tags, ids, store, starts, first, n_keys):  # pragma: no cover
+def _intern(
+    buf, lo, hi, keytags, r0, codes, tags, ids, store, starts, first, n_keys
+):  # pragma: no cover
     """Ids of the keys ``buf[lo[r]:hi[r]]`` of tags ``keytags`` (from
     :func:`_tags_of`) into ``codes`` (-1 for a tag 0), from row ``r0`` on. A new key gets
     the next id, its bytes appended to ``store`` (key ``u`` is

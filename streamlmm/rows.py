@@ -176,10 +176,7 @@ class RowReader:
                 raise ValueError(f"row {r}: {self._why_missing(r, cols, yk, t, codes)}")
             learn_cols = _masked(cols, d.fields, miss)
         A = d.encode_columns(learn_cols, n, learn=True)
-        miss_a = np.zeros(n, dtype=bool)
-        kernels.nan_rows(A, yk, miss_a)
-        miss |= miss_a
-        if miss.any():
+        if kernels.nan_rows(A, yk, miss):
             if not self.skip:
                 r = int(np.argmax(miss))
                 raise ValueError(f"row {r}: {self._why_missing(r, cols, yk, t, codes)}")
@@ -332,7 +329,9 @@ def _factorizable(col: Any) -> Any:
     and nullable integers factorize fastest as they are)."""
     dtype = getattr(col, "dtype", None)
     if dtype is None or not hasattr(col, "shape"):
-        return np.asarray(col)
+        arr = np.asarray(col)
+        # a list of str: the str objects themselves (a NumPy str array drops trailing NULs)
+        return np.array(col, dtype=object) if arr.dtype.kind == "U" else arr
     if isinstance(dtype, np.dtype) or getattr(dtype, "storage", None) == "python":
         return np.asarray(col)  # no copy
     return col

@@ -40,9 +40,9 @@ import numpy as np
 from streamlmm.design import Design
 from streamlmm.formula import Formula
 from streamlmm.keys import MAX_KEY_LEN
+from streamlmm.keytable import KeyTable
 from streamlmm.rows import RowReader
 from streamlmm.stream import jsonscan
-from streamlmm.keytable import KeyTable
 from streamlmm.values import MAX_ABS, overflow_message
 
 __all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
