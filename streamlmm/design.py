@@ -555,10 +555,9 @@ class Design:
 
     def _num_column(self, fld: str, arr: np.ndarray, n: int) -> np.ndarray:
         if arr.dtype.kind in "iuf":
-            out = arr.astype(float)
-            bad = np.abs(out) > MAX_ABS  # ±inf included; NaN is a missing value
-            if bad.any():
-                r = int(np.argmax(bad))
+            out = np.empty(arr.shape[0])
+            r = kernels.copy_checked(out, arr)  # ±inf included; NaN is a missing value
+            if r >= 0:
                 raise ValueError(
                     f"row {r}: field {fld!r}: {out[r]:g} is not finite or beyond ±{MAX_ABS:g}"
                 )

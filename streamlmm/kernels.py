@@ -746,13 +746,17 @@ def copy_checked(dst, col):  # pragma: no cover - numba
 
 @njit(**_OPTS)
 def nan_rows(A, y, miss):  # pragma: no cover - numba
-    """``miss[e] |= any NaN in A[e] or y[e]``."""
+    """``miss[e] |= any NaN in A[e] or y[e]``; returns whether any ``miss[e]`` is set."""
     k = A.shape[1]
+    some = False
     for e in range(A.shape[0]):
         bad = y[e] != y[e]
         for i in range(k):
             bad |= A[e, i] != A[e, i]
-        miss[e] |= bad
+        bad |= miss[e]
+        miss[e] = bad
+        some |= bad
+    return some
 
 
 @njit(**_OPTS)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from streamlmm import kernels
+from streamlmm import kernels, keytable
 from streamlmm.design import Design
 from streamlmm.keys import MAX_KEY_LEN, check_key
 from streamlmm.values import MAX_ABS, Missing, number
@@ -176,10 +176,7 @@ class RowReader:
                 raise ValueError(f"row {r}: {self._why_missing(r, cols, yk, t, codes)}")
             learn_cols = _masked(cols, d.fields, miss)
         A = d.encode_columns(learn_cols, n, learn=True)
-        miss_a = np.zeros(n, dtype=bool)
-        kernels.nan_rows(A, yk, miss_a)
-        miss |= miss_a
-        if miss.any():
+        if kernels.nan_rows(A, yk, miss):
             if not self.skip:
                 r = int(np.argmax(miss))
                 raise ValueError(f"row {r}: {self._why_missing(r, cols, yk, t, codes)}")
@@ -250,25 +247,15 @@ class RowReader:
 
     def _keys(self, col, n: int) -> tuple[np.ndarray, list]:
         """Factorize, then validate each distinct key once; code -1 marks a missing key."""
-        import pandas as pd
-
         name = self.group
         arr = _factorizable(col)
         if arr.shape != (n,):
             raise ValueError(f"field {name!r}: expected {n} values, got shape {arr.shape}")
-        try:
-            codes, uniques = pd.factorize(arr, use_na_sentinel=True)
-            uniques = getattr(uniques, "to_numpy", lambda: uniques)()
-        except TypeError:  # an unhashable key (list, dict): name its row, as for any bad key
-            for r, v in enumerate(arr):
-                try:
-                    hash(v)
-                except TypeError:
-                    try:
-                        check_key(v, name)
-                    except ValueError as e:
-                        raise ValueError(f"row {r}: {e}") from None
-            raise
+        found = _factorize_fast(arr)
+        if found is not None:
+            codes, uniques = found
+        else:
+            codes, uniques = _factorize_pandas(arr, name)
         if getattr(uniques, "dtype", None) is not None and uniques.dtype.kind in "iu":
             return codes, uniques.tolist()  # integers (never bool): valid keys as they are
         keys = list(uniques)
@@ -287,6 +274,53 @@ class RowReader:
         return codes, checked
 
 
+def _factorize_fast(arr: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """Codes and uniques (in order of first appearance) of an array of ``str`` or of
+    integers by :mod:`streamlmm.keytable`, or ``None`` when it cannot say exactly (a
+    missing or non-``str`` key in an object array, a key holding ``"\\x00"``, another
+    dtype): pandas then decides.
+
+    >>> codes, uniques = _factorize_fast(np.array(["b", "a", "b"], dtype=object))
+    >>> codes.tolist(), uniques.tolist()
+    ([0, 1, 0], ['b', 'a'])
+    >>> _factorize_fast(np.array(["b", None], dtype=object)) is None
+    True
+    """
+    if not isinstance(arr, np.ndarray) or arr.ndim != 1:
+        return None
+    kind = arr.dtype.kind
+    if kind == "i" or (kind == "u" and arr.dtype.itemsize < 8):
+        values = arr.astype(np.int64, copy=False)
+        codes, first = keytable.factorize_ints(values)
+        return codes, values[first]
+    if kind in "OU":
+        found = keytable.factorize_strs(arr)
+        if found is not None:
+            codes, first = found
+            return codes, arr[first].astype(object, copy=False)  # Python str
+    return None
+
+
+def _factorize_pandas(arr: Any, name: str) -> tuple[np.ndarray, Any]:
+    """Codes and uniques by ``pandas.factorize`` (missing keys: code -1); an unhashable
+    key is a ``ValueError`` naming its row."""
+    import pandas as pd
+
+    try:
+        codes, uniques = pd.factorize(arr, use_na_sentinel=True)
+    except TypeError:  # an unhashable key (list, dict): name its row, as for any bad key
+        for r, v in enumerate(arr):
+            try:
+                hash(v)
+            except TypeError:
+                try:
+                    check_key(v, name)
+                except ValueError as e:
+                    raise ValueError(f"row {r}: {e}") from None
+        raise
+    return codes, getattr(uniques, "to_numpy", lambda: uniques)()
+
+
 def _factorizable(col: Any) -> Any:
     """The group column in the form pandas factorizes fastest: the NumPy array behind a
     Series of a NumPy dtype or of Python-stored strings (pandas' ``str`` and ``string``
@@ -295,7 +329,9 @@ def _factorizable(col: Any) -> Any:
     and nullable integers factorize fastest as they are)."""
     dtype = getattr(col, "dtype", None)
     if dtype is None or not hasattr(col, "shape"):
-        return np.asarray(col)
+        arr = np.asarray(col)
+        # a list of str: the str objects themselves (a NumPy str array drops trailing NULs)
+        return np.array(col, dtype=object) if arr.dtype.kind == "U" else arr
     if isinstance(dtype, np.dtype) or getattr(dtype, "storage", None) == "python":
         return np.asarray(col)  # no copy
     return col

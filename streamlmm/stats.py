@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import sys
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -134,16 +135,21 @@ class GroupStats:
         """Rows of ``keys`` (already validated), creating rows for new groups in order
         of first appearance."""
         get = self.index.get
-        out = [get(key, -1) for key in keys]
-        if -1 not in out:
-            return np.array(out, dtype=np.int64)
-        new = list(dict.fromkeys([key for key, r in zip(keys, out) if r < 0]))
+        out = np.fromiter(map(get, keys, repeat(-1)), np.int64, len(keys))
+        unseen = np.flatnonzero(out < 0)
+        if unseen.shape[0] == 0:
+            return out
+        new = list(dict.fromkeys([keys[i] for i in unseen.tolist()]))
         r0 = len(self.keys)
         if r0 + len(new) > self.M.shape[0]:
             self._grow(max(2 * self.M.shape[0], r0 + len(new), 64))
         self.index.update(zip(new, range(r0, r0 + len(new))))
         self.keys.extend(new)
-        return np.array([get(key) for key in keys], dtype=np.int64)
+        if len(new) == unseen.shape[0]:  # no repeats among them: rows in that order
+            out[unseen] = np.arange(r0, r0 + len(new))
+        else:
+            out[unseen] = [get(keys[i]) for i in unseen.tolist()]
+        return out
 
     def _new_row(self, key: str | int) -> int:
         r = len(self.keys)

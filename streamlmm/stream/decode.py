@@ -7,7 +7,7 @@ Three paths, one set of rules; each takes what the previous one declined:
 
 - **Scan.** A poll's messages, laid end to end in one buffer, are read by one numba call
   (:mod:`~streamlmm.stream.jsonscan`) into numeric columns and key byte ranges, and the
-  keys become codes of the decoder's :class:`~streamlmm.stream.keytable.KeyTable`. It
+  keys become codes of the decoder's :class:`~streamlmm.keytable.KeyTable`. It
   takes flat objects with plain ASCII strings and a string group key: every clean poll.
 - **Struct.** msgspec decodes a declined message into a typed struct (one C call, no
   dict): non-ASCII or escaped strings, integer keys, nested fields it ignores.
@@ -40,9 +40,9 @@ import numpy as np
 from streamlmm.design import Design
 from streamlmm.formula import Formula
 from streamlmm.keys import MAX_KEY_LEN
+from streamlmm.keytable import KeyTable
 from streamlmm.rows import RowReader
 from streamlmm.stream import jsonscan
-from streamlmm.stream.keytable import KeyTable
 from streamlmm.values import MAX_ABS, overflow_message
 
 __all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
@@ -182,7 +182,7 @@ class Batch:
     """Validated events of one poll, as columns, plus the dead letters.
 
     Group keys are coded: event ``i`` is in group ``uniques[codes[i]]``, where
-    ``uniques`` is the decoder's :class:`~streamlmm.stream.keytable.KeyTable` list (it
+    ``uniques`` is the decoder's :class:`~streamlmm.keytable.KeyTable` list (it
     only grows, and a key keeps its code for the decoder's life). ``idx`` is each kept
     event's position in the poll, ``parts`` its source partition.
     """

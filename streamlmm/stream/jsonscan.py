@@ -14,7 +14,7 @@ paths of :mod:`streamlmm.stream.decode`, which decide and give the reasons):
   nearest double exactly as Python's ``float`` does (Clinger's fast path, else the
   Eisel-Lemire algorithm; the rare input neither decides is declined).
 
-The keys' byte ranges go to :class:`~streamlmm.stream.keytable.KeyTable`, which gives
+The keys' byte ranges go to :class:`~streamlmm.keytable.KeyTable`, which gives
 them ids.
 
 """
