@@ -37,6 +37,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from streamlmm import kernels
 from streamlmm.design import Design
 from streamlmm.formula import Formula
 from streamlmm.keys import MAX_KEY_LEN
@@ -233,6 +234,9 @@ class Batch:
         the model refuses a batch that holds one (as ``learn_one`` refuses the event)."""
         if not len(self):
             return
+        cols = np.arange(self.A.shape[1])
+        if kernels.first_overflow(self.A, self.y, self.w, cols, MAX_ABS * MAX_ABS) < 0:
+            return  # one pass, no temporaries: the common case
         vmax = np.maximum(np.abs(self.A).max(axis=1, initial=0.0), np.abs(self.y))
         over = ~(self.w * vmax * vmax <= MAX_ABS * MAX_ABS)
         if over.any():
@@ -388,30 +392,38 @@ class Decoder:
     def _scan(self, values: list, pos: np.ndarray, lens: np.ndarray) -> tuple[_Part, np.ndarray]:
         """The numba scan of ``values[pos]`` (:mod:`~streamlmm.stream.jsonscan`), whose
         lengths are ``lens[pos]``: the events it accepts, and the positions it declined."""
-        fast = self._fast
         n = len(pos)
         vals = values if n == len(values) else [values[i] for i in pos.tolist()]
-        joined = b"".join(vals)
-        buf = np.frombuffer(joined, np.uint8)
         starts = np.zeros(n + 1, np.int64)
         np.cumsum(lens[pos], out=starts[1:])
+        return self._scan_buffer(b"".join(vals), starts, 0, pos)
+
+    def _scan_buffer(self, joined: bytes, starts: np.ndarray, gap: int, pos: np.ndarray):
+        """:meth:`_scan` of the messages ``joined[starts[r]:starts[r + 1] - gap]`` at
+        poll positions ``pos``."""
+        fast = self._fast
+        n = len(pos)
         num = np.empty((n, len(fast.defaults)))
         kpos = np.empty((n, 2), np.int64)
         ok = np.empty(n, np.bool_)
         jsonscan.scan(
-            buf,
+            np.frombuffer(joined, np.uint8),
             starts,
+            gap,
             fast.table,
             fast.offsets,
             fast.required,
             fast.defaults,
             MAX_KEY_LEN,
+            MAX_ABS,
+            fast.w_at,
             num,
             kpos,
             ok,
         )
-        ok &= self._valid(num)
         codes = self.keys.ids_of_slices(joined, kpos, ok)
+        if ok.all():
+            return self._part(codes, num, pos), pos[:0]
         keep = np.flatnonzero(ok)
         return self._part(codes[keep], num[keep], pos[keep]), pos[~ok]
 
@@ -517,6 +529,11 @@ class Decoder:
         dead: list[DeadLetter] = []
         parts, rest = self._until_plain(polled, dead)
         if len(rest):
+            joined = self._joined(polled.values, rest)
+            if joined is not None:  # the common case: one buffer, no lengths to take
+                part, rest = self._scan_buffer(*joined, 1, rest)
+                parts.append(part)
+        if len(rest):
             lens = _lengths(polled.values)
             fit = (lens[rest] > 0) & (lens[rest] <= self.max_bytes)
             for path in (self._scan, self._msgspec):
@@ -529,6 +546,28 @@ class Decoder:
             if len(rest):
                 parts.append(self._reference(polled, rest, dead))
         return self._batch(polled, parts, dead)
+
+    def _joined(self, values: list, pos: np.ndarray) -> tuple[bytes, np.ndarray] | None:
+        """``values[pos]`` joined by NUL bytes and where each starts (see
+        :func:`~streamlmm.stream.jsonscan.split`), when the bulk scan can take them all
+        as they are: no tombstone, no NUL inside a message (never valid JSON), none
+        empty or over :attr:`max_bytes`; else ``None``. This takes no Python call per
+        message."""
+        if self._fast is None:
+            return None
+        n = len(pos)
+        vals = values if n == len(values) else [values[i] for i in pos.tolist()]
+        try:
+            joined = b"\x00".join(vals)
+        except TypeError:  # a tombstone (None)
+            return None
+        starts = np.empty(n + 1, np.int64)
+        if jsonscan.split(np.frombuffer(joined, np.uint8), 0, starts) != n:
+            return None
+        lens = np.diff(starts) - 1
+        if not ((lens > 0) & (lens <= self.max_bytes)).all():
+            return None
+        return joined, starts
 
     def _until_plain(self, polled: Polled, dead: list[DeadLetter]) -> tuple[list, np.ndarray]:
         """Reference-decode the poll's first messages, more each time, until the design

@@ -26,9 +26,10 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["scan", "field_table", "POW10_HI", "POW10_LO"]
+__all__ = ["scan", "split", "field_table", "POW10_HI", "POW10_LO"]
 
 _OPTS = {"cache": True, "nogil": True}
+_INLINE = {**_OPTS, "inline": "always"}
 _MIN_EXP10 = -348
 _MAX_EXP10 = 347
 
@@ -70,7 +71,7 @@ def field_table(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- numbers -------------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _mul64(a, b):  # pragma: no cover - numba
     """The 128-bit product of two uint64 as ``(hi, lo)``."""
     m32 = np.uint64(0xFFFFFFFF)
@@ -84,7 +85,7 @@ def _mul64(a, b):  # pragma: no cover - numba
     return hi, lo
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _clz(x):  # pragma: no cover - numba
     n = 0
     for s in (32, 16, 8, 4, 2, 1):
@@ -94,7 +95,7 @@ def _clz(x):  # pragma: no cover - numba
     return n
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _eisel_lemire(man, exp10, neg):  # pragma: no cover - numba
     """``±man · 10**exp10`` rounded to nearest, and whether it is decided (Go's
     ``strconv.eiselLemire64``: finite, normal results only)."""
@@ -136,7 +137,7 @@ def _eisel_lemire(man, exp10, neg):  # pragma: no cover - numba
     return (-f if neg else f), True
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _to_double(man, exp10, neg):  # pragma: no cover - numba
     """The double nearest ``±man · 10**exp10`` and whether it is decided."""
     if man <= np.uint64(1 << 53) and -22 <= exp10 <= 22:  # Clinger: one exact operation
@@ -146,7 +147,7 @@ def _to_double(man, exp10, neg):  # pragma: no cover - numba
     return _eisel_lemire(man, exp10, neg)
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _number(buf, i, end):  # pragma: no cover - numba
     """Parse a JSON number at ``buf[i]``: ``(value, next index)``, next -1 if declined."""
     neg = False
@@ -206,14 +207,14 @@ def _number(buf, i, end):  # pragma: no cover - numba
 
 
 # -- objects -------------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _ws(buf, i, end):  # pragma: no cover - numba
     while i < end and (buf[i] == 32 or buf[i] == 10 or buf[i] == 13 or buf[i] == 9):
         i += 1
     return i
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _string(buf, i, end):  # pragma: no cover - numba
     """End (the closing quote) of a plain ASCII string whose opening quote is at
     ``i - 1``; -1 if the string is not plain."""
@@ -227,7 +228,7 @@ def _string(buf, i, end):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _literal(buf, i, end):  # pragma: no cover - numba
     """Index after ``true``, ``false`` or ``null`` at ``i``; -1 otherwise."""
     for word in ((116, 114, 117, 101), (110, 117, 108, 108)):
@@ -240,7 +241,7 @@ def _literal(buf, i, end):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _field(buf, s, e, names, name_off):  # pragma: no cover - numba
     """Index of the member name ``buf[s:e]`` in the field table, or -1."""
     n = e - s
@@ -258,7 +259,7 @@ def _field(buf, s, e, names, name_off):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _value(buf, i, end, f, row, num, kpos, max_key):  # pragma: no cover
     """Read the value of field ``f`` (-1: not a formula field) at ``i``; the index after
     it, or -1 to decline the message."""
@@ -286,7 +287,7 @@ def _value(buf, i, end, f, row, num, kpos, max_key):  # pragma: no cover
     return _literal(buf, i, end)
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _object(buf, i, end, row, names, name_off, num, kpos, max_key):  # pragma: no cover
     """Scan one message ``buf[i:end]``; the bit set of the formula fields it held, or
     -1 to decline it."""
@@ -326,15 +327,40 @@ def _object(buf, i, end, row, names, name_off, num, kpos, max_key):  # pragma: n
 
 @njit(**_OPTS)
 def scan(
-    buf, starts, names, name_off, required, defaults, max_key, num, kpos, ok
+    buf, starts, gap, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
 ):  # pragma: no cover
-    """Scan messages ``buf[starts[r]:starts[r + 1]]`` into ``num`` (fields 1.. of the
-    table, in order) and ``kpos`` (the key's byte range); ``ok[r]`` when message ``r``
-    is accepted. Fields absent from a message take ``defaults`` (NaN: required, so the
-    message is declined unless ``required`` says otherwise)."""
+    """Scan messages ``buf[starts[r]:starts[r + 1] - gap]`` into ``num`` (fields 1.. of
+    the table, in order) and ``kpos`` (the key's byte range); ``ok[r]`` when message
+    ``r`` is accepted. Fields absent from a message take ``defaults`` (NaN: required, so
+    the message is declined unless ``required`` says otherwise). A message is also
+    declined when a number is beyond ``±max_abs`` or the weight (column ``w_at``) is
+    negative, which the slower paths refuse with a reason."""
     nf = num.shape[1]
     for r in range(starts.shape[0] - 1):
         for c in range(nf):
             num[r, c] = defaults[c]
-        seen = _object(buf, starts[r], starts[r + 1], r, names, name_off, num, kpos, max_key)
-        ok[r] = seen >= 0 and (seen & required) == required
+        end = starts[r + 1] - gap
+        seen = _object(buf, starts[r], end, r, names, name_off, num, kpos, max_key)
+        good = seen >= 0 and (seen & required) == required and num[r, w_at] >= 0.0
+        for c in range(nf):
+            good &= abs(num[r, c]) <= max_abs
+        ok[r] = good
+
+
+@njit(**_OPTS)
+def split(buf, sep, starts):  # pragma: no cover - numba
+    """Where the ``sep``-separated messages of ``buf`` start: ``starts[r]`` for message
+    ``r`` and ``starts[n] = len(buf) + 1``, as if one more separator followed (then
+    message ``r`` is ``buf[starts[r]:starts[r + 1] - 1]``). Returns the number of
+    messages found, at most ``n + 1`` (more than ``n``: a message held a ``sep``)."""
+    n = starts.shape[0] - 1
+    starts[0] = 0
+    r = 1
+    for i in range(buf.shape[0]):
+        if buf[i] == sep:
+            if r >= n:
+                return n + 1
+            starts[r] = i + 1
+            r += 1
+    starts[n] = buf.shape[0] + 1
+    return r
