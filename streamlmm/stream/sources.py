@@ -523,9 +523,13 @@ class ConfluentSource(_KafkaBase):
             m = msgs[i]
             return Record(topic, m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1])
 
+        if len(self.partitions) == 1:  # every message is from the one partition
+            parts = np.full(n, self.partitions[0], np.int64)
+        else:
+            parts = np.fromiter(map(M.partition, msgs), np.int64, n)
         return Polled(
             list(map(M.value, msgs)),
-            np.fromiter(map(M.partition, msgs), np.int64, n),
+            parts,
             lambda: np.fromiter(map(M.offset, msgs), np.int64, n),  # librdkafka: in order
             record,
         )
