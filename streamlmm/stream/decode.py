@@ -84,7 +84,7 @@ class Polled:
 
     """
 
-    __slots__ = ("values", "parts", "_offsets", "_record")
+    __slots__ = ("values", "parts", "_offsets", "_record", "_last")
 
     def __init__(
         self,
@@ -97,6 +97,7 @@ class Polled:
         self.parts = parts
         self._offsets = offsets
         self._record = record
+        self._last: dict[int, int] | None = None
 
     @classmethod
     def from_records(cls, records: Sequence) -> Polled:
@@ -139,14 +140,18 @@ class Polled:
         {0: 7, 1: 10}
 
         """
+        if self._last is None:
+            self._last = self._last_offsets()
+        return self._last
+
+    def _last_offsets(self) -> dict[int, int]:
         parts, n = self.parts, len(self.parts)
         if n == 0:
             return {}
         if callable(self._offsets):  # in offset order: each partition's last message
-            last = {}
-            for i in np.append(np.flatnonzero(parts[1:] != parts[:-1]), n - 1).tolist():
-                last[int(parts[i])] = i  # the end of a run of one partition's messages
-            return {p: self.record(i).offset + 1 for p, i in sorted(last.items())}
+            rev = parts[::-1]
+            last = {int(p): n - 1 - int(np.argmax(rev == p)) for p in np.unique(parts)}
+            return {p: self.record(i).offset + 1 for p, i in last.items()}
         lo, hi = int(parts.min()), int(parts.max())
         if lo == hi:
             return {lo: int(self.offsets.max()) + 1}
@@ -548,11 +553,10 @@ class Decoder:
         return self._batch(polled, parts, dead)
 
     def _joined(self, values: list, pos: np.ndarray) -> tuple[bytes, np.ndarray] | None:
-        """``values[pos]`` joined by NUL bytes and where each starts (see
-        :func:`~streamlmm.stream.jsonscan.split`), when the bulk scan can take them all
-        as they are: no tombstone, no NUL inside a message (never valid JSON), none
-        empty or over :attr:`max_bytes`; else ``None``. This takes no Python call per
-        message."""
+        """``values[pos]`` joined by NUL bytes and where each starts, when the bulk scan
+        can take them all as they are: no tombstone, no NUL inside a message (never
+        valid JSON), none empty or over :attr:`max_bytes`; else ``None``. This takes no
+        Python call per message."""
         if self._fast is None:
             return None
         n = len(pos)
@@ -561,9 +565,13 @@ class Decoder:
             joined = b"\x00".join(vals)
         except TypeError:  # a tombstone (None)
             return None
-        starts = np.empty(n + 1, np.int64)
-        if jsonscan.split(np.frombuffer(joined, np.uint8), 0, starts) != n:
+        buf = np.frombuffer(joined, np.uint8)
+        sep = np.flatnonzero(buf == 0)
+        if sep.shape[0] != n - 1:  # a message held a NUL
             return None
+        starts = np.empty(n + 1, np.int64)  # message r: joined[starts[r]:starts[r + 1] - 1]
+        starts[0], starts[n] = 0, buf.shape[0] + 1
+        starts[1:n] = sep + 1
         lens = np.diff(starts) - 1
         if not ((lens > 0) & (lens <= self.max_bytes)).all():
             return None

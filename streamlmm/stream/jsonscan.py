@@ -26,7 +26,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["scan", "split", "field_table", "POW10_HI", "POW10_LO"]
+__all__ = ["scan", "field_table", "POW10_HI", "POW10_LO"]
 
 _OPTS = {"cache": True, "nogil": True}
 _INLINE = {**_OPTS, "inline": "always"}
@@ -345,22 +345,3 @@ def scan(
         for c in range(nf):
             good &= abs(num[r, c]) <= max_abs
         ok[r] = good
-
-
-@njit(**_OPTS)
-def split(buf, sep, starts):  # pragma: no cover - numba
-    """Where the ``sep``-separated messages of ``buf`` start: ``starts[r]`` for message
-    ``r`` and ``starts[n] = len(buf) + 1``, as if one more separator followed (then
-    message ``r`` is ``buf[starts[r]:starts[r + 1] - 1]``). Returns the number of
-    messages found, at most ``n + 1`` (more than ``n``: a message held a ``sep``)."""
-    n = starts.shape[0] - 1
-    starts[0] = 0
-    r = 1
-    for i in range(buf.shape[0]):
-        if buf[i] == sep:
-            if r >= n:
-                return n + 1
-            starts[r] = i + 1
-            r += 1
-    starts[n] = buf.shape[0] + 1
-    return r
