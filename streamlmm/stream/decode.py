@@ -31,6 +31,7 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any, NamedTuple
@@ -45,6 +46,8 @@ from streamlmm.rows import RowReader
 from streamlmm.stream import jsonscan
 from streamlmm.stream.keytable import KeyTable
 from streamlmm.values import MAX_ABS, overflow_message
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
 
@@ -84,7 +87,7 @@ class Polled:
 
     """
 
-    __slots__ = ("values", "parts", "_offsets", "_record", "_last")
+    __slots__ = ("values", "parts", "_offsets", "_record", "_error", "_last")
 
     def __init__(
         self,
@@ -92,11 +95,13 @@ class Polled:
         parts: np.ndarray,
         offsets: np.ndarray | Callable[[], np.ndarray],
         record: Callable[[int], Record],
+        error: Callable[[int], Any] | None = None,
     ):
         self.values = values
         self.parts = parts
         self._offsets = offsets
         self._record = record
+        self._error = error
         self._last: dict[int, int] | None = None
 
     @classmethod
@@ -120,6 +125,15 @@ class Polled:
     def record(self, i: int) -> Record:
         """The full ``i``-th message."""
         return self._record(i)
+
+    def error(self, i: int) -> Any:
+        """The client's error if the ``i``-th message is an error event, else ``None``.
+
+        A client that delivers errors in a poll (confluent-kafka) gives a way to ask;
+        its error events have no JSON value, so the decoder asks only about messages
+        the bulk paths decline, and :meth:`last_offsets` about each partition's last.
+        """
+        return None if self._error is None else self._error(i)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -151,7 +165,10 @@ class Polled:
         if callable(self._offsets):  # in offset order: each partition's last message
             rev = parts[::-1]
             last = {int(p): n - 1 - int(np.argmax(rev == p)) for p in np.unique(parts)}
-            return {p: self.record(i).offset + 1 for p, i in last.items()}
+            if any(self.error(i) is not None for i in last.values()) or min(last) < 0:
+                ok = [i for i in range(n) if self.error(i) is None]  # rare: error events
+                last = {int(parts[i]): i for i in ok}
+            return {p: self.record(i).offset + 1 for p, i in sorted(last.items())}
         lo, hi = int(parts.min()), int(parts.max())
         if lo == hi:
             return {lo: int(self.offsets.max()) + 1}
@@ -506,6 +523,13 @@ class Decoder:
         kept: list[int] = []
         for i in pos.tolist():
             j = len(keys)
+            err = polled.error(i)
+            if err is not None:  # the client's error event: not a message, not learned
+                fatal = getattr(err, "fatal", None)
+                if fatal is not None and fatal():
+                    raise RuntimeError(f"kafka consumer: {err}")
+                log.warning("kafka consumer: %s", err)
+                continue
             try:
                 got = self._one(polled.values[i])
             except ValueError as e:
