@@ -416,33 +416,51 @@ class Decoder:
         lengths are ``lens[pos]``: the events it accepts, and the positions it declined."""
         n = len(pos)
         vals = values if n == len(values) else [values[i] for i in pos.tolist()]
+        joined = b"".join(vals)
         starts = np.zeros(n + 1, np.int64)
         np.cumsum(lens[pos], out=starts[1:])
-        return self._scan_buffer(b"".join(vals), starts, 0, pos)
+        num, kpos, ok = self._scan_columns(n)
+        jsonscan.scan(np.frombuffer(joined, np.uint8), starts, *self._scan_args(), num, kpos, ok)
+        return self._accepted(joined, num, kpos, ok, pos)
 
-    def _scan_buffer(self, joined: bytes, starts: np.ndarray, gap: int, pos: np.ndarray):
-        """:meth:`_scan` of the messages ``joined[starts[r]:starts[r + 1] - gap]`` at
-        poll positions ``pos``."""
-        fast = self._fast
+    def _scan_joined(self, values: list, pos: np.ndarray) -> tuple[_Part, np.ndarray] | None:
+        """:meth:`_scan` of ``values[pos]`` joined by NUL bytes, which the scan splits as
+        it goes: the common case, with no Python call per message. ``None`` when the
+        poll is not for it (a tombstone, a NUL inside a message, a message empty or over
+        :attr:`max_bytes`): then the lengths are taken."""
+        if self._fast is None:
+            return None
         n = len(pos)
-        num = np.empty((n, len(fast.defaults)))
-        kpos = np.empty((n, 2), np.int64)
-        ok = np.empty(n, np.bool_)
-        jsonscan.scan(
-            np.frombuffer(joined, np.uint8),
-            starts,
-            gap,
-            fast.table,
-            fast.offsets,
-            fast.required,
-            fast.defaults,
-            MAX_KEY_LEN,
-            MAX_ABS,
+        vals = values if n == len(values) else [values[i] for i in pos.tolist()]
+        try:
+            joined = b"\x00".join(vals)
+        except TypeError:  # a tombstone (None)
+            return None
+        starts = np.empty(n + 1, np.int64)
+        num, kpos, ok = self._scan_columns(n)
+        buf = np.frombuffer(joined, np.uint8)
+        if jsonscan.scan_split(buf, 0, starts, *self._scan_args(), num, kpos, ok) != n:
+            return None
+        lens = np.diff(starts) - 1
+        if not ((lens > 0) & (lens <= self.max_bytes)).all():
+            return None
+        return self._accepted(joined, num, kpos, ok, pos)
+
+    def _scan_columns(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The scan's outputs for ``n`` messages: numbers, key byte ranges, accepted."""
+        num = np.empty((n, len(self._fast.defaults)))
+        return num, np.empty((n, 2), np.int64), np.empty(n, np.bool_)
+
+    def _scan_args(self) -> tuple:
+        """The scan's settings after the message bounds (see :func:`jsonscan.scan`)."""
+        fast = self._fast
+        return (
+            fast.table, fast.offsets, fast.required, fast.defaults, MAX_KEY_LEN, MAX_ABS,
             fast.w_at,
-            num,
-            kpos,
-            ok,
-        )
+        )  # fmt: skip
+
+    def _accepted(self, joined: bytes, num, kpos, ok, pos) -> tuple[_Part, np.ndarray]:
+        """The scanned messages it accepted, keys interned; the positions it declined."""
         codes = self.keys.ids_of_slices(joined, kpos, ok)
         if ok.all():
             return self._part(codes, num, pos), pos[:0]
@@ -558,10 +576,10 @@ class Decoder:
         dead: list[DeadLetter] = []
         parts, rest = self._until_plain(polled, dead)
         if len(rest):
-            joined = self._joined(polled.values, rest)
-            if joined is not None:  # the common case: one buffer, no lengths to take
-                part, rest = self._scan_buffer(*joined, 1, rest)
-                parts.append(part)
+            got = self._scan_joined(polled.values, rest)
+            if got is not None:
+                parts.append(got[0])
+                rest = got[1]
         if len(rest):
             lens = _lengths(polled.values)
             fit = (lens[rest] > 0) & (lens[rest] <= self.max_bytes)
@@ -575,31 +593,6 @@ class Decoder:
             if len(rest):
                 parts.append(self._reference(polled, rest, dead))
         return self._batch(polled, parts, dead)
-
-    def _joined(self, values: list, pos: np.ndarray) -> tuple[bytes, np.ndarray] | None:
-        """``values[pos]`` joined by NUL bytes and where each starts, when the bulk scan
-        can take them all as they are: no tombstone, no NUL inside a message (never
-        valid JSON), none empty or over :attr:`max_bytes`; else ``None``. This takes no
-        Python call per message."""
-        if self._fast is None:
-            return None
-        n = len(pos)
-        vals = values if n == len(values) else [values[i] for i in pos.tolist()]
-        try:
-            joined = b"\x00".join(vals)
-        except TypeError:  # a tombstone (None)
-            return None
-        buf = np.frombuffer(joined, np.uint8)
-        sep = np.flatnonzero(buf == 0)
-        if sep.shape[0] != n - 1:  # a message held a NUL
-            return None
-        starts = np.empty(n + 1, np.int64)  # message r: joined[starts[r]:starts[r + 1] - 1]
-        starts[0], starts[n] = 0, buf.shape[0] + 1
-        starts[1:n] = sep + 1
-        lens = np.diff(starts) - 1
-        if not ((lens > 0) & (lens <= self.max_bytes)).all():
-            return None
-        return joined, starts
 
     def _until_plain(self, polled: Polled, dead: list[DeadLetter]) -> tuple[list, np.ndarray]:
         """Reference-decode the poll's first messages, more each time, until the design

@@ -26,7 +26,7 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["scan", "field_table", "POW10_HI", "POW10_LO"]
+__all__ = ["scan", "scan_split", "field_table", "POW10_HI", "POW10_LO"]
 
 _OPTS = {"cache": True, "nogil": True}
 _INLINE = {**_OPTS, "inline": "always"}
@@ -289,59 +289,103 @@ def _value(buf, i, end, f, row, num, kpos, max_key):  # pragma: no cover
 
 @njit(**_INLINE)
 def _object(buf, i, end, row, names, name_off, num, kpos, max_key):  # pragma: no cover
-    """Scan one message ``buf[i:end]``; the bit set of the formula fields it held, or
-    -1 to decline it."""
+    """Scan one object starting at ``buf[i]`` (bounded by ``end``): the bit set of the
+    formula fields it held (-1 to decline it) and the index after the object and the
+    whitespace that follows it."""
     i = _ws(buf, i, end)
     if i >= end or buf[i] != 123:  # '{'
-        return -1
+        return -1, i
     i = _ws(buf, i + 1, end)
     seen = 0
     if i < end and buf[i] == 125:  # '{}'
-        return seen if _ws(buf, i + 1, end) == end else -1
+        return seen, _ws(buf, i + 1, end)
     while True:
         if i >= end or buf[i] != 34:
-            return -1
+            return -1, i
         j = _string(buf, i + 1, end)
         if j < 0:
-            return -1
+            return -1, i
         f = _field(buf, i + 1, j, names, name_off)
         if f >= 0:
             if seen & (1 << f):
-                return -1  # a repeated field: the reference path decides
+                return -1, i  # a repeated field: the reference path decides
             seen |= 1 << f
         i = _ws(buf, j + 1, end)
         if i >= end or buf[i] != 58:  # ':'
-            return -1
+            return -1, i
         i = _ws(buf, i + 1, end)
         i = _value(buf, i, end, f, row, num, kpos, max_key)
         if i < 0:
-            return -1
+            return -1, i
         i = _ws(buf, i, end)
         if i < end and buf[i] == 44:  # ','
             i = _ws(buf, i + 1, end)
             continue
         if i < end and buf[i] == 125:  # '}'
-            return seen if _ws(buf, i + 1, end) == end else -1
-        return -1
+            return seen, _ws(buf, i + 1, end)
+        return -1, i
+
+
+@njit(**_INLINE)
+def _event(buf, i, end, r, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos):
+    """Message ``r`` at ``buf[i]`` into row ``r`` of ``num``/``kpos``: whether it is
+    accepted (with every required field, numbers within ``±max_abs``, a weight ``>= 0``)
+    and the index after it."""
+    nf = num.shape[1]
+    for c in range(nf):
+        num[r, c] = defaults[c]
+    seen, j = _object(buf, i, end, r, names, name_off, num, kpos, max_key)
+    good = seen >= 0 and (seen & required) == required and num[r, w_at] >= 0.0
+    for c in range(nf):
+        good &= abs(num[r, c]) <= max_abs
+    return good, j
 
 
 @njit(**_OPTS)
 def scan(
-    buf, starts, gap, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
+    buf, starts, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
 ):  # pragma: no cover
-    """Scan messages ``buf[starts[r]:starts[r + 1] - gap]`` into ``num`` (fields 1.. of
-    the table, in order) and ``kpos`` (the key's byte range); ``ok[r]`` when message
-    ``r`` is accepted. Fields absent from a message take ``defaults`` (NaN: required, so
-    the message is declined unless ``required`` says otherwise). A message is also
-    declined when a number is beyond ``±max_abs`` or the weight (column ``w_at``) is
-    negative, which the slower paths refuse with a reason."""
-    nf = num.shape[1]
+    """Scan messages ``buf[starts[r]:starts[r + 1]]`` into ``num`` (fields 1.. of the
+    table, in order) and ``kpos`` (the key's byte range); ``ok[r]`` when message ``r``
+    is accepted. Fields absent from a message take ``defaults`` (NaN: required, so the
+    message is declined unless ``required`` says otherwise). A message is also declined
+    when a number is beyond ``±max_abs`` or the weight (column ``w_at``) is negative,
+    which the slower paths refuse with a reason."""
     for r in range(starts.shape[0] - 1):
-        for c in range(nf):
-            num[r, c] = defaults[c]
-        end = starts[r + 1] - gap
-        seen = _object(buf, starts[r], end, r, names, name_off, num, kpos, max_key)
-        good = seen >= 0 and (seen & required) == required and num[r, w_at] >= 0.0
-        for c in range(nf):
-            good &= abs(num[r, c]) <= max_abs
+        end = starts[r + 1]
+        good, j = _event(
+            buf, starts[r], end, r, names, name_off, required, defaults, max_key, max_abs,
+            w_at, num, kpos,
+        )  # fmt: skip
+        ok[r] = good and j == end
+
+
+@njit(**_OPTS)
+def scan_split(
+    buf, sep, starts, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
+):  # pragma: no cover
+    """:func:`scan` of ``n = len(ok)`` messages laid end to end with a ``sep`` byte
+    (NUL: never in JSON) between each two, finding where they start in the same pass:
+    message ``r`` is ``buf[starts[r]:starts[r + 1] - 1]`` (``starts[n] = len(buf) + 1``).
+    Returns the number of messages found; not ``n`` when one held a ``sep`` of its own
+    (then nothing is decided)."""
+    size = buf.shape[0]
+    n = ok.shape[0]
+    i = 0
+    for r in range(n):
+        if i > size:
+            return r
+        starts[r] = i
+        good, j = _event(
+            buf, i, size, r, names, name_off, required, defaults, max_key, max_abs,
+            w_at, num, kpos,
+        )  # fmt: skip
+        if not (good and (j == size or buf[j] == sep)):
+            good = False
+            j = i
+            while j < size and buf[j] != sep:  # a declined message: skip to its end
+                j += 1
         ok[r] = good
+        i = j + 1
+    starts[n] = i
+    return n if i == size + 1 else n + 1
