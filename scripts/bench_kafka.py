@@ -178,7 +178,7 @@ def drain_engine(bootstrap: str, topic: str, n: int, client: str = "auto") -> fl
     return dt
 
 
-def engine_core(messages: list[tuple[bytes, bytes]]) -> float:
+def engine_core(messages: list[tuple[bytes, bytes]], partitions: int = 3) -> float:
     """Seconds for the engine's own per-poll work on records already in memory: the
     poll's columns, decode, keep groups home, learn, track offsets; then the final fit
     and snapshot (no Kafka, no disk)."""
@@ -196,7 +196,7 @@ def engine_core(messages: list[tuple[bytes, bytes]]) -> float:
         engine = Engine(EngineConfig("memory", FORMULA, d), source=Memory())
         engine.check_home = True
         home: dict[bytes, int] = {}  # producers key by group: a group keeps its partition
-        part = np.array([home.setdefault(k, len(home) % 3) for k, _ in messages], np.int64)
+        part = np.array([home.setdefault(k, len(home) % partitions) for k, _ in messages], np.int64)
         t0 = time.perf_counter()
         for start in range(0, len(messages), MAX_POLL_RECORDS):
             chunk = messages[start : start + MAX_POLL_RECORDS]
@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="short smoke run")
     p.add_argument("--events", type=int, help="throughput events [200000; quick 30000]")
     p.add_argument("--groups", type=int, default=1_000)
+    p.add_argument("--partitions", type=int, default=3, help="throughput topic partitions [3]")
     p.add_argument("--rounds", type=int, help="throughput rounds, best kept [2; quick 1]")
     p.add_argument("--rates", help="lag phase rates, ev/s, comma-separated [5000,20000]")
     p.add_argument("--seconds", type=float, help="lag phase seconds per rate [20; quick 5]")
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         crc = "native crc32c" if record_util.crc32c_c is not None else "pure-Python crc32c"
         warm_up()
         topic = f"bench-tput-{uuid.uuid4().hex[:10]}"
-        create_topic(bootstrap, topic, 3)
+        create_topic(bootstrap, topic, args.partitions)
         msgs = encoded_events(n, args.groups, 7)
         prod_s = produce_all(bootstrap, topic, msgs)
         gc.collect()
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
             bare_ck.append(drain_bare_confluent(bootstrap, topic, n))
             eng.append(drain_engine(bootstrap, topic, n, "confluent-kafka"))
             eng_kp.append(drain_engine(bootstrap, topic, n, "kafka-python"))
-            core.append(engine_core(msgs))
+            core.append(engine_core(msgs, args.partitions))
         delete_topics(bootstrap, [topic])
         lags = []
         if not args.no_lag:
@@ -409,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
     fastest = min(b, bc)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\nstreamlmm Kafka benchmark: {n:,} events, 3 partitions, {args.groups:,} groups, "
+        f"\nstreamlmm Kafka benchmark: {n:,} events, {args.partitions} partition(s), "
+        f"{args.groups:,} groups, "
         f"{FORMULA!r}\nkafka-python {kafka.__version__} ({crc}), {os.cpu_count()} cores "
         f"(load average {load}), broker {bootstrap}; best of {rounds} round(s)\n"
     )

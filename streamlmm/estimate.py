@@ -596,7 +596,8 @@ def _check_convergence(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSum
     summary.grad_norm = float(np.max(np.abs(g[_free(pr.theta, g, lower)]), initial=0.0))
     if fn.exhausted:  # the budget is spent: no Hessian (lme4 too reports maxfun)
         summary.return_code = "evaluation limit"
-        summary.messages.append("evaluation limit reached")
+        if "evaluation limit reached" not in summary.messages:  # the descent may have said it
+            summary.messages.append("evaluation limit reached")
         return
     H = np.zeros((0, 0))
     if free.any():

@@ -30,6 +30,7 @@ from streamlmm import checks, estimate, kernels
 from streamlmm.design import Design
 from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.rows import RowReader
+from streamlmm.sketch import ResidualSketch
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
 from streamlmm.values import MAX_ABS, overflow_message
@@ -976,37 +977,6 @@ def _batch_columns(X, y, w, group: str | None = None):
         out.append(arr)
     # the group column stays a Series: pandas factorizes its own string arrays fastest
     return {c: X[c] if c == group else X[c].to_numpy() for c in X.columns}, out[0], out[1]
-
-
-class ResidualSketch:
-    """Approximate quantiles of the scaled residuals ``(y − ŷ)/σ`` (river's P² sketch),
-    for lme4's "Scaled residuals" line. Residuals are taken at the parameters current
-    when the event is learned (in-sample: the event is already in its group's BLUP), on
-    a sample of events; the sketch starts afresh when a model is restored."""
-
-    def __init__(self):
-        from river import stats
-
-        self._q = [stats.Quantile(q) for q in (0.25, 0.5, 0.75)]
-        self._min, self._max, self.n = math.inf, -math.inf, 0
-
-    def update_one(self, r: float) -> None:
-        if r != r:
-            return
-        for q in self._q:
-            q.update(r)
-        self._min, self._max, self.n = min(self._min, r), max(self._max, r), self.n + 1
-
-    def update(self, rs: np.ndarray) -> None:
-        for r in rs.tolist():
-            self.update_one(r)
-
-    def quantiles(self) -> dict[str, float]:
-        """``{"min", "1Q", "median", "3Q", "max"}``, empty before any residual."""
-        if not self.n:
-            return {}
-        q1, med, q3 = (q.get() for q in self._q)
-        return {"min": self._min, "1Q": q1, "median": med, "3Q": q3, "max": self._max}
 
 
 def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:

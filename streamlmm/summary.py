@@ -291,7 +291,7 @@ def format_summary(
     out.append("")
     rq = snap.resid_quantiles
     if rq:
-        out.append("Scaled residuals (approximate: a streaming quantile sketch):")
+        out.append("Scaled residuals (approximate: from a sample of residuals):")
         names = ("Min", "1Q", "Median", "3Q", "Max")
         vals = [_num(rq.get(k), 4) for k in QUANTILE_NAMES]
         out += _table(names, [vals], left=0)

@@ -99,6 +99,7 @@ def test_evaluation_cap_is_not_converged(reference):
     case.stream_many(model)
     model.fit(max_evals=3)
     assert model.opt_summary.return_code == "evaluation limit"
+    assert model.opt_summary.messages.count("evaluation limit reached") == 1  # said once
     assert not model.converged
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FitWarning)

@@ -31,12 +31,14 @@ import base64
 import dataclasses
 import hashlib
 import json
+import logging
 from collections.abc import Callable, Sequence
 from operator import attrgetter
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from streamlmm import kernels
 from streamlmm.design import Design
 from streamlmm.formula import Formula
 from streamlmm.keys import MAX_KEY_LEN
@@ -44,6 +46,8 @@ from streamlmm.keytable import KeyTable
 from streamlmm.rows import RowReader
 from streamlmm.stream import jsonscan
 from streamlmm.values import MAX_ABS, overflow_message
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
 
@@ -83,7 +87,7 @@ class Polled:
 
     """
 
-    __slots__ = ("values", "parts", "_offsets", "_record")
+    __slots__ = ("values", "parts", "_offsets", "_record", "_error", "_last")
 
     def __init__(
         self,
@@ -91,11 +95,14 @@ class Polled:
         parts: np.ndarray,
         offsets: np.ndarray | Callable[[], np.ndarray],
         record: Callable[[int], Record],
+        error: Callable[[int], Any] | None = None,
     ):
         self.values = values
         self.parts = parts
         self._offsets = offsets
         self._record = record
+        self._error = error
+        self._last: dict[int, int] | None = None
 
     @classmethod
     def from_records(cls, records: Sequence) -> Polled:
@@ -119,6 +126,15 @@ class Polled:
         """The full ``i``-th message."""
         return self._record(i)
 
+    def error(self, i: int) -> Any:
+        """The client's error if the ``i``-th message is an error event, else ``None``.
+
+        A client that delivers errors in a poll (confluent-kafka) gives a way to ask;
+        its error events have no JSON value, so the decoder asks only about messages
+        the bulk paths decline, and :meth:`last_offsets` about each partition's last.
+        """
+        return None if self._error is None else self._error(i)
+
     def __len__(self) -> int:
         return len(self.values)
 
@@ -138,13 +154,20 @@ class Polled:
         {0: 7, 1: 10}
 
         """
+        if self._last is None:
+            self._last = self._last_offsets()
+        return self._last
+
+    def _last_offsets(self) -> dict[int, int]:
         parts, n = self.parts, len(self.parts)
         if n == 0:
             return {}
         if callable(self._offsets):  # in offset order: each partition's last message
-            last = {}
-            for i in np.append(np.flatnonzero(parts[1:] != parts[:-1]), n - 1).tolist():
-                last[int(parts[i])] = i  # the end of a run of one partition's messages
+            rev = parts[::-1]
+            last = {int(p): n - 1 - int(np.argmax(rev == p)) for p in np.unique(parts)}
+            if any(self.error(i) is not None for i in last.values()) or min(last) < 0:
+                ok = [i for i in range(n) if self.error(i) is None]  # rare: error events
+                last = {int(parts[i]): i for i in ok}
             return {p: self.record(i).offset + 1 for p, i in sorted(last.items())}
         lo, hi = int(parts.min()), int(parts.max())
         if lo == hi:
@@ -233,6 +256,9 @@ class Batch:
         the model refuses a batch that holds one (as ``learn_one`` refuses the event)."""
         if not len(self):
             return
+        cols = np.arange(self.A.shape[1])
+        if kernels.first_overflow(self.A, self.y, self.w, cols, MAX_ABS * MAX_ABS) < 0:
+            return  # one pass, no temporaries: the common case
         vmax = np.maximum(np.abs(self.A).max(axis=1, initial=0.0), np.abs(self.y))
         over = ~(self.w * vmax * vmax <= MAX_ABS * MAX_ABS)
         if over.any():
@@ -388,30 +414,56 @@ class Decoder:
     def _scan(self, values: list, pos: np.ndarray, lens: np.ndarray) -> tuple[_Part, np.ndarray]:
         """The numba scan of ``values[pos]`` (:mod:`~streamlmm.stream.jsonscan`), whose
         lengths are ``lens[pos]``: the events it accepts, and the positions it declined."""
-        fast = self._fast
         n = len(pos)
         vals = values if n == len(values) else [values[i] for i in pos.tolist()]
         joined = b"".join(vals)
-        buf = np.frombuffer(joined, np.uint8)
         starts = np.zeros(n + 1, np.int64)
         np.cumsum(lens[pos], out=starts[1:])
-        num = np.empty((n, len(fast.defaults)))
-        kpos = np.empty((n, 2), np.int64)
-        ok = np.empty(n, np.bool_)
-        jsonscan.scan(
-            buf,
-            starts,
-            fast.table,
-            fast.offsets,
-            fast.required,
-            fast.defaults,
-            MAX_KEY_LEN,
-            num,
-            kpos,
-            ok,
-        )
-        ok &= self._valid(num)
+        num, kpos, ok = self._scan_columns(n)
+        jsonscan.scan(np.frombuffer(joined, np.uint8), starts, *self._scan_args(), num, kpos, ok)
+        return self._accepted(joined, num, kpos, ok, pos)
+
+    def _scan_joined(self, values: list, pos: np.ndarray) -> tuple[_Part, np.ndarray] | None:
+        """:meth:`_scan` of ``values[pos]`` joined by NUL bytes, which the scan splits as
+        it goes: the common case, with no Python call per message. ``None`` when the
+        poll is not for it (a tombstone, a NUL inside a message, a message empty or over
+        :attr:`max_bytes`): then the lengths are taken."""
+        if self._fast is None:
+            return None
+        n = len(pos)
+        vals = values if n == len(values) else [values[i] for i in pos.tolist()]
+        try:
+            joined = b"\x00".join(vals)
+        except TypeError:  # a tombstone (None)
+            return None
+        starts = np.empty(n + 1, np.int64)
+        num, kpos, ok = self._scan_columns(n)
+        buf = np.frombuffer(joined, np.uint8)
+        if jsonscan.scan_split(buf, 0, starts, *self._scan_args(), num, kpos, ok) != n:
+            return None
+        lens = np.diff(starts) - 1
+        if not ((lens > 0) & (lens <= self.max_bytes)).all():
+            return None
+        return self._accepted(joined, num, kpos, ok, pos)
+
+    def _scan_columns(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The scan's outputs for ``n`` messages: numbers, key byte ranges, accepted."""
+        num = np.empty((n, len(self._fast.defaults)))
+        return num, np.empty((n, 2), np.int64), np.empty(n, np.bool_)
+
+    def _scan_args(self) -> tuple:
+        """The scan's settings after the message bounds (see :func:`jsonscan.scan`)."""
+        fast = self._fast
+        return (
+            fast.table, fast.offsets, fast.required, fast.defaults, MAX_KEY_LEN, MAX_ABS,
+            fast.w_at,
+        )  # fmt: skip
+
+    def _accepted(self, joined: bytes, num, kpos, ok, pos) -> tuple[_Part, np.ndarray]:
+        """The scanned messages it accepted, keys interned; the positions it declined."""
         codes = self.keys.ids_of_slices(joined, kpos, ok)
+        if ok.all():
+            return self._part(codes, num, pos), pos[:0]
         keep = np.flatnonzero(ok)
         return self._part(codes[keep], num[keep], pos[keep]), pos[~ok]
 
@@ -489,6 +541,13 @@ class Decoder:
         kept: list[int] = []
         for i in pos.tolist():
             j = len(keys)
+            err = polled.error(i)
+            if err is not None:  # the client's error event: not a message, not learned
+                fatal = getattr(err, "fatal", None)
+                if fatal is not None and fatal():
+                    raise RuntimeError(f"kafka consumer: {err}")
+                log.warning("kafka consumer: %s", err)
+                continue
             try:
                 got = self._one(polled.values[i])
             except ValueError as e:
@@ -516,6 +575,11 @@ class Decoder:
             polled = Polled.from_records(polled)
         dead: list[DeadLetter] = []
         parts, rest = self._until_plain(polled, dead)
+        if len(rest):
+            got = self._scan_joined(polled.values, rest)
+            if got is not None:
+                parts.append(got[0])
+                rest = got[1]
         if len(rest):
             lens = _lengths(polled.values)
             fit = (lens[rest] > 0) & (lens[rest] <= self.max_bytes)

@@ -42,6 +42,7 @@ import signal
 import sys
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
 from typing import Any
 
@@ -51,7 +52,7 @@ from streamlmm.model import MixedLM
 from streamlmm.serve.reader import version_of
 from streamlmm.snapshot import Snapshot
 from streamlmm.store import LocalStore
-from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder
+from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder, Polled
 from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction, close_all
 from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
 
@@ -377,10 +378,18 @@ class Engine:
         c = codes[ev]
         return np.where(ev >= since[c], homes[c], parts[ev])
 
-    def _caught_up(self, targets: Mapping[str, int]) -> bool:
+    def _caught_up(self, targets: Mapping[str, int], pending: Polled | None = None) -> bool:
+        """Whether the events learned, and the poll ``pending`` once learned, reach the
+        end (``targets``; a file's end)."""
         if hasattr(self.source, "exhausted"):  # a file: its end is where reading stops
             return self.source.exhausted
-        return all(self.offsets.get(tp, 0) >= end for tp, end in targets.items())
+        offsets = self.offsets
+        if pending is not None:
+            topic, offsets = self.source.topic, dict(offsets)
+            for p, off in pending.last_offsets().items():
+                name = tp_name(topic, p)
+                offsets[name] = max(offsets.get(name, 0), off)
+        return all(offsets.get(tp, 0) >= end for tp, end in targets.items())
 
     def _poll(self):
         try:
@@ -402,7 +411,10 @@ class Engine:
 
     def step(self, polled) -> int:
         """Learn one poll: decode, keep groups home, dead letters, statistics, offsets."""
-        batch = self.decoder.decode(polled)
+        return self._learn(polled, self.decoder.decode(polled))
+
+    def _learn(self, polled, batch: Batch) -> int:
+        """Learn a decoded poll (:meth:`step` after the decode)."""
         if self.check_home:
             self._keep_groups_home(batch)
         batch.refuse_overflows(self.decoder.design)
@@ -448,30 +460,53 @@ class Engine:
         return 0
 
     def _loop(self) -> None:
-        """Poll, learn and checkpoint until stopped or caught up; then the final one."""
+        """Poll, learn and checkpoint until stopped or caught up; then the final one.
+
+        Each poll is decoded on a second thread while the next one is consumed: the
+        decoder's numba scan releases the GIL, and the client spends most of a poll
+        building message objects. Everything else (learning, offsets, checkpoints)
+        stays on this thread, between decodes, so that the model, the decoder and the
+        offsets are never touched by both threads at once. A checkpoint first learns
+        the poll in flight, so that what the snapshot records as consumed (offsets, a
+        file's identity) is exactly what it has learned; a poll taken but not learned
+        when the process dies is read again by the next run.
+        """
         cfg = self.cfg
         targets: dict[str, int] = {}
         if cfg.until_end:
             self._retry("read end offsets", lambda: targets.update(self.source.end_offsets()))
         since_events, since_t = 0, time.monotonic()
         progress_t, progress_n = since_t, self.model.n_events
-        while not self.stop_requested:
-            polled = self._poll()
-            if polled is not None and len(polled):
-                since_events += self.step(polled)
-            polled = None  # the poll's records die before the next poll
-            now = time.monotonic()
-            if since_events and (
-                since_events >= cfg.snapshot_every_events
-                or now - since_t >= cfg.snapshot_every_seconds
-            ):
-                self.checkpoint()
-                since_events, since_t = 0, time.monotonic()
-            if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
-                self._progress(now - progress_t, self.model.n_events - progress_n)
-                progress_t, progress_n = now, self.model.n_events
-            if cfg.until_end and self._caught_up(targets):
-                break
+        decoding = None  # (poll, its decode in flight)
+        with ThreadPoolExecutor(1, thread_name_prefix="streamlmm-decode") as pool:
+            while True:
+                polled = None
+                if not self.stop_requested and not (
+                    cfg.until_end and decoding and self._caught_up(targets, decoding[0])
+                ):
+                    polled = self._poll()
+                if decoding is not None:
+                    since_events += self._learn(decoding[0], decoding[1].result())
+                    decoding = None
+                if polled is not None and len(polled):
+                    decoding = (polled, pool.submit(self.decoder.decode, polled))
+                polled = None  # the poll's records die with its batch
+                now = time.monotonic()
+                taken = since_events + (len(decoding[0]) if decoding else 0)
+                every_s = cfg.snapshot_every_seconds
+                if taken and (taken >= cfg.snapshot_every_events or now - since_t >= every_s):
+                    if decoding is not None:
+                        self._learn(decoding[0], decoding[1].result())
+                        decoding = None
+                    self.checkpoint()
+                    since_events, since_t = 0, time.monotonic()
+                if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
+                    self._progress(now - progress_t, self.model.n_events - progress_n)
+                    progress_t, progress_n = now, self.model.n_events
+                if decoding is None and (
+                    self.stop_requested or (cfg.until_end and self._caught_up(targets))
+                ):
+                    break
         if self._final_at != self.model.n_events or since_events:
             self.checkpoint(final=True)
 

@@ -26,9 +26,10 @@ import math
 import numpy as np
 from numba import njit
 
-__all__ = ["scan", "field_table", "POW10_HI", "POW10_LO"]
+__all__ = ["scan", "scan_split", "field_table", "POW10_HI", "POW10_LO"]
 
 _OPTS = {"cache": True, "nogil": True}
+_INLINE = {**_OPTS, "inline": "always"}
 _MIN_EXP10 = -348
 _MAX_EXP10 = 347
 
@@ -70,7 +71,7 @@ def field_table(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- numbers -------------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _mul64(a, b):  # pragma: no cover - numba
     """The 128-bit product of two uint64 as ``(hi, lo)``."""
     m32 = np.uint64(0xFFFFFFFF)
@@ -84,7 +85,7 @@ def _mul64(a, b):  # pragma: no cover - numba
     return hi, lo
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _clz(x):  # pragma: no cover - numba
     n = 0
     for s in (32, 16, 8, 4, 2, 1):
@@ -94,7 +95,7 @@ def _clz(x):  # pragma: no cover - numba
     return n
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _eisel_lemire(man, exp10, neg):  # pragma: no cover - numba
     """``±man · 10**exp10`` rounded to nearest, and whether it is decided (Go's
     ``strconv.eiselLemire64``: finite, normal results only)."""
@@ -136,7 +137,7 @@ def _eisel_lemire(man, exp10, neg):  # pragma: no cover - numba
     return (-f if neg else f), True
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _to_double(man, exp10, neg):  # pragma: no cover - numba
     """The double nearest ``±man · 10**exp10`` and whether it is decided."""
     if man <= np.uint64(1 << 53) and -22 <= exp10 <= 22:  # Clinger: one exact operation
@@ -146,7 +147,7 @@ def _to_double(man, exp10, neg):  # pragma: no cover - numba
     return _eisel_lemire(man, exp10, neg)
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _number(buf, i, end):  # pragma: no cover - numba
     """Parse a JSON number at ``buf[i]``: ``(value, next index)``, next -1 if declined."""
     neg = False
@@ -206,14 +207,14 @@ def _number(buf, i, end):  # pragma: no cover - numba
 
 
 # -- objects -------------------------------------------------------------------------------
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _ws(buf, i, end):  # pragma: no cover - numba
     while i < end and (buf[i] == 32 or buf[i] == 10 or buf[i] == 13 or buf[i] == 9):
         i += 1
     return i
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _string(buf, i, end):  # pragma: no cover - numba
     """End (the closing quote) of a plain ASCII string whose opening quote is at
     ``i - 1``; -1 if the string is not plain."""
@@ -227,7 +228,7 @@ def _string(buf, i, end):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _literal(buf, i, end):  # pragma: no cover - numba
     """Index after ``true``, ``false`` or ``null`` at ``i``; -1 otherwise."""
     for word in ((116, 114, 117, 101), (110, 117, 108, 108)):
@@ -240,7 +241,7 @@ def _literal(buf, i, end):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _field(buf, s, e, names, name_off):  # pragma: no cover - numba
     """Index of the member name ``buf[s:e]`` in the field table, or -1."""
     n = e - s
@@ -258,7 +259,7 @@ def _field(buf, s, e, names, name_off):  # pragma: no cover - numba
     return -1
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _value(buf, i, end, f, row, num, kpos, max_key):  # pragma: no cover
     """Read the value of field ``f`` (-1: not a formula field) at ``i``; the index after
     it, or -1 to decline the message."""
@@ -286,55 +287,105 @@ def _value(buf, i, end, f, row, num, kpos, max_key):  # pragma: no cover
     return _literal(buf, i, end)
 
 
-@njit(**_OPTS)
+@njit(**_INLINE)
 def _object(buf, i, end, row, names, name_off, num, kpos, max_key):  # pragma: no cover
-    """Scan one message ``buf[i:end]``; the bit set of the formula fields it held, or
-    -1 to decline it."""
+    """Scan one object starting at ``buf[i]`` (bounded by ``end``): the bit set of the
+    formula fields it held (-1 to decline it) and the index after the object and the
+    whitespace that follows it."""
     i = _ws(buf, i, end)
     if i >= end or buf[i] != 123:  # '{'
-        return -1
+        return -1, i
     i = _ws(buf, i + 1, end)
     seen = 0
     if i < end and buf[i] == 125:  # '{}'
-        return seen if _ws(buf, i + 1, end) == end else -1
+        return seen, _ws(buf, i + 1, end)
     while True:
         if i >= end or buf[i] != 34:
-            return -1
+            return -1, i
         j = _string(buf, i + 1, end)
         if j < 0:
-            return -1
+            return -1, i
         f = _field(buf, i + 1, j, names, name_off)
         if f >= 0:
             if seen & (1 << f):
-                return -1  # a repeated field: the reference path decides
+                return -1, i  # a repeated field: the reference path decides
             seen |= 1 << f
         i = _ws(buf, j + 1, end)
         if i >= end or buf[i] != 58:  # ':'
-            return -1
+            return -1, i
         i = _ws(buf, i + 1, end)
         i = _value(buf, i, end, f, row, num, kpos, max_key)
         if i < 0:
-            return -1
+            return -1, i
         i = _ws(buf, i, end)
         if i < end and buf[i] == 44:  # ','
             i = _ws(buf, i + 1, end)
             continue
         if i < end and buf[i] == 125:  # '}'
-            return seen if _ws(buf, i + 1, end) == end else -1
-        return -1
+            return seen, _ws(buf, i + 1, end)
+        return -1, i
+
+
+@njit(**_INLINE)
+def _event(buf, i, end, r, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos):
+    """Message ``r`` at ``buf[i]`` into row ``r`` of ``num``/``kpos``: whether it is
+    accepted (with every required field, numbers within ``±max_abs``, a weight ``>= 0``)
+    and the index after it."""
+    nf = num.shape[1]
+    for c in range(nf):
+        num[r, c] = defaults[c]
+    seen, j = _object(buf, i, end, r, names, name_off, num, kpos, max_key)
+    good = seen >= 0 and (seen & required) == required and num[r, w_at] >= 0.0
+    for c in range(nf):
+        good &= abs(num[r, c]) <= max_abs
+    return good, j
 
 
 @njit(**_OPTS)
 def scan(
-    buf, starts, names, name_off, required, defaults, max_key, num, kpos, ok
+    buf, starts, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
 ):  # pragma: no cover
     """Scan messages ``buf[starts[r]:starts[r + 1]]`` into ``num`` (fields 1.. of the
     table, in order) and ``kpos`` (the key's byte range); ``ok[r]`` when message ``r``
     is accepted. Fields absent from a message take ``defaults`` (NaN: required, so the
-    message is declined unless ``required`` says otherwise)."""
-    nf = num.shape[1]
+    message is declined unless ``required`` says otherwise). A message is also declined
+    when a number is beyond ``±max_abs`` or the weight (column ``w_at``) is negative,
+    which the slower paths refuse with a reason."""
     for r in range(starts.shape[0] - 1):
-        for c in range(nf):
-            num[r, c] = defaults[c]
-        seen = _object(buf, starts[r], starts[r + 1], r, names, name_off, num, kpos, max_key)
-        ok[r] = seen >= 0 and (seen & required) == required
+        end = starts[r + 1]
+        good, j = _event(
+            buf, starts[r], end, r, names, name_off, required, defaults, max_key, max_abs,
+            w_at, num, kpos,
+        )  # fmt: skip
+        ok[r] = good and j == end
+
+
+@njit(**_OPTS)
+def scan_split(
+    buf, sep, starts, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
+):  # pragma: no cover
+    """:func:`scan` of ``n = len(ok)`` messages laid end to end with a ``sep`` byte
+    (NUL: never in JSON) between each two, finding where they start in the same pass:
+    message ``r`` is ``buf[starts[r]:starts[r + 1] - 1]`` (``starts[n] = len(buf) + 1``).
+    Returns the number of messages found; not ``n`` when one held a ``sep`` of its own
+    (then nothing is decided)."""
+    size = buf.shape[0]
+    n = ok.shape[0]
+    i = 0
+    for r in range(n):
+        if i > size:
+            return r
+        starts[r] = i
+        good, j = _event(
+            buf, i, size, r, names, name_off, required, defaults, max_key, max_abs,
+            w_at, num, kpos,
+        )  # fmt: skip
+        if not (good and (j == size or buf[j] == sep)):
+            good = False
+            j = i
+            while j < size and buf[j] != sep:  # a declined message: skip to its end
+                j += 1
+        ok[r] = good
+        i = j + 1
+    starts[n] = i
+    return n if i == size + 1 else n + 1

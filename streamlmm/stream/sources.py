@@ -447,7 +447,9 @@ class ConfluentSource(_KafkaBase):
 
     The same contract as :class:`KafkaSource`; a poll's values, partitions and offsets
     are read into columns by C-level maps, and a full record is built only for a dead
-    letter.
+    letter. librdkafka delivers its errors as messages of the poll: they are told
+    apart only where it matters (see :meth:`Polled.error`), never by a call per
+    message.
     """
 
     client = "confluent-kafka"
@@ -514,8 +516,6 @@ class ConfluentSource(_KafkaBase):
     def poll(self, max_records: int, timeout_s: float) -> Polled:
         msgs = self.consumer.consume(max_records, timeout_s)
         M = self._M
-        if any(map(M.error, msgs)):
-            msgs = self._without_errors(msgs)
         n = len(msgs)
         topic = self.topic
 
@@ -523,21 +523,17 @@ class ConfluentSource(_KafkaBase):
             m = msgs[i]
             return Record(topic, m.partition(), m.offset(), m.key(), m.value(), m.timestamp()[1])
 
+        if len(self.partitions) == 1:  # every message is from the one partition
+            parts = np.full(n, self.partitions[0], np.int64)
+        else:
+            parts = np.fromiter(map(M.partition, msgs), np.int64, n)
         return Polled(
             list(map(M.value, msgs)),
-            np.fromiter(map(M.partition, msgs), np.int64, n),
+            parts,
             lambda: np.fromiter(map(M.offset, msgs), np.int64, n),  # librdkafka: in order
             record,
+            lambda i: msgs[i].error(),  # error events are asked about only when declined
         )
-
-    @staticmethod
-    def _without_errors(msgs: list) -> list:
-        """The messages of a poll that are not errors; a fatal error raises."""
-        bad = [m.error() for m in msgs if m.error() is not None]
-        if any(e.fatal() for e in bad):
-            raise RuntimeError(f"kafka consumer: {bad[0]}")
-        log.warning("kafka consumer: %s", bad[0])
-        return [m for m in msgs if m.error() is None]
 
     def end_offsets(self) -> dict[str, int]:
         """Every partition's end in one request (Kafka's ListOffsets "latest": the high

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streamlmm.formula import parse_formula
-from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Record
+from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled, Record
 
 F = parse_formula("y ~ x1 + x2 + (1 + x1 | g)")
 
@@ -123,9 +123,21 @@ def reference_only(dec: Decoder) -> Decoder:
     return dec
 
 
+NUL = b'{"g": "a", "x1": 1, "x2": 2, "y": 3}\x00'  # not JSON: a NUL byte after it
+
+# which odd messages a poll holds: with a tombstone, an empty message or one holding a
+# NUL the decoder cannot take the poll as one NUL-separated buffer; without, it does
+ODD_SETS = {
+    "all": [*ODD, NUL],
+    "NUL-separated": [v for v in ODD if v],
+    "a NUL inside": [v for v in ODD if v] + [NUL],
+}
+
+
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("time_key", [None, "ts"])
-def test_bulk_paths_decode_exactly_as_the_reference_path(seed, time_key):
+@pytest.mark.parametrize("odd_set", list(ODD_SETS))
+def test_bulk_paths_decode_exactly_as_the_reference_path(seed, time_key, odd_set):
     rng = np.random.default_rng(seed)
     good = [
         json.dumps(
@@ -133,14 +145,13 @@ def test_bulk_paths_decode_exactly_as_the_reference_path(seed, time_key):
         ).encode()
         for i, v in enumerate(rng.normal(size=60) * 10.0 ** rng.integers(-5, 5, 60))
     ]
+    odd = ODD_SETS[odd_set]
     if time_key:
-        odd = [v if v is None else v.replace(b'"y"', b'"ts": 1.5, "y"') for v in ODD]
-    else:
-        odd = ODD
+        odd = [v if v is None else v.replace(b'"y"', b'"ts": 1.5, "y"') for v in odd]
     values = good[:5] + [odd[i] for i in rng.permutation(len(odd))] + good[5:]
     records = [Record("t", i % 2, i, None, v) for i, v in enumerate(values)]
     fast, slow = Decoder(F, time_key=time_key), reference_only(Decoder(F, time_key=time_key))
-    for part in (records[:40], records[40:]):
+    for part in (records[:20], records[20:]):
         a, b = fast.decode(part), slow.decode(part)
         assert a.keys == b.keys and [type(k) for k in a.keys] == [type(k) for k in b.keys]
         np.testing.assert_array_equal(a.A, b.A)
@@ -186,3 +197,58 @@ def test_weighted_overflows_become_dead_letters(n):
     assert [(d.record.offset, d.reason) for d in b.dead] == [
         (1, "field 'x2': weight 1e+10 × value² would overflow the statistics")
     ]
+
+
+class FakeError:
+    """A client error event's error (fault injection: a broker cannot be made to send
+    these on demand)."""
+
+    def __init__(self, fatal: bool = False):
+        self._fatal = fatal
+
+    def fatal(self) -> bool:
+        return self._fatal
+
+    def __str__(self) -> str:
+        return "Broker: Offset out of range" + (" (fatal)" if self._fatal else "")
+
+
+def poll_with_errors(errors: dict[int, FakeError], n: int = 40) -> tuple[Polled, list]:
+    """A poll of ``n`` good events over partitions 0 and 1 in runs, with client error
+    events (value: the error text, as librdkafka gives) at the positions of ``errors``."""
+
+    parts = np.array([(i // 7) % 2 for i in range(n)], np.int64)
+    offsets = np.array([100 * p + i for i, p in enumerate(parts.tolist())], np.int64)
+    values = [
+        json.dumps({"g": f"g{i % 5}", "x1": i * 0.5, "x2": 1.0, "y": i * 0.25}).encode()
+        for i in range(n)
+    ]
+    for i in errors:
+        values[i] = str(errors[i]).encode()
+    recs = [Record("t", int(p), int(o), None, v) for p, o, v in zip(parts, offsets, values)]
+    polled = Polled(values, parts, lambda: offsets, recs.__getitem__, errors.get)
+    return polled, recs
+
+
+@pytest.mark.parametrize("where", [[3], [39], [34, 39], [0, 20, 39]])
+def test_client_error_events_are_neither_learned_nor_dead_letters(where):
+    polled, recs = poll_with_errors({i: FakeError() for i in where})
+    clean, _ = poll_with_errors({})
+    dec = Decoder(F)
+    dec.decode([rec(b'{"g": "a", "x1": 1, "x2": 2, "y": 3}')] * 20)  # bulk layout known
+    batch = dec.decode(polled)
+    assert batch.dead == []
+    assert batch.idx.tolist() == [i for i in range(40) if i not in where]
+    # each partition's next offset is after its last message that is not an error
+    want = {}
+    for i, r in enumerate(recs):
+        if i not in where:
+            want[r.partition] = r.offset + 1
+    assert polled.last_offsets() == want
+    assert clean.last_offsets() != want or not (set(where) & {34, 39})
+
+
+def test_a_fatal_client_error_stops_the_decode():
+    polled, _ = poll_with_errors({12: FakeError(fatal=True)})
+    with pytest.raises(RuntimeError, match="kafka consumer: .*fatal"):
+        Decoder(F).decode(polled)

@@ -142,6 +142,31 @@ def test_sigkill_at_random_moments_neither_loses_nor_double_counts(tmp_path, str
     assert_same_state(Snapshot.load(snapdir), events)
 
 
+def test_every_snapshot_records_as_consumed_exactly_what_it_learned(tmp_path, monkeypatch):
+    """The engine reads a poll ahead while the last one is decoded; each checkpoint
+    first learns what was read, so a snapshot's file identity (lines and bytes
+    consumed) and its offsets always describe the events in its statistics."""
+    events = list(simulate(3_000, 40, seed=5))
+    src = tmp_path / "e.jsonl"
+    write_events(src, events)
+    seen: list[Snapshot] = []
+    checkpoint = Engine.checkpoint
+
+    def spy(self, final=False):
+        seen.append(checkpoint(self, final))
+        return seen[-1]
+
+    monkeypatch.setattr(Engine, "checkpoint", spy)
+    run_to_end(src, tmp_path / "s", max_poll_records=70, snapshot_every_events=250)
+    assert len(seen) >= 10
+    sizes = np.cumsum([len(json.dumps(e)) + 1 for e in events])
+    for snap in seen:
+        ident, n = snap.meta["source_identity"], snap.n_events
+        assert dict(snap.offsets) == {"jsonl:0": n}
+        assert ident["lines"] == n and ident["bytes"] == sizes[n - 1]
+    assert_same_state(seen[-1], events)
+
+
 def test_corrupt_newest_snapshot_falls_back_and_replays(tmp_path, stream_200k):
     path, events = stream_200k
     events, n = events[:30_000], 30_000
