@@ -588,6 +588,25 @@ def _escape_boundary(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSumma
     return pr, g
 
 
+def _versus_no_random_effects(
+    fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary
+) -> tuple[Profile, np.ndarray]:
+    """d(θ) need not be convex: a descent from the start can end in a local minimum
+    above d at Λ = 0 (no random effects, the corner every θ can reach). One pass
+    there; if it is lower, the descent starts again from it and the lower end wins."""
+    zero = np.zeros_like(pr.theta)
+    if fn.exhausted or np.array_equal(pr.theta, zero):
+        return pr, g
+    z = fn.f(zero)
+    if z is None or not z.criterion < pr.criterion - 1e-10 * abs(pr.criterion):
+        return pr, g
+    summary.messages.append(f"left a local minimum at θ = {pr.theta.tolist()} above Λ = 0")
+    z, gz = fn.g(z)
+    z, gz = _descend(fn, z, gz, summary)
+    z, gz = _escape_boundary(fn, z, gz, summary)
+    return (z, gz) if z.criterion < pr.criterion else (pr, g)
+
+
 def _check_convergence(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSummary) -> None:
     """lme4's ``checkConv``: a small scaled gradient ``H⁻¹g`` and a positive-definite
     Hessian over the free θ; an exhausted evaluation budget counts as failure."""
@@ -642,7 +661,8 @@ def fit_theta(
 
     Phases: :func:`_start` (θ0, else Λ = I), :func:`_descend` (trust-region Newton
     on the analytic gradient with a differenced Hessian, projected onto the bounds),
-    :func:`_escape_boundary` (saddles where a column of Λ is empty) and
+    :func:`_escape_boundary` (saddles where a column of Λ is empty),
+    :func:`_versus_no_random_effects` (a local minimum above Λ = 0) and
     :func:`_check_convergence` (lme4's checkConv). Returns the profile at the optimum
     (``None`` when the criterion is undefined everywhere tried) and the summary.
     """
@@ -658,6 +678,7 @@ def fit_theta(
     summary.theta0, summary.criterion0 = pr.theta.tolist(), pr.criterion
     pr, g = _descend(fn, pr, g, summary)
     pr, g = _escape_boundary(fn, pr, g, summary)
+    pr, g = _versus_no_random_effects(fn, pr, g, summary)
     pr = dataclasses.replace(pr, theta=np.where(np.abs(pr.theta) < 1e-14, 0.0, pr.theta))
     _check_convergence(fn, pr, g, summary)
     summary.theta, summary.criterion = pr.theta.tolist(), pr.criterion

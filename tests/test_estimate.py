@@ -563,3 +563,33 @@ def test_a_small_slope_variance_is_not_mistaken_for_a_boundary_fit():
         probe[2] = t3
         other = prob.profile(probe)
         assert other is None or other.criterion >= pr.criterion - 1e-9 * abs(pr.criterion), t3
+
+
+def test_a_local_minimum_above_no_random_effects_is_left(dense_lmm):
+    """A data set (found by Hypothesis) whose ML profile has a local minimum at θ ≈ 1.89
+    (d = 52.696) that the descent from the EM start reaches, and its global minimum at
+    the boundary θ = 0 (d = 51.590): the fit must end at the lower one."""
+    import warnings
+
+    from streamlmm import MixedLM
+
+    df = pd.DataFrame(
+        {
+            "g": ["k0"] * 3 + ["k1"] * 4 + ["k2"] * 4,
+            "x1": [0.4513481, 0.4513481, 0.4513481, 2.4705994, 2.4146597, 2.8844996,
+                   3.2593938, 2.1433597, 2.3762508, 2.8608477, 3.3882089],
+            "y": [0.5014969, -0.1153528, -0.6968890, 3.0491858, 2.2437034, 1.7249376,
+                  1.8750402, 3.3849726, 0.5076137, 4.2642083, 0.7944643],
+            "w": [1, 1, 1, 1, 1, 1, 1, 3, 1, 1, 3],
+        }
+    )  # fmt: skip
+    m = MixedLM("y ~ x1 + (1 | g)", "ML")
+    m.learn_many(df[["g", "x1"]], df.y, df.w)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = m.fit().snapshot()
+    dense = dense_lmm.from_frame(m._design, df, df.w.to_numpy())
+    at = {t: dense.at(np.array([t]), False).criterion for t in (0.0, 1.0, 1.8932)}
+    assert at[1.8932] < at[1.0] and at[0.0] < at[1.8932] - 1.0  # two minima, 0 lower
+    assert s.theta.tolist() == [0.0] and s.converged
+    assert s.criterion == pytest.approx(at[0.0], rel=1e-10)
