@@ -494,7 +494,10 @@ class Engine:
                 now = time.monotonic()
                 taken = since_events + (len(decoding[0]) if decoding else 0)
                 every_s = cfg.snapshot_every_seconds
-                if taken and (taken >= cfg.snapshot_every_events or now - since_t >= every_s):
+                due = taken and (taken >= cfg.snapshot_every_events or now - since_t >= every_s)
+                if due and cfg.until_end:  # the final checkpoint follows at the end
+                    due = not self._caught_up(targets, decoding[0] if decoding else None)
+                if due:
                     if decoding is not None:
                         self._learn(decoding[0], decoding[1].result())
                         decoding = None
