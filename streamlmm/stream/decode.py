@@ -49,7 +49,15 @@ from streamlmm.values import MAX_ABS, overflow_message
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Record", "Polled", "DeadLetter", "Batch", "Decoder", "MAX_MESSAGE_BYTES"]
+__all__ = [
+    "Record",
+    "Polled",
+    "DeadLetter",
+    "Batch",
+    "Decoder",
+    "MAX_MESSAGE_BYTES",
+    "distinct_partitions",
+]
 
 MAX_MESSAGE_BYTES = 64 * 1024
 _json_decode = json.JSONDecoder().decode
@@ -162,17 +170,30 @@ class Polled:
         parts, n = self.parts, len(self.parts)
         if n == 0:
             return {}
+        distinct = distinct_partitions(parts)
         if callable(self._offsets):  # in offset order: each partition's last message
             rev = parts[::-1]
-            last = {int(p): n - 1 - int(np.argmax(rev == p)) for p in np.unique(parts)}
+            last = {p: n - 1 - int(np.argmax(rev == p)) for p in distinct}
             if any(self.error(i) is not None for i in last.values()) or min(last) < 0:
                 ok = [i for i in range(n) if self.error(i) is None]  # rare: error events
                 last = {int(parts[i]): i for i in ok}
             return {p: self.record(i).offset + 1 for p, i in sorted(last.items())}
-        lo, hi = int(parts.min()), int(parts.max())
-        if lo == hi:
-            return {lo: int(self.offsets.max()) + 1}
-        return {int(p): int(self.offsets[parts == p].max()) + 1 for p in np.unique(parts)}
+        if len(distinct) == 1:
+            return {distinct[0]: int(self.offsets.max()) + 1}
+        return {p: int(self.offsets[parts == p].max()) + 1 for p in distinct}
+
+
+def distinct_partitions(parts: np.ndarray) -> list[int]:
+    """The distinct partitions of a poll, ascending (a poll holds few: no sort, no hash).
+
+    >>> distinct_partitions(np.array([2, 0, 2, -1]))
+    [-1, 0, 2]
+
+    """
+    lo, hi = int(parts.min()), int(parts.max())
+    if lo == hi:
+        return [lo]
+    return (np.flatnonzero(np.bincount(parts - lo)) + lo).tolist()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,7 +49,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from streamlmm.keys import key_to_json
 from streamlmm.model import MixedLM
 from streamlmm.stats import GroupStats
-from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled
+from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled, distinct_partitions
 from streamlmm.stream.engine import parse_levels
 from streamlmm.stream.sinks import (
     DeadLetterSink,
@@ -428,7 +428,7 @@ class Worker:
                     log_dead_letter(d)
         if len(batch):
             parts = batch.parts
-            for p in np.unique(parts).tolist():
+            for p in distinct_partitions(parts):
                 sel = np.flatnonzero((parts == p) & (batch.w > 0))
                 if not sel.shape[0]:
                     continue
