@@ -799,7 +799,7 @@ def em_step(
     D are dropped (the EM update of a block-diagonal D is block by block).
     """
     lam = prob.lam(theta)
-    Sbb, SK, rss_b, trK, T = kernels.em_sums(prob.F, prob.q, prob.p, lam, beta)
+    Sbb, SK, rss_b, trK, T = kernels.em_sums(prob.F, prob.q, prob.p, lam, beta, Fb=prob.Fb)
     D = (Sbb + sigma2 * SK) / prob.n_groups
     rss = (prob.yy - 2 * beta @ prob.Xy + beta @ prob.XX @ beta) + rss_b + sigma2 * trK
     sigma2_new = float(rss / prob.n)

@@ -14,11 +14,11 @@ The one per-group step all fit kernels share is :func:`group_factor`::
 
     L_g L_g' = Λ'ZZ_gΛ + I,   RZX_g = L_g⁻¹ Λ'ZX_g,   cu_g = L_g⁻¹ Λ'Zy_g
 
-The criterion's pass takes it for :data:`BLOCK` groups at a time (:func:`_factor_block`,
-the same steps with the groups innermost, so they vectorise) from ``F`` in a blocked
-layout (:func:`by_block`). Sums over groups run in fixed chunks of :data:`CHUNK` groups
-whose partial sums are added in chunk order, so the result does not depend on the
-number of threads.
+The passes of the criterion and of EM take it for :data:`BLOCK` groups at a time
+(:func:`_factor_block`, the same steps with the groups innermost, so they vectorise)
+from ``F`` in a blocked layout (:func:`by_block`). Sums over groups run in fixed
+chunks of :data:`CHUNK` groups whose partial sums are added in chunk order, so the
+result does not depend on the number of threads.
 
 """
 
@@ -685,40 +685,109 @@ def _blups_all(F, q, p, lam, beta):  # pragma: no cover - numba
 
 
 @njit(inline="always", **_OPTS)
-def _em_all(F, q, p, lam, beta):  # pragma: no cover - numba
-    """The sums of :func:`em_sums`."""
-    G = F.shape[0]
-    L, W, RZX, cu, u, b = _scratch(q, p)
-    K = np.empty((q, q))
-    Sbb = np.zeros((q, q))
-    SK = np.zeros((q, q))
-    T = np.zeros(p)
-    rss = 0.0
-    trK = 0.0
+def _em_block(S, nb, q, p, lam, beta, L, dinv, V, U, Bl, N, out):  # pragma: no cover
+    """ML-EM's terms for a block (after :func:`_factor_block`), added into ``out =
+    [Σ b b' (q×q), Σ K (q×q), Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b (p)]``.
+
+    Per group (as :func:`_blup_into` and :func:`_cond_cov_into`): ``u = L'⁻¹(cu − RZX
+    β)``, ``b = Λu`` and ``K = Λ(LL')⁻¹Λ' = N'N`` for ``N = L⁻¹Λ'``; ``U, Bl, N`` are
+    scratch. Only the first ``nb`` groups are real: the padding's terms are 0 but for
+    ``K = ΛΛ'``, which is left out.
+    """
+    k = p + 1
     zx = q * q
     zy = q * q + q * p
-    for r in range(G):
-        Fr = F[r]
-        group_factor(Fr, q, p, lam, L, RZX, cu, W)
-        _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
-        _cond_cov_into(L, lam, W, K, q)
-        for a in range(q):
-            ra = Fr[zy + a]
+    for a in range(q - 1, -1, -1):  # u = L'⁻¹(cu − RZX β)
+        for g in range(BLOCK):
+            s = V[a * k + p, g]
             for j in range(p):
-                ra -= Fr[zx + a * p + j] * beta[j]
-            rss -= 2.0 * b[a] * ra
+                s -= V[a * k + j, g] * beta[j]
+            for c in range(a + 1, q):
+                s -= L[c * q + a, g] * U[c, g]
+            U[a, g] = s * dinv[a, g]
+    for a in range(q):  # b = Λu
+        for g in range(BLOCK):
+            s = 0.0
+            for c in range(a + 1):
+                s += lam[a, c] * U[c, g]
+            Bl[a, g] = s
+    for a in range(q):  # column a of N = L⁻¹Λ' is L⁻¹ (row a of Λ)'
+        for c in range(q):
+            for g in range(BLOCK):
+                s = lam[a, c] if c <= a else 0.0
+                for d in range(c):
+                    s -= L[c * q + d, g] * N[d * q + a, g]
+                N[c * q + a, g] = s * dinv[c, g]
+    oK = q * q
+    o = 2 * q * q
+    for a in range(q):
+        for c in range(a, q):
+            sbb = 0.0
+            for g in range(BLOCK):
+                sbb += Bl[a, g] * Bl[c, g]
+            sk = 0.0
+            for g in range(nb):
+                for d in range(q):
+                    sk += N[d * q + a, g] * N[d * q + c, g]
+            out[a * q + c] += sbb
+            out[oK + a * q + c] += sk
+            if c > a:
+                out[c * q + a] += sbb
+                out[oK + c * q + a] += sk
+    rss = 0.0
+    trK = 0.0
+    for g in range(BLOCK):
+        for a in range(q):
+            ra = S[zy + a, g]
+            for j in range(p):
+                ra -= S[zx + a * p + j, g] * beta[j]
+            rss -= 2.0 * Bl[a, g] * ra
             for c in range(q):
-                Sbb[a, c] += b[a] * b[c]
-                SK[a, c] += K[a, c]
-                zz = Fr[a * q + c]
-                rss += zz * b[a] * b[c]
-                trK += zz * K[c, a]
-        for j in range(p):
-            t = 0.0
+                zz = S[a * q + c, g]
+                rss += zz * Bl[a, g] * Bl[c, g]
+                t = 0.0
+                for d in range(q):
+                    t += N[d * q + c, g] * N[d * q + a, g]
+                trK += zz * t
+    out[o] += rss
+    out[o + 1] += trK
+    for j in range(p):
+        t = 0.0
+        for g in range(BLOCK):
             for a in range(q):
-                t += Fr[zx + a * p + j] * b[a]
-            T[j] += t
-    return Sbb, SK, rss, trK, T
+                t += S[zx + a * p + j, g] * Bl[a, g]
+        out[o + 2 + j] += t
+
+
+@njit(inline="always", **_OPTS)
+def _em_all(Fb, G, q, p, lam, beta):  # pragma: no cover - numba
+    """The sums of :func:`em_sums` over ``G`` groups, block by block in chunks added in
+    chunk order."""
+    k = p + 1
+    ZZlam = np.empty((q * q, BLOCK))
+    L = np.empty((q * q, BLOCK))
+    dinv = np.empty((q, BLOCK))
+    V = np.empty((q * k, BLOCK))
+    U = np.empty((q, BLOCK))
+    Bl = np.empty((q, BLOCK))
+    N = np.empty((q * q, BLOCK))
+    P = np.ones(BLOCK)  # the pivots' products, not needed here
+    n = Fb.shape[0]
+    size = 2 * q * q + 2 + p
+    parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
+    for ch in range(parts.shape[0]):
+        for b in range(ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)):
+            _factor_block(Fb[b], q, p, lam, ZZlam, L, dinv, V, P)
+            nb = min(BLOCK, G - b * BLOCK)
+            _em_block(Fb[b], nb, q, p, lam, beta, L, dinv, V, U, Bl, N, parts[ch])
+    s = parts[0].copy()
+    for ch in range(1, parts.shape[0]):
+        for i in range(size):
+            s[i] += parts[ch, i]
+    Sbb = s[: q * q].copy().reshape((q, q))
+    SK = s[q * q : 2 * q * q].copy().reshape((q, q))
+    o = 2 * q * q
+    return Sbb, SK, s[o], s[o + 1], s[o + 2 :].copy()
 
 
 @njit(inline="always", **_OPTS)
@@ -757,7 +826,7 @@ class _FitKernels(NamedTuple):
     evaluate: Any  # (Fb, lam, grad) → the sums of PlsSums (empty T, WY, WW without grad)
     evaluate_parallel: Any
     blups: Any  # (F, lam, beta) → (B, V)
-    em: Any  # (F, lam, beta) → (Sbb, SK, rss, trK, T)
+    em: Any  # (Fb, G, lam, beta) → (Sbb, SK, rss, trK, T)
 
 
 _FIT_KERNELS: dict[tuple[int, int], _FitKernels] = {}
@@ -800,9 +869,9 @@ def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
     def blups_qp(F, lam, beta):  # pragma: no cover - numba
         return _blups_all(F, q, p, lam, beta)
 
-    @njit(**_OPTS)
-    def em_qp(F, lam, beta):  # pragma: no cover - numba
-        return _em_all(F, q, p, lam, beta)
+    @njit(**_SUMS)
+    def em_qp(Fb, G, lam, beta):  # pragma: no cover - numba
+        return _em_all(Fb, G, q, p, lam, beta)
 
     return _FitKernels(evaluate, evaluate_parallel, blups_qp, em_qp)
 
@@ -907,13 +976,16 @@ def blups(F, q: int, p: int, lam, beta):
     return _fit_kernels(q, p).blups(F, lam, np.asarray(beta, dtype=float))
 
 
-def em_sums(F, q: int, p: int, lam, beta):
+def em_sums(F, q: int, p: int, lam, beta, *, Fb: np.ndarray | None = None):
     """Sums over groups for one ML-EM step in the Λ form (docs/math.md §5).
 
     With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
     ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
+    One pass over ``F`` in the blocked layout ``Fb`` (:func:`by_block`; made here if not
+    given), like :func:`pls_sums`.
     """
-    return _fit_kernels(q, p).em(F, lam, np.asarray(beta, dtype=float))
+    Fb = by_block(F) if Fb is None else Fb
+    return _fit_kernels(q, p).em(Fb, F.shape[0], lam, np.asarray(beta, dtype=float))
 
 
 @njit(**_OPTS)

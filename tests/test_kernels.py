@@ -388,3 +388,31 @@ def test_blocked_pivot_not_positive_is_nan():
             s = kernels.pls_sums(F, q, p, np.eye(q), parallel=parallel, grad=True)
             assert np.isnan(s.logdet)
         assert np.isfinite(kernels.pls_sums(F[bad + 1 :], q, p, np.eye(q), False).logdet)
+
+
+@pytest.mark.parametrize("q, p", [(1, 1), (2, 3), (3, 4)])
+@pytest.mark.parametrize("G", SIZES)
+def test_blocked_em_sums_equal_numpy(q, p, G):
+    """The blocked EM sums equal ``Σ bb', Σ K, Σ(b'ZZb − 2b'r), Σ tr(ZZ K), Σ ZX'b`` with
+    ``K = Λ(Λ'ZZΛ + I)⁻¹Λ'`` and ``b = K r`` by numpy; an empty group adds ``K = ΛΛ'``,
+    the padding of the last block nothing."""
+    rng = np.random.default_rng(7 * q + p + G)
+    F = _random_blocks(rng, G, q, p, empty={0, G // 2})
+    beta = rng.normal(size=p)
+    for lam in (_lower(rng, q), _lower(rng, q, zero_diag=True)):
+        want = [np.zeros((q, q)), np.zeros((q, q)), 0.0, 0.0, np.zeros(p)]
+        for Fr in F:
+            ZZ = Fr[: q * q].reshape(q, q)
+            ZX = Fr[q * q : q * q + q * p].reshape(q, p)
+            r = Fr[q * q + q * p :] - ZX @ beta
+            K = lam @ np.linalg.solve(lam.T @ ZZ @ lam + np.eye(q), lam.T)
+            b = K @ r
+            want[0] += np.outer(b, b)
+            want[1] += K
+            want[2] += b @ ZZ @ b - 2 * b @ r
+            want[3] += np.trace(ZZ @ K)
+            want[4] += ZX.T @ b
+        got = kernels.em_sums(F, q, p, lam, beta)
+        for name, g, w in zip(("Sbb", "SK", "rss", "trK", "T"), got, want):
+            scale = np.abs(w).max()
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * scale, err_msg=name)
