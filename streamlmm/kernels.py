@@ -28,7 +28,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
 
 __all__ = [
     "packed_index",
@@ -790,6 +790,16 @@ def _em_all(Fb, G, q, p, lam, beta):  # pragma: no cover - numba
     return Sbb, SK, s[o], s[o + 1], s[o + 2 :].copy()
 
 
+@njit(**_SUMS)
+def _chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
+    """:func:`_eval_chunk` compiled once per (q, p), both as constants (``literally``),
+    for both entry points of :func:`_compile_fit_kernels`: the serial and the parallel
+    pass run the same code, so they give the same sums, bit for bit."""
+    literally(q)
+    literally(p)
+    _eval_chunk(Fb, lo, hi, q, p, lam, grad, out)
+
+
 @njit(inline="always", **_OPTS)
 def _sums(parts, q, p, grad):  # pragma: no cover - numba
     """The chunks' sums (:func:`_layout`) added in chunk order, as ``(logdet, cu2, A, c,
@@ -844,17 +854,13 @@ def _fit_kernels(q: int, p: int) -> _FitKernels:
 def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
     size = _layout(q, p)["size"]
 
-    # one compiled chunk for both entry points: the same sums, bit for bit
-    @njit(**_SUMS)
-    def chunk(Fb, lo, hi, lam, grad, out):  # pragma: no cover - numba
-        _eval_chunk(Fb, lo, hi, q, p, lam, grad, out)
-
     @njit(**_OPTS)
     def evaluate(Fb, lam, grad):  # pragma: no cover - numba
         n = Fb.shape[0]
         parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
         for ch in range(parts.shape[0]):
-            chunk(Fb, ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK), lam, grad, parts[ch])
+            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
+            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
         return _sums(parts, q, p, grad)
 
     @njit(parallel=True, **_OPTS)
@@ -862,7 +868,8 @@ def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
         n = Fb.shape[0]
         parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
         for ch in prange(parts.shape[0]):
-            chunk(Fb, ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK), lam, grad, parts[ch])
+            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
+            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
         return _sums(parts, q, p, grad)
 
     @njit(**_OPTS)
