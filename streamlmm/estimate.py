@@ -19,6 +19,7 @@ of lme4's ``mkMerMod``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Any
@@ -172,9 +173,14 @@ class Problem:
     def q(self) -> int:
         return int(self.zi.shape[0])
 
-    @property
+    @functools.cached_property
     def tindex(self) -> tuple[np.ndarray, np.ndarray]:
         return theta_index(self.blocks, self.q)
+
+    @functools.cached_property
+    def Fb(self) -> np.ndarray:
+        """``F`` in the blocked layout that every evaluation reads (:func:`kernels.by_block`)."""
+        return kernels.by_block(self.F)
 
     def lam(self, theta: np.ndarray) -> np.ndarray:
         """Λ from θ."""
@@ -229,7 +235,9 @@ class Problem:
         :meth:`gradient` needs, so the gradient costs no further pass.
         """
         theta = np.asarray(theta, dtype=float)
-        s = kernels.pls_sums(self.F, self.q, self.p, self.lam(theta), self.parallel, grad)
+        s = kernels.pls_sums(
+            self.F, self.q, self.p, self.lam(theta), self.parallel, grad, Fb=self.Fb
+        )
         if not math.isfinite(s.logdet):  # huge θ: Λ'ZZΛ + I lost its positive definiteness
             return None
         ok, d, beta, sigma2, RX = kernels.profile_tail(
@@ -788,7 +796,7 @@ def loglik(prob: Problem, theta: np.ndarray, beta: np.ndarray, sigma2: float) ->
     ``−2 log L = Σ 2 log|L_g| + n log(2πσ²) + Q(β)/σ²`` with
     ``Q(β) = yy − 2β'Xy + β'XXβ − (Σ‖cu‖² − 2β'ΣRZX'cu + β'ΣRZX'RZX β)``.
     """
-    s = kernels.pls_sums(prob.F, prob.q, prob.p, prob.lam(theta), prob.parallel, False)
+    s = kernels.pls_sums(prob.F, prob.q, prob.p, prob.lam(theta), prob.parallel, False, Fb=prob.Fb)
     Q = (
         prob.yy
         - 2 * beta @ prob.Xy
@@ -813,7 +821,7 @@ def em_step(
     D are dropped (the EM update of a block-diagonal D is block by block).
     """
     lam = prob.lam(theta)
-    Sbb, SK, rss_b, trK, T = kernels.em_sums(prob.F, prob.q, prob.p, lam, beta)
+    Sbb, SK, rss_b, trK, T = kernels.em_sums(prob.F, prob.q, prob.p, lam, beta, Fb=prob.Fb)
     D = (Sbb + sigma2 * SK) / prob.n_groups
     rss = (prob.yy - 2 * beta @ prob.Xy + beta @ prob.XX @ beta) + rss_b + sigma2 * trK
     sigma2_new = float(rss / prob.n)

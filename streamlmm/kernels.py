@@ -14,8 +14,11 @@ The one per-group step all fit kernels share is :func:`group_factor`::
 
     L_g L_g' = Λ'ZZ_gΛ + I,   RZX_g = L_g⁻¹ Λ'ZX_g,   cu_g = L_g⁻¹ Λ'Zy_g
 
-Sums over groups run in fixed chunks of :data:`CHUNK` groups whose partial sums are
-added in chunk order, so the result does not depend on the number of threads.
+The passes of the criterion and of EM take it for :data:`BLOCK` groups at a time
+(:func:`_factor_block`, the same steps with the groups innermost, so they vectorise)
+from ``F`` in a blocked layout (:func:`by_block`). Sums over groups run in fixed
+chunks of :data:`CHUNK` groups whose partial sums are added in chunk order, so the
+result does not depend on the number of threads.
 
 """
 
@@ -25,7 +28,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import njit, prange
+from numba import literally, njit, prange
 
 __all__ = [
     "packed_index",
@@ -55,7 +58,9 @@ __all__ = [
 CHUNK = 2048  # groups per chunk of a sum over groups
 
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
-_FAST = {**_OPTS, "fastmath": {"contract", "arcp"}}  # FMAs, x/d as x·(1/d); NaN, order kept
+# FMAs, x/d as x·(1/d), sums over a block's groups reassociated (vectorised reductions);
+# NaN and inf kept, and the order of every sum fixed by the chunk and block boundaries
+_SUMS = {**_OPTS, "fastmath": {"contract", "arcp", "reassoc"}}
 
 
 def packed_index(m: int) -> np.ndarray:
@@ -282,6 +287,12 @@ class Blocks(NamedTuple):
 
 # -- the per-group factor -----------------------------------------------------------------------
 @njit(inline="always", **_OPTS)
+def _pivot(s, floor):  # pragma: no cover - numba
+    """A Cholesky pivot ``√s``, or NaN when ``s`` is not above ``floor``."""
+    return math.sqrt(s) if s > floor else np.nan
+
+
+@njit(inline="always", **_OPTS)
 def _chol(A, q, R, rel):  # pragma: no cover - numba
     """In-place lower Cholesky of ``A[:q, :q]``; returns ``log|L|``, or NaN when a pivot
     is not above ``rel · R[j, j]`` (not positive definite, to that tolerance)."""
@@ -291,9 +302,9 @@ def _chol(A, q, R, rel):  # pragma: no cover - numba
         s = A[j, j]
         for k in range(j):
             s -= A[j, k] * A[j, k]
-        if not s > floor:
+        d = _pivot(s, floor)
+        if not d == d:
             return np.nan
-        d = math.sqrt(s)
         A[j, j] = d
         logdet += math.log(d)
         for i in range(j + 1, q):
@@ -328,7 +339,10 @@ def _bwd(L, x, q):  # pragma: no cover - numba
 
 @njit(inline="always", **_OPTS)
 def group_factor(Fr, q, p, lam, L, RZX, cu, W):  # pragma: no cover - numba
-    """Fill ``L_g``, ``RZX_g`` and ``cu_g`` from one group's blocks; return ``log|L_g|``."""
+    """Fill ``L_g``, ``RZX_g`` and ``cu_g`` from one group's blocks; return ``log|L_g|``.
+
+    :func:`_factor_block` takes the same steps for a block of groups at once.
+    """
     # W = ZZ Λ
     for a in range(q):
         for b in range(q):
@@ -421,9 +435,17 @@ def _scratch(q, p):  # pragma: no cover - numba
 
 
 # -- sums over groups -----------------------------------------------------------------------------
-# Each per-group kernel below is written once, for any (q, p), and inlined into entry points
-# that :func:`_fit_kernels` compiles per (q, p) with both as constants, so LLVM unrolls the
-# small loops (a 2×2 factor then costs what hand-written code would).
+# The sums run over a chunk block by block: :data:`BLOCK` groups' rows of ``F`` are
+# transposed into scratch arrays ``(entries, BLOCK)`` (structure of arrays), and every step
+# of :func:`group_factor`'s math is then a loop over the block's groups innermost, which
+# LLVM vectorises (q and p are compile-time constants: :func:`_compile_fit_kernels`), so
+# the outer loops over q and p unroll. A partial block is padded with empty groups (ZZ,
+# ZX, Zy = 0: L = I, every term 0), so every loop has the same trip count.
+BLOCK = 64  # groups per block (measured: 64 beats 32, 128 and 256 at q=2, p=3)
+_PER_CHUNK = CHUNK // BLOCK  # blocks per chunk
+_BIG = 1e75  # the lanes' products of pivots are logged before they leave [1/_BIG, _BIG]
+
+
 def _layout(q: int, p: int) -> dict[str, int]:
     """Offsets in one chunk's sums of :func:`_eval_chunk` (``m = q(p+1)``)."""
     m = q * (p + 1)
@@ -434,91 +456,218 @@ def _layout(q: int, p: int) -> dict[str, int]:
     return o
 
 
-@njit(fastmath={"reassoc", "contract"}, **_OPTS)
-def _gram(Wt, Yt, n, WY, WW):  # pragma: no cover - numba
-    """``WY += Σ_g W_g Y_g'`` and the upper triangle of ``WW += Σ_g W_g W_g'`` over the
-    first ``n`` columns (one per group): long dot products, vectorised."""
-    m = Wt.shape[0]
-    for i in range(m):
-        for j in range(m):
-            s = 0.0
-            for g in range(n):
-                s += Wt[i, g] * Yt[j, g]
-            WY[i * m + j] += s
-        for j in range(i, m):
-            s = 0.0
-            for g in range(n):
-                s += Wt[i, g] * Wt[j, g]
-            WW[i * m + j] += s
+@njit(inline="always", **_OPTS)
+def _dots24(X, i, Y, j):  # pragma: no cover - numba
+    """``Σ_g X[i + r, g]·Y[j + t, g]`` for r = 0..1, t = 0..3 (a 2×4 tile)."""
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = 0.0
+    for g in range(BLOCK):
+        x0 = X[i, g]
+        x1 = X[i + 1, g]
+        y0 = Y[j, g]
+        y1 = Y[j + 1, g]
+        y2 = Y[j + 2, g]
+        y3 = Y[j + 3, g]
+        s0 += x0 * y0
+        s1 += x0 * y1
+        s2 += x0 * y2
+        s3 += x0 * y3
+        s4 += x1 * y0
+        s5 += x1 * y1
+        s6 += x1 * y2
+        s7 += x1 * y3
+    return s0, s1, s2, s3, s4, s5, s6, s7
 
 
 @njit(inline="always", **_OPTS)
-def _eval_chunk(F, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
-    """Add groups lo..hi-1 into ``out`` (offsets: :func:`_layout`).
+def _gram(X, Y, m, upper, out):  # pragma: no cover - numba
+    """``out[i·m + j] += Σ_g X[i, g]·Y[j, g]`` for ``i, j < m`` (``j ≥ i`` if ``upper``);
+    ``X, Y`` have zero rows up to a multiple of 4 (the tiles)."""
+    for i in range(0, m, 2):
+        for j in range(i - i % 4 if upper else 0, m, 4):
+            s = _dots24(X, i, Y, j)
+            for r in range(2):
+                for t in range(4):
+                    if i + r < m and j + t < m and (j + t >= i + r or not upper):
+                        out[(i + r) * m + j + t] += s[r * 4 + t]
+
+
+@njit(inline="always", **_OPTS)
+def _log_lanes(P, fold):  # pragma: no cover - numba
+    """``Σ log P[g]``, one log per ``fold`` lanes, and the lanes back to 1. With every
+    lane in [1/_BIG, _BIG], a product of four is a finite double (NaN stays NaN)."""
+    s = 0.0
+    n = BLOCK // fold
+    for g in range(n):
+        x = P[g]
+        for f in range(1, fold):
+            x *= P[g + f * n]
+        s += math.log(x)
+    for g in range(BLOCK):
+        P[g] = 1.0
+    return s
+
+
+@njit(inline="always", **_OPTS)
+def _leaving_range(P):  # pragma: no cover - numba
+    """Whether a lane product is about to leave [1/_BIG, _BIG] (NaN stays NaN: no)."""
+    n = 0
+    for g in range(BLOCK):
+        n += (P[g] > _BIG) | (P[g] < 1.0 / _BIG)
+    return n > 0
+
+
+@njit(inline="always", **_OPTS)
+def _factor_block(S, q, p, lam, ZZlam, L, dinv, V, P):  # pragma: no cover - numba
+    """:func:`group_factor` for a block of groups (columns of ``S``, entries by row).
+
+    Fills ``ZZlam = ZZ Λ``, the strict lower triangle of ``L`` (row-major q×q; its
+    diagonal is scratch), ``dinv = 1/diag(L)`` and ``V = [RZX | cu] = L⁻¹Λ'[ZX | Zy]``
+    (row-major q×(p+1)). The pivots multiply into the lanes ``P``; returns the logs of
+    lane products flushed on the way. A pivot that is not positive is NaN, as in
+    :func:`_chol` (with ``rel = 0``).
+    """
+    B = BLOCK
+    k = p + 1
+    zx = q * q
+    zy = q * q + q * p
+    for a in range(q):  # ZZ Λ  (Λ lower triangular)
+        for b in range(q):
+            for g in range(B):
+                s = 0.0
+                for c in range(b, q):
+                    s += S[a * q + c, g] * lam[c, b]
+                ZZlam[a * q + b, g] = s
+    for a in range(q):  # L = Λ'ZZΛ + I, lower triangle
+        for b in range(a + 1):
+            for g in range(B):
+                s = 1.0 if a == b else 0.0
+                for c in range(a, q):
+                    s += lam[c, a] * ZZlam[c * q + b, g]
+                L[a * q + b, g] = s
+    flushed = 0.0
+    for j in range(q):  # Cholesky, column by column
+        for g in range(B):
+            s = L[j * q + j, g]
+            for c in range(j):
+                s -= L[j * q + c, g] * L[j * q + c, g]
+            d = _pivot(s, 0.0)  # group_factor's _chol(..., rel=0): floor 0
+            dinv[j, g] = 1.0 / d
+            P[g] *= d
+        for i in range(j + 1, q):
+            for g in range(B):
+                s = L[i * q + j, g]
+                for c in range(j):
+                    s -= L[i * q + c, g] * L[j * q + c, g]
+                L[i * q + j, g] = s * dinv[j, g]
+        if _leaving_range(P):  # a lane is at most _BIG times a pivot: finite
+            flushed += _log_lanes(P, 1)
+    for a in range(q):  # [RZX | cu] = L⁻¹ Λ'[ZX | Zy]
+        for j in range(k):
+            e = zx + j if j < p else zy  # column j of [ZX | Zy] at row c: S[e + c·p_or_1]
+            st = p if j < p else 1
+            for g in range(B):
+                s = 0.0
+                for c in range(a, q):
+                    s += lam[c, a] * S[e + c * st, g]
+                for c in range(a):
+                    s -= L[a * q + c, g] * V[c * k + j, g]
+                V[a * k + j, g] = s * dinv[a, g]
+    return flushed
+
+
+@njit(inline="always", **_OPTS)
+def _grad_block(S, q, p, ZZlam, L, dinv, V, Y, W, X, T):  # pragma: no cover - numba
+    """The gradient's per-group pieces for a block (after :func:`_factor_block`): ``Y =
+    L'⁻¹[RZX | cu]`` and ``W = [ZX | Zy] − ZZΛ Y`` (row-major q×(p+1)); adds the block's
+    ``Σ M⁻¹Λ'ZZ`` into ``T`` (row-major q×q; ``X`` is scratch)."""
+    k = p + 1
+    zx = q * q
+    zy = q * q + q * p
+    for a in range(q - 1, -1, -1):  # Y = L'⁻¹ V
+        for j in range(k):
+            for g in range(BLOCK):
+                s = V[a * k + j, g]
+                for c in range(a + 1, q):
+                    s -= L[c * q + a, g] * Y[c * k + j, g]
+                Y[a * k + j, g] = s * dinv[a, g]
+    for a in range(q):  # W = [ZX | Zy] − ZZΛ Y
+        for j in range(k):
+            e = zx + a * p + j if j < p else zy + a
+            for g in range(BLOCK):
+                s = S[e, g]
+                for c in range(q):
+                    s -= ZZlam[a * q + c, g] * Y[c * k + j, g]
+                W[a * k + j, g] = s
+    for c in range(q):  # X = L'⁻¹L⁻¹ Λ'ZZ column by column; (Λ'ZZ)[a, c] = (ZZΛ)[c, a]
+        for a in range(q):
+            for g in range(BLOCK):
+                s = ZZlam[c * q + a, g]
+                for b in range(a):
+                    s -= L[a * q + b, g] * X[b * q + c, g]
+                X[a * q + c, g] = s * dinv[a, g]
+        for a in range(q - 1, -1, -1):
+            t = 0.0
+            for g in range(BLOCK):
+                s = X[a * q + c, g]
+                for b in range(a + 1, q):
+                    s -= L[b * q + a, g] * X[b * q + c, g]
+                s *= dinv[a, g]
+                X[a * q + c, g] = s
+                t += s
+            T[a * q + c] += t
+
+
+@njit(inline="always", **_OPTS)
+def _eval_chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
+    """Add groups lo..hi-1 into ``out`` (offsets: :func:`_layout`), block by block.
 
     Always ``Σ log|L|, Σ‖cu‖², Σ RZX'RZX, Σ RZX'cu``. With ``grad``, also the sums the
     gradient needs at *any* β, so that criterion and gradient take one pass: with
     ``Y_g = L'⁻¹[RZX | cu]`` and ``W_g = [ZX | Zy] − ZZ Λ Y_g`` (q×(p+1) each), ``u_g =
     Y_g β̃`` and ``Z_g'res_g = W_g β̃`` for ``β̃ = (−β, 1)``; returns ``Σ M_g⁻¹Λ'ZZ_g``,
     ``Σ vec(W_g)vec(Y_g)'`` and the upper triangle of ``Σ vec(W_g)vec(W_g)'``.
+
+    ``Σ log|L_g|`` is taken as the log of products of pivots, lane by lane (one log per
+    lane and chunk, not one per pivot), logged early if a product would leave
+    [1/_BIG, _BIG]. The sums over a block's groups are vectorised reductions: their
+    order is fixed by the chunk and block boundaries, not by the threads.
     """
-    L, ZZlam, RZX, cu, col, _ = _scratch(q, p)
     k = p + 1
     m = q * k
-    Yt = np.empty((m, CHUNK if grad else 0))  # Y_g, W_g of the chunk's groups, by column
-    Wt = np.empty((m, CHUNK if grad else 0))
-    LY = np.empty(m)
-    zx = q * q
-    zy = q * q + q * p
+    ZZlam = np.empty((q * q, BLOCK))
+    L = np.empty((q * q, BLOCK))
+    dinv = np.empty((q, BLOCK))
+    m4 = (m + 3) // 4 * 4  # Y, W: zero rows up to a multiple of 4 (see _gram)
+    V = np.empty((m, BLOCK))
+    Y = np.zeros((m4, BLOCK))
+    W = np.zeros((m4, BLOCK))
+    X = np.empty((q * q, BLOCK))
+    P = np.ones(BLOCK)
     oc = 2 + p * p
     oT = oc + p
     oWY = oT + q * q
     oWW = oWY + m * m
-    for r in range(lo, hi):
-        Fr = F[r]
-        g = r - lo
-        out[0] += group_factor(Fr, q, p, lam, L, RZX, cu, ZZlam)
-        for a in range(q):
-            out[1] += cu[a] * cu[a]
-        for i in range(p):
-            t = 0.0
-            for a in range(q):
-                t += RZX[a, i] * cu[a]
-            out[oc + i] += t
-            for j in range(i, p):
-                t = 0.0
-                for a in range(q):
-                    t += RZX[a, i] * RZX[a, j]
-                out[2 + i * p + j] += t
+    for b in range(lo, hi):
+        S = Fb[b]
+        out[0] += _factor_block(S, q, p, lam, ZZlam, L, dinv, V, P)
+        for i in range(k):  # the upper triangle of Σ V'V: A, c, ‖cu‖²
+            for j in range(i, k):
+                s = 0.0
+                for g in range(BLOCK):
+                    for a in range(q):
+                        s += V[a * k + i, g] * V[a * k + j, g]
+                if j < p:
+                    out[2 + i * p + j] += s
+                elif i < p:
+                    out[oc + i] += s
+                else:
+                    out[1] += s
         if not grad:
             continue
-        for j in range(k):  # Y = L'⁻¹ [RZX | cu]
-            for a in range(q):
-                col[a] = RZX[a, j] if j < p else cu[a]
-            _bwd(L, col, q)
-            for a in range(q):
-                Yt[a * k + j, g] = col[a]
-        for c in range(q):  # ΛY
-            for j in range(k):
-                t = 0.0
-                for d in range(c + 1):
-                    t += lam[c, d] * Yt[d * k + j, g]
-                LY[c * k + j] = t
-        for a in range(q):  # W = [ZX | Zy] − ZZ ΛY
-            for j in range(k):
-                t = Fr[zx + a * p + j] if j < p else Fr[zy + a]
-                for c in range(q):
-                    t -= Fr[a * q + c] * LY[c * k + j]
-                Wt[a * k + j, g] = t
-        for c in range(q):  # M⁻¹Λ'ZZ column by column; (Λ'ZZ)[a, c] = (ZZΛ)[c, a]
-            for a in range(q):
-                col[a] = ZZlam[c, a]
-            _fwd(L, col, q)
-            _bwd(L, col, q)
-            for a in range(q):
-                out[oT + a * q + c] += col[a]
-    if grad:
-        _gram(Wt, Yt, hi - lo, out[oWY:oWW], out[oWW:])
+        _grad_block(S, q, p, ZZlam, L, dinv, V, Y, W, X, out[oT:oWY])
+        _gram(W, Y, m, False, out[oWY:oWW])
+        _gram(W, W, m, True, out[oWW:])
+    out[0] += _log_lanes(P, 4)
 
 
 @njit(inline="always", **_OPTS)
@@ -536,47 +685,158 @@ def _blups_all(F, q, p, lam, beta):  # pragma: no cover - numba
 
 
 @njit(inline="always", **_OPTS)
-def _em_all(F, q, p, lam, beta):  # pragma: no cover - numba
-    """The sums of :func:`em_sums`."""
-    G = F.shape[0]
-    L, W, RZX, cu, u, b = _scratch(q, p)
-    K = np.empty((q, q))
-    Sbb = np.zeros((q, q))
-    SK = np.zeros((q, q))
-    T = np.zeros(p)
-    rss = 0.0
-    trK = 0.0
+def _em_block(S, nb, q, p, lam, beta, L, dinv, V, U, Bl, N, out):  # pragma: no cover
+    """ML-EM's terms for a block (after :func:`_factor_block`), added into ``out =
+    [Σ b b' (q×q), Σ K (q×q), Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b (p)]``.
+
+    Per group (as :func:`_blup_into` and :func:`_cond_cov_into`): ``u = L'⁻¹(cu − RZX
+    β)``, ``b = Λu`` and ``K = Λ(LL')⁻¹Λ' = N'N`` for ``N = L⁻¹Λ'``; ``U, Bl, N`` are
+    scratch. Only the first ``nb`` groups are real: the padding's terms are 0 but for
+    ``K = ΛΛ'``, which is left out.
+    """
+    k = p + 1
     zx = q * q
     zy = q * q + q * p
-    for r in range(G):
-        Fr = F[r]
-        group_factor(Fr, q, p, lam, L, RZX, cu, W)
-        _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
-        _cond_cov_into(L, lam, W, K, q)
-        for a in range(q):
-            ra = Fr[zy + a]
+    for a in range(q - 1, -1, -1):  # u = L'⁻¹(cu − RZX β)
+        for g in range(BLOCK):
+            s = V[a * k + p, g]
             for j in range(p):
-                ra -= Fr[zx + a * p + j] * beta[j]
-            rss -= 2.0 * b[a] * ra
+                s -= V[a * k + j, g] * beta[j]
+            for c in range(a + 1, q):
+                s -= L[c * q + a, g] * U[c, g]
+            U[a, g] = s * dinv[a, g]
+    for a in range(q):  # b = Λu
+        for g in range(BLOCK):
+            s = 0.0
+            for c in range(a + 1):
+                s += lam[a, c] * U[c, g]
+            Bl[a, g] = s
+    for a in range(q):  # column a of N = L⁻¹Λ' is L⁻¹ (row a of Λ)'
+        for c in range(q):
+            for g in range(BLOCK):
+                s = lam[a, c] if c <= a else 0.0
+                for d in range(c):
+                    s -= L[c * q + d, g] * N[d * q + a, g]
+                N[c * q + a, g] = s * dinv[c, g]
+    oK = q * q
+    o = 2 * q * q
+    for a in range(q):
+        for c in range(a, q):
+            sbb = 0.0
+            for g in range(BLOCK):
+                sbb += Bl[a, g] * Bl[c, g]
+            sk = 0.0
+            for g in range(nb):
+                for d in range(q):
+                    sk += N[d * q + a, g] * N[d * q + c, g]
+            out[a * q + c] += sbb
+            out[oK + a * q + c] += sk
+            if c > a:
+                out[c * q + a] += sbb
+                out[oK + c * q + a] += sk
+    rss = 0.0
+    trK = 0.0
+    for g in range(BLOCK):
+        for a in range(q):
+            ra = S[zy + a, g]
+            for j in range(p):
+                ra -= S[zx + a * p + j, g] * beta[j]
+            rss -= 2.0 * Bl[a, g] * ra
             for c in range(q):
-                Sbb[a, c] += b[a] * b[c]
-                SK[a, c] += K[a, c]
-                zz = Fr[a * q + c]
-                rss += zz * b[a] * b[c]
-                trK += zz * K[c, a]
-        for j in range(p):
-            t = 0.0
+                zz = S[a * q + c, g]
+                rss += zz * Bl[a, g] * Bl[c, g]
+                t = 0.0
+                for d in range(q):
+                    t += N[d * q + c, g] * N[d * q + a, g]
+                trK += zz * t
+    out[o] += rss
+    out[o + 1] += trK
+    for j in range(p):
+        t = 0.0
+        for g in range(BLOCK):
             for a in range(q):
-                t += Fr[zx + a * p + j] * b[a]
-            T[j] += t
-    return Sbb, SK, rss, trK, T
+                t += S[zx + a * p + j, g] * Bl[a, g]
+        out[o + 2 + j] += t
+
+
+@njit(inline="always", **_OPTS)
+def _em_all(Fb, G, q, p, lam, beta):  # pragma: no cover - numba
+    """The sums of :func:`em_sums` over ``G`` groups, block by block in chunks added in
+    chunk order."""
+    k = p + 1
+    ZZlam = np.empty((q * q, BLOCK))
+    L = np.empty((q * q, BLOCK))
+    dinv = np.empty((q, BLOCK))
+    V = np.empty((q * k, BLOCK))
+    U = np.empty((q, BLOCK))
+    Bl = np.empty((q, BLOCK))
+    N = np.empty((q * q, BLOCK))
+    P = np.ones(BLOCK)  # the pivots' products, not needed here
+    n = Fb.shape[0]
+    size = 2 * q * q + 2 + p
+    parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
+    for ch in range(parts.shape[0]):
+        for b in range(ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)):
+            _factor_block(Fb[b], q, p, lam, ZZlam, L, dinv, V, P)
+            nb = min(BLOCK, G - b * BLOCK)
+            _em_block(Fb[b], nb, q, p, lam, beta, L, dinv, V, U, Bl, N, parts[ch])
+    s = parts[0].copy()
+    for ch in range(1, parts.shape[0]):
+        for i in range(size):
+            s[i] += parts[ch, i]
+    Sbb = s[: q * q].copy().reshape((q, q))
+    SK = s[q * q : 2 * q * q].copy().reshape((q, q))
+    o = 2 * q * q
+    return Sbb, SK, s[o], s[o + 1], s[o + 2 :].copy()
+
+
+@njit(**_SUMS)
+def _chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
+    """:func:`_eval_chunk` compiled once per (q, p), both as constants (``literally``),
+    for both entry points of :func:`_compile_fit_kernels`: the serial and the parallel
+    pass run the same code, so they give the same sums, bit for bit."""
+    literally(q)
+    literally(p)
+    _eval_chunk(Fb, lo, hi, q, p, lam, grad, out)
+
+
+@njit(inline="always", **_OPTS)
+def _sums(parts, q, p, grad):  # pragma: no cover - numba
+    """The chunks' sums (:func:`_layout`) added in chunk order, as ``(logdet, cu2, A, c,
+    T, WY, WW)``, ``A`` and ``WW`` filled in from their upper triangles (without
+    ``grad``, ``T, WY, WW`` are empty)."""
+    s = parts[0].copy()
+    for ch in range(1, parts.shape[0]):
+        for i in range(s.shape[0]):
+            s[i] += parts[ch, i]
+    m = q * (p + 1) if grad else 0
+    qg = q if grad else 0
+    oc = 2 + p * p
+    oT = oc + p
+    oWY = oT + q * q
+    oWW = oWY + m * m
+    A = np.empty((p, p))
+    for i in range(p):
+        for j in range(i, p):
+            A[i, j] = A[j, i] = s[2 + i * p + j]
+    T = np.empty((qg, qg))
+    for e in range(qg * qg):
+        T[e // qg, e % qg] = s[oT + e]
+    WY = np.empty((m, m))
+    WW = np.empty((m, m))
+    for i in range(m):
+        for j in range(m):
+            WY[i, j] = s[oWY + i * m + j]
+            if j >= i:
+                WW[i, j] = WW[j, i] = s[oWW + i * m + j]
+    return s[0], s[1], A, s[oc:oT].copy(), T, WY, WW
 
 
 class _FitKernels(NamedTuple):
-    evaluate: Any  # (F, lam, grad, parts) → None, chunk by chunk
+    evaluate: Any  # (Fb, lam, grad) → the sums of PlsSums (empty T, WY, WW without grad)
     evaluate_parallel: Any
     blups: Any  # (F, lam, beta) → (B, V)
-    em: Any  # (F, lam, beta) → (Sbb, SK, rss, trK, T)
+    em: Any  # (Fb, G, lam, beta) → (Sbb, SK, rss, trK, T)
 
 
 _FIT_KERNELS: dict[tuple[int, int], _FitKernels] = {}
@@ -592,25 +852,33 @@ def _fit_kernels(q: int, p: int) -> _FitKernels:
 
 
 def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
-    @njit(**_FAST)
-    def evaluate(F, lam, grad, parts):  # pragma: no cover - numba
-        G = F.shape[0]
-        for ch in range(parts.shape[0]):
-            _eval_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, grad, parts[ch])
+    size = _layout(q, p)["size"]
 
-    @njit(parallel=True, **_FAST)
-    def evaluate_parallel(F, lam, grad, parts):  # pragma: no cover - numba
-        G = F.shape[0]
+    @njit(**_OPTS)
+    def evaluate(Fb, lam, grad):  # pragma: no cover - numba
+        n = Fb.shape[0]
+        parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
+        for ch in range(parts.shape[0]):
+            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
+            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
+        return _sums(parts, q, p, grad)
+
+    @njit(parallel=True, **_OPTS)
+    def evaluate_parallel(Fb, lam, grad):  # pragma: no cover - numba
+        n = Fb.shape[0]
+        parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
         for ch in prange(parts.shape[0]):
-            _eval_chunk(F, ch * CHUNK, min(G, (ch + 1) * CHUNK), q, p, lam, grad, parts[ch])
+            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
+            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
+        return _sums(parts, q, p, grad)
 
     @njit(**_OPTS)
     def blups_qp(F, lam, beta):  # pragma: no cover - numba
         return _blups_all(F, q, p, lam, beta)
 
-    @njit(**_OPTS)
-    def em_qp(F, lam, beta):  # pragma: no cover - numba
-        return _em_all(F, q, p, lam, beta)
+    @njit(**_SUMS)
+    def em_qp(Fb, G, lam, beta):  # pragma: no cover - numba
+        return _em_all(Fb, G, q, p, lam, beta)
 
     return _FitKernels(evaluate, evaluate_parallel, blups_qp, em_qp)
 
@@ -628,35 +896,73 @@ class PlsSums(NamedTuple):
     WW: np.ndarray | None = None  # Σ vec(W_g)vec(W_g)'
 
 
-def _chunks(G: int) -> int:
-    return max(1, (G + CHUNK - 1) // CHUNK)
+def by_block(F: np.ndarray) -> np.ndarray:
+    """``F`` in blocks of :data:`BLOCK` groups, each transposed: ``Fb[b, e, g] =
+    F[b·BLOCK + g, e]``, the last block padded with empty groups. The layout that
+    :func:`pls_sums` reads (a fit makes it once, for all its evaluations).
 
+    Examples
+    --------
+    >>> F = np.arange(2.0 * 3).reshape(2, 3)  # two groups
+    >>> Fb = by_block(F)
+    >>> Fb.shape == (1, 3, BLOCK), Fb[0, :, :3].tolist()
+    (True, [[0.0, 3.0, 0.0], [1.0, 4.0, 0.0], [2.0, 5.0, 0.0]])
 
-def _symmetric(U: np.ndarray) -> np.ndarray:
-    """The symmetric matrix whose upper triangle is ``U``'s."""
-    return np.triu(U) + np.triu(U, 1).T
+    """
+    G, e = F.shape
+    padded = np.zeros((max(1, -(-G // BLOCK)) * BLOCK, e))
+    padded[:G] = F
+    return np.ascontiguousarray(padded.reshape(-1, BLOCK, e).transpose(0, 2, 1))
 
 
 def pls_sums(
-    F: np.ndarray, q: int, p: int, lam: np.ndarray, parallel: bool, grad: bool = False
+    F: np.ndarray,
+    q: int,
+    p: int,
+    lam: np.ndarray,
+    parallel: bool,
+    grad: bool = False,
+    *,
+    Fb: np.ndarray | None = None,
 ) -> PlsSums:
     """The sums over groups that the profiled deviance (and, with ``grad``, its gradient)
-    needs at Λ: one pass over ``F``, in chunks summed in chunk order."""
-    o = _layout(q, p)
-    parts = np.zeros((_chunks(F.shape[0]), o["size"] if grad else o["T"]))
+    needs at Λ: one pass over ``F``, in chunks summed in chunk order.
+
+    ``Fb`` is ``F`` in the blocked layout (:func:`by_block`), if the caller keeps it
+    across evaluations; else it is made here.
+    """
     k = _fit_kernels(q, p)
-    (k.evaluate_parallel if parallel else k.evaluate)(F, lam, grad, parts)
-    s = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
-    A = _symmetric(s[o["A"] : o["c"]].reshape(p, p))
-    sums = PlsSums(float(s[0]), float(s[1]), A, s[o["c"] : o["T"]].copy())
-    if not grad:
-        return sums
-    m = q * (p + 1)
-    return sums._replace(
-        T=s[o["T"] : o["WY"]].reshape(q, q).copy(),
-        WY=s[o["WY"] : o["WW"]].reshape(m, m).copy(),
-        WW=_symmetric(s[o["WW"] :].reshape(m, m)),
-    )
+    Fb = by_block(F) if Fb is None else Fb
+    s = (k.evaluate_parallel if parallel else k.evaluate)(Fb, lam, bool(grad))
+    return PlsSums(*s) if grad else PlsSums(*s[:4])
+
+
+@njit(**_OPTS)
+def _contract(WY, WW, lam, beta, Cinv):  # pragma: no cover - numba
+    """``G2 = Λ' Σ_jk BB[:, j, :, k] C⁻¹[j, k]`` (``BB``: the first p columns of each
+    block of ``WW``) and ``G3 = Σ_jk WY[:, j, :, k] β̃_j β̃_k`` for ``β̃ = (−β, 1)``."""
+    q = lam.shape[0]
+    p = beta.shape[0]
+    k = p + 1
+    bt = np.empty(k)
+    for j in range(p):
+        bt[j] = -beta[j]
+    bt[p] = 1.0
+    G3 = np.zeros((q, q))
+    H = np.zeros((q, q))
+    for a in range(q):
+        for c in range(q):
+            for j in range(k):
+                for l in range(k):
+                    G3[a, c] += WY[a * k + j, c * k + l] * bt[j] * bt[l]
+                    if j < p and l < p:
+                        H[a, c] += WW[a * k + j, c * k + l] * Cinv[j, l]
+    G2 = np.zeros((q, q))
+    for a in range(q):
+        for c in range(q):
+            for d in range(a, q):  # Λ lower triangular: (Λ')[a, d] = Λ[d, a]
+                G2[a, c] += lam[d, a] * H[d, c]
+    return G2, G3
 
 
 def gradient_terms(s: PlsSums, q: int, p: int, lam, beta, Cinv):
@@ -668,11 +974,7 @@ def gradient_terms(s: PlsSums, q: int, p: int, lam, beta, Cinv):
     (RX'RX)⁻¹``. A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
     ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
     """
-    k = p + 1
-    bt = np.append(-np.asarray(beta, dtype=float), 1.0)
-    G3 = np.einsum("ajck,j,k->ac", s.WY.reshape(q, k, q, k), bt, bt)
-    BB = s.WW.reshape(q, k, q, k)[:, :p, :, :p]
-    G2 = lam.T @ np.einsum("djck,jk->dc", BB, Cinv)
+    G2, G3 = _contract(s.WY, s.WW, lam, np.asarray(beta, dtype=float), Cinv)
     return s.T, G2, G3
 
 
@@ -681,13 +983,16 @@ def blups(F, q: int, p: int, lam, beta):
     return _fit_kernels(q, p).blups(F, lam, np.asarray(beta, dtype=float))
 
 
-def em_sums(F, q: int, p: int, lam, beta):
+def em_sums(F, q: int, p: int, lam, beta, *, Fb: np.ndarray | None = None):
     """Sums over groups for one ML-EM step in the Λ form (docs/math.md §5).
 
     With ``K_g = Λ(L_gL_g')⁻¹Λ'``, ``r_g = Zy_g − ZX_g β``, ``b_g = K_g r_g`` and
     ``C_g = σ²K_g``, returns ``(Σ b b', Σ K, Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b)``.
+    One pass over ``F`` in the blocked layout ``Fb`` (:func:`by_block`; made here if not
+    given), like :func:`pls_sums`.
     """
-    return _fit_kernels(q, p).em(F, lam, np.asarray(beta, dtype=float))
+    Fb = by_block(F) if Fb is None else Fb
+    return _fit_kernels(q, p).em(Fb, F.shape[0], lam, np.asarray(beta, dtype=float))
 
 
 @njit(**_OPTS)

@@ -288,3 +288,131 @@ def test_profile_equals_dense_at_several_theta(stats, data, dense_lmm):
             assert pr.criterion == pytest.approx(d.criterion, rel=1e-11)
             np.testing.assert_allclose(pr.beta, d.beta, rtol=1e-9)
             assert pr.sigma2 == pytest.approx(d.sigma2, rel=1e-10)
+
+
+# -- the blocked (structure-of-arrays) pass for any (q, p) ------------------------------------
+def _random_blocks(rng, G, q, p, empty=(), least=1):
+    """``F`` of ``G`` groups with ``n_g`` ~ least..8 events (0 for the groups in ``empty``)."""
+    F = np.zeros((G, q * q + q * p + q))
+    for g in range(G):
+        n = 0 if g in empty else int(rng.integers(least, 9))
+        Z = np.c_[np.ones(n), rng.normal(size=(n, q - 1))]
+        X = np.c_[np.ones(n), rng.normal(size=(n, p - 1))]
+        y = rng.normal(size=n)
+        F[g] = np.r_[(Z.T @ Z).ravel(), (Z.T @ X).ravel(), Z.T @ y]
+    return F
+
+
+def _numpy_sums(F, q, p, lam):
+    """Every sum of :class:`kernels.PlsSums` group by group, with numpy's Cholesky."""
+    k, m = p + 1, q * (p + 1)
+    out = dict(logdet=0.0, cu2=0.0, A=np.zeros((p, p)), c=np.zeros(p), T=np.zeros((q, q)))
+    out.update(WY=np.zeros((m, m)), WW=np.zeros((m, m)))
+    for Fr in F:
+        ZZ = Fr[: q * q].reshape(q, q)
+        ZX = Fr[q * q : q * q + q * p].reshape(q, p)
+        Zy = Fr[q * q + q * p :]
+        M = lam.T @ ZZ @ lam + np.eye(q)
+        L = np.linalg.cholesky(M)
+        RZX = np.linalg.solve(L, lam.T @ ZX)
+        cu = np.linalg.solve(L, lam.T @ Zy)
+        out["logdet"] += np.log(np.diag(L)).sum()
+        out["cu2"] += cu @ cu
+        out["A"] += RZX.T @ RZX
+        out["c"] += RZX.T @ cu
+        Y = np.linalg.solve(L.T, np.c_[RZX, cu])
+        W = np.c_[ZX, Zy] - ZZ @ lam @ Y
+        out["T"] += np.linalg.solve(M, lam.T @ ZZ)
+        out["WY"] += np.outer(W.ravel(), Y.ravel())
+        out["WW"] += np.outer(W.ravel(), W.ravel())
+    assert k * q == m
+    return out
+
+
+def _lower(rng, q, zero_diag=False):
+    lam = np.tril(rng.normal(size=(q, q)))
+    lam[np.diag_indices(q)] = np.abs(np.diag(lam)) + 0.2
+    if zero_diag:
+        lam[0, 0] = 0.0  # singular Λ: a boundary fit
+    return lam
+
+
+B = kernels.BLOCK
+SIZES = [1, B - 1, B + 1, kernels.CHUNK + 3]
+
+
+@pytest.mark.parametrize("q, p", [(1, 1), (1, 4), (2, 2), (2, 3), (3, 1), (3, 4)])
+@pytest.mark.parametrize("G", SIZES)
+def test_blocked_sums_equal_numpy(q, p, G):
+    """The blocked pass equals a group-by-group numpy computation, for group counts that
+    are not multiples of the block, with empty groups and a singular Λ; serial and
+    parallel give the same bits."""
+    rng = np.random.default_rng(100 * q + 10 * p + G)
+    F = _random_blocks(rng, G, q, p, empty={0, G // 2})
+    for lam in (_lower(rng, q), _lower(rng, q, zero_diag=True)):
+        got = kernels.pls_sums(F, q, p, lam, parallel=False, grad=True)
+        want = _numpy_sums(F, q, p, lam)
+        for name, w in want.items():
+            g = getattr(got, name)
+            scale = np.abs(w).max() if np.ndim(w) else abs(w)
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * scale, err_msg=name)
+        par = kernels.pls_sums(F, q, p, lam, parallel=True, grad=True)
+        plain = kernels.pls_sums(F, q, p, lam, parallel=False, Fb=kernels.by_block(F))
+        for name in want:
+            np.testing.assert_array_equal(getattr(par, name), getattr(got, name), err_msg=name)
+        for name in ("logdet", "cu2", "A", "c"):
+            np.testing.assert_array_equal(getattr(plain, name), getattr(got, name), err_msg=name)
+
+
+def test_blocked_logdet_of_huge_determinants():
+    """Σ log|L_g| stays finite and exact when the products of pivots would overflow."""
+    rng = np.random.default_rng(5)
+    q, p, G = 2, 2, kernels.CHUNK + 3
+    F = _random_blocks(rng, G, q, p, least=4) * 1e40  # pivots ~1e20: a few overflow
+    lam = _lower(rng, q)
+    got = kernels.pls_sums(F, q, p, lam, parallel=False)
+    want = _numpy_sums(F, q, p, lam)
+    assert np.isfinite(got.logdet)
+    assert got.logdet == pytest.approx(want["logdet"], rel=1e-12)
+
+
+def test_blocked_pivot_not_positive_is_nan():
+    """A group whose Λ'ZZΛ + I is not positive definite (a non-positive pivot) makes
+    Σ log|L_g| NaN, wherever it is in its block, as :func:`kernels._chol` does."""
+    rng = np.random.default_rng(6)
+    q, p = 2, 3
+    for G, bad in ((1, 0), (B + 1, B), (kernels.CHUNK + 3, 7)):
+        F = _random_blocks(rng, G, q, p)
+        F[bad, 0] = -50.0  # ZZ[0, 0] < 0: not a cross-product
+        for parallel in (False, True):
+            s = kernels.pls_sums(F, q, p, np.eye(q), parallel=parallel, grad=True)
+            assert np.isnan(s.logdet)
+        assert np.isfinite(kernels.pls_sums(F[bad + 1 :], q, p, np.eye(q), False).logdet)
+
+
+@pytest.mark.parametrize("q, p", [(1, 1), (2, 3), (3, 4)])
+@pytest.mark.parametrize("G", SIZES)
+def test_blocked_em_sums_equal_numpy(q, p, G):
+    """The blocked EM sums equal ``Σ bb', Σ K, Σ(b'ZZb − 2b'r), Σ tr(ZZ K), Σ ZX'b`` with
+    ``K = Λ(Λ'ZZΛ + I)⁻¹Λ'`` and ``b = K r`` by numpy; an empty group adds ``K = ΛΛ'``,
+    the padding of the last block nothing."""
+    rng = np.random.default_rng(7 * q + p + G)
+    F = _random_blocks(rng, G, q, p, empty={0, G // 2})
+    beta = rng.normal(size=p)
+    for lam in (_lower(rng, q), _lower(rng, q, zero_diag=True)):
+        want = [np.zeros((q, q)), np.zeros((q, q)), 0.0, 0.0, np.zeros(p)]
+        for Fr in F:
+            ZZ = Fr[: q * q].reshape(q, q)
+            ZX = Fr[q * q : q * q + q * p].reshape(q, p)
+            r = Fr[q * q + q * p :] - ZX @ beta
+            K = lam @ np.linalg.solve(lam.T @ ZZ @ lam + np.eye(q), lam.T)
+            b = K @ r
+            want[0] += np.outer(b, b)
+            want[1] += K
+            want[2] += b @ ZZ @ b - 2 * b @ r
+            want[3] += np.trace(ZZ @ K)
+            want[4] += ZX.T @ b
+        got = kernels.em_sums(F, q, p, lam, beta)
+        for name, g, w in zip(("Sbb", "SK", "rss", "trK", "T"), got, want):
+            scale = np.abs(w).max()
+            np.testing.assert_allclose(g, w, rtol=1e-12, atol=1e-12 * scale, err_msg=name)
