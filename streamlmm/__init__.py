@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 
-# numba's OpenMP threads must sleep, not spin, when idle: a spinning pool steals the CPU
-# from the process's own Python thread and from every other process (set before numba
-# starts its threading layer; a user's own setting wins)
+# the sums over groups run on Python threads that block when idle (kernels.pls_sums);
+# should numba's OpenMP layer start for a user's own kernels, its threads must sleep,
+# not spin, when idle: a spinning pool steals the CPU from every other thread and
+# process (set before numba starts a threading layer; a user's own setting wins)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "0")
 os.environ.setdefault("KMP_BLOCKTIME", "0")

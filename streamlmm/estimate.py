@@ -161,7 +161,7 @@ class Problem:
     keep: np.ndarray
     blocks: tuple
     reml: bool
-    parallel: bool
+    parallel: bool | int  # the sums' threads: False (one), True (every core) or a count
     xint: int  # position of the intercept among the kept fixed columns, -1 if none
     zint: int  # position of the intercept among the random columns, -1 if none
 
@@ -328,9 +328,7 @@ def make_problem(
     G = stats.n_groups
     parallel = G >= PARALLEL_MIN_GROUPS and (threads is None or threads > 1)
     if parallel and threads is not None:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        parallel = threads  # this many threads, not every core
     prob = Problem(
         F=F,
         XX=b.XX[np.ix_(keep, keep)].copy(),

@@ -28,7 +28,7 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import literally, njit, prange
+from numba import literally, njit
 
 __all__ = [
     "packed_index",
@@ -792,9 +792,9 @@ def _em_all(Fb, G, q, p, lam, beta):  # pragma: no cover - numba
 
 @njit(**_SUMS)
 def _chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
-    """:func:`_eval_chunk` compiled once per (q, p), both as constants (``literally``),
-    for both entry points of :func:`_compile_fit_kernels`: the serial and the parallel
-    pass run the same code, so they give the same sums, bit for bit."""
+    """:func:`_eval_chunk` compiled once per (q, p), both as constants (``literally``).
+    A serial and a parallel pass run the one ``evaluate`` of :func:`_compile_fit_kernels`
+    over chunks (:func:`_chunks_in_threads`), so they give the same sums, bit for bit."""
     literally(q)
     literally(p)
     _eval_chunk(Fb, lo, hi, q, p, lam, grad, out)
@@ -833,8 +833,8 @@ def _sums(parts, q, p, grad):  # pragma: no cover - numba
 
 
 class _FitKernels(NamedTuple):
-    evaluate: Any  # (Fb, lam, grad) → the sums of PlsSums (empty T, WY, WW without grad)
-    evaluate_parallel: Any
+    evaluate: Any  # (Fb, lam, grad, parts, c0, c1) → chunks c0..c1-1 into parts
+    sums: Any  # (parts, grad) → the sums of PlsSums (empty T, WY, WW without grad)
     blups: Any  # (F, lam, beta) → (B, V)
     em: Any  # (Fb, G, lam, beta) → (Sbb, SK, rss, trK, T)
 
@@ -852,24 +852,15 @@ def _fit_kernels(q: int, p: int) -> _FitKernels:
 
 
 def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
-    size = _layout(q, p)["size"]
+    @njit(**_OPTS)
+    def evaluate(Fb, lam, grad, parts, c0, c1):  # pragma: no cover - numba
+        n = Fb.shape[0]
+        for ch in range(c0, c1):
+            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
+            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
 
     @njit(**_OPTS)
-    def evaluate(Fb, lam, grad):  # pragma: no cover - numba
-        n = Fb.shape[0]
-        parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
-        for ch in range(parts.shape[0]):
-            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
-            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
-        return _sums(parts, q, p, grad)
-
-    @njit(parallel=True, **_OPTS)
-    def evaluate_parallel(Fb, lam, grad):  # pragma: no cover - numba
-        n = Fb.shape[0]
-        parts = np.zeros(((n + _PER_CHUNK - 1) // _PER_CHUNK, size))
-        for ch in prange(parts.shape[0]):
-            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
-            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
+    def sums(parts, grad):  # pragma: no cover - numba
         return _sums(parts, q, p, grad)
 
     @njit(**_OPTS)
@@ -880,7 +871,28 @@ def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
     def em_qp(Fb, G, lam, beta):  # pragma: no cover - numba
         return _em_all(Fb, G, q, p, lam, beta)
 
-    return _FitKernels(evaluate, evaluate_parallel, blups_qp, em_qp)
+    return _FitKernels(evaluate, sums, blups_qp, em_qp)
+
+
+_POOL: list = []  # [size, executor]: the threads of parallel passes, made on first use
+
+
+def _chunks_in_threads(evaluate, Fb, lam, grad: bool, parts: np.ndarray, threads: int) -> None:
+    """Chunks split into ``threads`` contiguous runs, one per thread, each run by the one
+    compiled ``evaluate`` (it releases the GIL). Every chunk's sums are the serial pass's
+    bits, and they are added in chunk order afterwards, so the result does not depend on
+    the number of threads. Waiting threads block; they never spin."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    n = parts.shape[0]
+    cuts = [n * t // threads for t in range(threads + 1)]
+    if not _POOL or _POOL[0] < threads - 1:
+        _POOL[:] = [threads - 1, ThreadPoolExecutor(threads - 1, thread_name_prefix="streamlmm")]
+    pool = _POOL[1]
+    runs = [pool.submit(evaluate, Fb, lam, grad, parts, a, b) for a, b in zip(cuts[1:], cuts[2:])]
+    evaluate(Fb, lam, grad, parts, cuts[0], cuts[1])
+    for r in runs:
+        r.result()
 
 
 class PlsSums(NamedTuple):
@@ -920,21 +932,39 @@ def pls_sums(
     q: int,
     p: int,
     lam: np.ndarray,
-    parallel: bool,
+    parallel: bool | int,
     grad: bool = False,
     *,
     Fb: np.ndarray | None = None,
 ) -> PlsSums:
     """The sums over groups that the profiled deviance (and, with ``grad``, its gradient)
-    needs at Λ: one pass over ``F``, in chunks summed in chunk order.
+    needs at Λ: one pass over ``F``, in chunks summed in chunk order; ``parallel``
+    spreads the chunks over threads (``True``: every core; an int: that many), which
+    changes no bit of the result.
 
     ``Fb`` is ``F`` in the blocked layout (:func:`by_block`), if the caller keeps it
     across evaluations; else it is made here.
     """
     k = _fit_kernels(q, p)
     Fb = by_block(F) if Fb is None else Fb
-    s = (k.evaluate_parallel if parallel else k.evaluate)(Fb, lam, bool(grad))
+    grad = bool(grad)
+    parts = np.zeros(((Fb.shape[0] + _PER_CHUNK - 1) // _PER_CHUNK, _layout(q, p)["size"]))
+    threads = min(parts.shape[0], _threads(parallel)) if parallel else 1
+    if threads > 1:
+        _chunks_in_threads(k.evaluate, Fb, lam, grad, parts, threads)
+    else:
+        k.evaluate(Fb, lam, grad, parts, 0, parts.shape[0])
+    s = k.sums(parts, grad)
     return PlsSums(*s) if grad else PlsSums(*s[:4])
+
+
+def _threads(parallel: bool | int) -> int:
+    """Threads for a parallel pass: a count, or (``True``) every core numba would use."""
+    if parallel is True:
+        import numba
+
+        return max(1, int(numba.config.NUMBA_NUM_THREADS))
+    return max(1, int(parallel))
 
 
 @njit(**_OPTS)
