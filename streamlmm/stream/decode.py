@@ -304,6 +304,11 @@ class _Part(NamedTuple):
     pos: np.ndarray
 
 
+def _taken(values: list, pos: np.ndarray) -> list:
+    """``values[pos]`` (the list itself when ``pos`` takes all of it, in order)."""
+    return values if len(pos) == len(values) else [values[i] for i in pos.tolist()]
+
+
 def _len(v: bytes | None) -> int:
     return -1 if v is None else len(v)
 
@@ -436,8 +441,7 @@ class Decoder:
         """The numba scan of ``values[pos]`` (:mod:`~streamlmm.stream.jsonscan`), whose
         lengths are ``lens[pos]``: the events it accepts, and the positions it declined."""
         n = len(pos)
-        vals = values if n == len(values) else [values[i] for i in pos.tolist()]
-        joined = b"".join(vals)
+        joined = b"".join(_taken(values, pos))
         starts = np.zeros(n + 1, np.int64)
         np.cumsum(lens[pos], out=starts[1:])
         num, kpos, ok = self._scan_columns(n)
@@ -452,9 +456,8 @@ class Decoder:
         if self._fast is None:
             return None
         n = len(pos)
-        vals = values if n == len(values) else [values[i] for i in pos.tolist()]
         try:
-            joined = b"\x00".join(vals)
+            joined = b"\x00".join(_taken(values, pos))
         except TypeError:  # a tombstone (None)
             return None
         starts = np.empty(n + 1, np.int64)

@@ -385,11 +385,17 @@ class Engine:
             return self.source.exhausted
         offsets = self.offsets
         if pending is not None:
-            topic, offsets = self.source.topic, dict(offsets)
-            for p, off in pending.last_offsets().items():
-                name = tp_name(topic, p)
-                offsets[name] = max(offsets.get(name, 0), off)
+            offsets = self._advance(dict(offsets), pending)
         return all(offsets.get(tp, 0) >= end for tp, end in targets.items())
+
+    def _advance(self, offsets: dict[str, int], polled: Polled) -> dict[str, int]:
+        """``offsets`` moved past the poll ``polled`` (never back), in place."""
+        topic = self.source.topic
+        for p, off in polled.last_offsets().items():
+            name = tp_name(topic, p)
+            if off > offsets.get(name, 0):
+                offsets[name] = off
+        return offsets
 
     def _poll(self):
         try:
@@ -433,11 +439,7 @@ class Engine:
             self.dead.send(dead)
         if len(batch):
             self.model.learn_coded(batch.uniques, batch.codes, batch.A, batch.y, batch.w, batch.t)
-        topic = self.source.topic
-        for p, off in polled.last_offsets().items():
-            name = tp_name(topic, p)
-            if off > self.offsets.get(name, 0):
-                self.offsets[name] = off
+        self._advance(self.offsets, polled)
         return len(polled)
 
     def run(self, install_signals: bool = True) -> int:
@@ -498,7 +500,7 @@ class Engine:
                 if due and cfg.until_end:  # the final checkpoint follows at the end
                     due = not self._caught_up(targets, decoding[0] if decoding else None)
                 if due:
-                    if decoding is not None:
+                    if decoding is not None:  # what the snapshot records as read, it holds
                         self._learn(decoding[0], decoding[1].result())
                         decoding = None
                     self.checkpoint()
