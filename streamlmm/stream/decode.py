@@ -85,7 +85,10 @@ class Polled:
     message (for a dead letter) only when it is needed. ``offsets`` may be given as a
     function that builds them when first needed, by a source whose polls hold each
     partition's messages in offset order: the next offsets after a poll then take
-    one record per partition.
+    one record per partition. ``values`` may be a function of the position, then the
+    list is built only if a slow path asks for it; ``packed`` is the values laid end
+    to end in one buffer with their ``n + 1`` bounds, which the decoder scans in
+    place. ``errors`` marks the client's error events, which never move an offset.
 
     Examples
     --------
@@ -95,22 +98,27 @@ class Polled:
 
     """
 
-    __slots__ = ("values", "parts", "_offsets", "_record", "_error", "_last")
+    __slots__ = ("_values", "parts", "_offsets", "_record", "_error", "_last", "packed", "errors")
 
     def __init__(
         self,
-        values: list[bytes | None],
+        values: list[bytes | None] | Callable[[int], bytes | None],
         parts: np.ndarray,
         offsets: np.ndarray | Callable[[], np.ndarray],
         record: Callable[[int], Record],
         error: Callable[[int], Any] | None = None,
+        *,
+        packed: tuple[np.ndarray, np.ndarray] | None = None,
+        errors: np.ndarray | None = None,
     ):
-        self.values = values
+        self._values = values
         self.parts = parts
         self._offsets = offsets
         self._record = record
         self._error = error
         self._last: dict[int, int] | None = None
+        self.packed = packed
+        self.errors = errors
 
     @classmethod
     def from_records(cls, records: Sequence) -> Polled:
@@ -122,6 +130,17 @@ class Polled:
             np.fromiter((r.offset for r in records), np.int64, n),
             lambda i: records[i],
         )
+
+    def value(self, i: int) -> bytes | None:
+        """The ``i``-th message's value, without building :attr:`values`."""
+        return self._values(i) if callable(self._values) else self._values[i]
+
+    @property
+    def values(self) -> list[bytes | None]:
+        """Each message's value (``None`` for a tombstone)."""
+        if callable(self._values):
+            self._values = list(map(self._values, range(len(self.parts))))
+        return self._values
 
     @property
     def offsets(self) -> np.ndarray:
@@ -144,11 +163,11 @@ class Polled:
         return None if self._error is None else self._error(i)
 
     def __len__(self) -> int:
-        return len(self.values)
+        return len(self.parts)
 
     def __iter__(self):
         """The full records, in poll order."""
-        return (self.record(i) for i in range(len(self.values)))
+        return (self.record(i) for i in range(len(self)))
 
     def last_offsets(self) -> dict[int, int]:
         """Per partition, the next offset after this poll's last message.
@@ -178,9 +197,16 @@ class Polled:
                 ok = [i for i in range(n) if self.error(i) is None]  # rare: error events
                 last = {int(parts[i]): i for i in ok}
             return {p: self.record(i).offset + 1 for p, i in sorted(last.items())}
+        offsets = self.offsets
+        if self.errors is not None and self.errors.any():
+            keep = ~self.errors
+            if not keep.any():
+                return {}
+            parts, offsets = parts[keep], offsets[keep]
+            distinct = distinct_partitions(parts)
         if len(distinct) == 1:
-            return {distinct[0]: int(self.offsets.max()) + 1}
-        return {p: int(self.offsets[parts == p].max()) + 1 for p in distinct}
+            return {distinct[0]: int(offsets.max()) + 1}
+        return {p: int(offsets[parts == p].max()) + 1 for p in distinct}
 
 
 def distinct_partitions(parts: np.ndarray) -> list[int]:
@@ -441,12 +467,28 @@ class Decoder:
         """The numba scan of ``values[pos]`` (:mod:`~streamlmm.stream.jsonscan`), whose
         lengths are ``lens[pos]``: the events it accepts, and the positions it declined."""
         n = len(pos)
-        joined = b"".join(_taken(values, pos))
+        joined = np.frombuffer(b"".join(_taken(values, pos)), np.uint8)
         starts = np.zeros(n + 1, np.int64)
         np.cumsum(lens[pos], out=starts[1:])
         num, kpos, ok = self._scan_columns(n)
-        jsonscan.scan(np.frombuffer(joined, np.uint8), starts, *self._scan_args(), num, kpos, ok)
+        jsonscan.scan(joined, starts, *self._scan_args(), num, kpos, ok)
         return self._accepted(joined, num, kpos, ok, pos)
+
+    def _scan_packed(
+        self, buf: np.ndarray, starts: np.ndarray, pos: np.ndarray
+    ) -> tuple[_Part, np.ndarray] | None:
+        """:meth:`_scan` of a poll whose values lie end to end in ``buf`` (message ``i``
+        is ``buf[starts[i]:starts[i + 1]]``), scanned in place; ``pos`` is a run of
+        positions up to the poll's end. Empty messages (tombstones too) and messages
+        over :attr:`max_bytes` are declined."""
+        if self._fast is None:
+            return None
+        n = len(pos)
+        at = starts[int(pos[0]) :] if n else starts[:1]
+        num, kpos, ok = self._scan_columns(n)
+        jsonscan.scan(buf, at, *self._scan_args(), num, kpos, ok)
+        ok &= np.diff(at) <= self.max_bytes
+        return self._accepted(buf, num, kpos, ok, pos)
 
     def _scan_joined(self, values: list, pos: np.ndarray) -> tuple[_Part, np.ndarray] | None:
         """:meth:`_scan` of ``values[pos]`` joined by NUL bytes, which the scan splits as
@@ -483,7 +525,7 @@ class Decoder:
             fast.w_at,
         )  # fmt: skip
 
-    def _accepted(self, joined: bytes, num, kpos, ok, pos) -> tuple[_Part, np.ndarray]:
+    def _accepted(self, joined, num, kpos, ok, pos) -> tuple[_Part, np.ndarray]:
         """The scanned messages it accepted, keys interned; the positions it declined."""
         codes = self.keys.ids_of_slices(joined, kpos, ok)
         if ok.all():
@@ -573,7 +615,7 @@ class Decoder:
                 log.warning("kafka consumer: %s", err)
                 continue
             try:
-                got = self._one(polled.values[i])
+                got = self._one(polled.value(i))
             except ValueError as e:
                 dead.append(DeadLetter(polled.record(i), str(e)))
                 continue
@@ -600,7 +642,10 @@ class Decoder:
         dead: list[DeadLetter] = []
         parts, rest = self._until_plain(polled, dead)
         if len(rest):
-            got = self._scan_joined(polled.values, rest)
+            if polled.packed is not None:
+                got = self._scan_packed(*polled.packed, rest)
+            else:
+                got = self._scan_joined(polled.values, rest)
             if got is not None:
                 parts.append(got[0])
                 rest = got[1]

@@ -465,13 +465,13 @@ class Engine:
         """Poll, learn and checkpoint until stopped or caught up; then the final one.
 
         Each poll is decoded on a second thread while the next one is consumed: the
-        decoder's numba scan releases the GIL, and the client spends most of a poll
-        building message objects. Everything else (learning, offsets, checkpoints)
-        stays on this thread, between decodes, so that the model, the decoder and the
-        offsets are never touched by both threads at once. A checkpoint first learns
-        the poll in flight, so that what the snapshot records as consumed (offsets, a
-        file's identity) is exactly what it has learned; a poll taken but not learned
-        when the process dies is read again by the next run.
+        decoder's numba scan and the librdkafka fetcher's copy both release the GIL.
+        Everything else (learning, offsets, checkpoints) stays on this thread, between
+        decodes, so that the model, the decoder and the offsets are never touched by
+        both threads at once. A checkpoint first learns the poll in flight, so that
+        what the snapshot records as consumed (offsets, a file's identity) is exactly
+        what it has learned; a poll taken but not learned when the process dies is
+        read again by the next run.
         """
         cfg = self.cfg
         targets: dict[str, int] = {}

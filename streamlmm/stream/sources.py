@@ -32,12 +32,14 @@ import hashlib
 import logging
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from streamlmm.stream import rdkafka
 from streamlmm.stream.decode import Polled, Record
 
 __all__ = [
@@ -445,11 +447,14 @@ def confluent_available() -> bool:
 class ConfluentSource(_KafkaBase):
     """Partitions of one topic through confluent-kafka (librdkafka), when installed.
 
-    The same contract as :class:`KafkaSource`; a poll's values, partitions and offsets
-    are read into columns by C-level maps, and a full record is built only for a dead
-    letter. librdkafka delivers its errors as messages of the poll: they are told
-    apart only where it matters (see :meth:`Polled.error`), never by a call per
-    message.
+    The same contract as :class:`KafkaSource`. Polls come from a
+    :class:`~streamlmm.stream.rdkafka.Fetcher` where librdkafka can be loaded (as
+    columns, the values end to end in one buffer: no Python object per message), else
+    from ``consume()``, whose values, partitions and offsets are read into columns by
+    C-level maps. Either way a full record is built only for a dead letter, and
+    librdkafka's error events (delivered as messages of the poll) are told apart only
+    where it matters (see :meth:`Polled.error`). ``native=False`` (or the environment
+    variable ``STREAMLMM_NATIVE_FETCH=0``) always uses ``consume()``.
     """
 
     client = "confluent-kafka"
@@ -463,6 +468,7 @@ class ConfluentSource(_KafkaBase):
         *,
         partitions: list[int] | None = None,
         metadata_timeout_s: float = 60.0,
+        native: bool = True,
     ):
         from confluent_kafka import Consumer, Message, TopicPartition
 
@@ -472,23 +478,31 @@ class ConfluentSource(_KafkaBase):
         self._TP, self._M = TopicPartition, Message
         self.topic = topic
         self.group_id = group_id
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": group_id,
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "auto.offset.reset": "earliest",
-                "enable.partition.eof": False,
-                "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
-                "max.partition.fetch.bytes": 4 << 20,
-                # librdkafka waits this long to fetch again once a partition's local queue
-                # is over its threshold (default 1 s): a consumer that decodes between
-                # polls would sit idle for a second at a time
-                "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
-                **conf,
-            }
-        )
+        conf = {
+            "bootstrap.servers": bootstrap,
+            "group.id": group_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": "earliest",
+            "enable.partition.eof": False,
+            "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
+            "max.partition.fetch.bytes": 4 << 20,
+            # librdkafka waits this long to fetch again once a partition's local queue
+            # is over its threshold (default 1 s): a consumer that decodes between
+            # polls would sit idle for a second at a time
+            "fetch.queue.backoff.ms": FETCH_QUEUE_BACKOFF_MS,
+            **conf,
+        }
+        # fetching goes through a second handle that reads whole polls into columns
+        # (stream/rdkafka.py); it connects while the consumer below reads the metadata
+        self.fetcher = rdkafka.Fetcher.open(conf) if native else None
+        connecting = None
+        if self.fetcher is not None:
+            connecting = threading.Thread(
+                target=self.fetcher.connect, args=(topic, 10.0), daemon=True
+            )
+            connecting.start()
+        self.consumer = Consumer(conf)
         deadline = time.monotonic() + metadata_timeout_s
         while True:
             try:
@@ -499,21 +513,39 @@ class ConfluentSource(_KafkaBase):
                 parts = set(md.partitions)
                 break
             if time.monotonic() > deadline:
-                self.consumer.close()
+                self.close()
                 raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
             time.sleep(0.05)
-        self.partitions = _check_partitions(topic, parts, partitions)
+        if connecting is not None:
+            connecting.join()
+        log.info(
+            "kafka source %s: %s",
+            topic,
+            "fetching whole polls through librdkafka (stream/rdkafka.py)"
+            if self.fetcher is not None
+            else "fetching through confluent-kafka's consume()",
+        )
+        try:
+            self.partitions = _check_partitions(topic, parts, partitions)
+        except ValueError:
+            self.close()
+            raise
 
     def seek(self, offsets: Mapping[str, int]) -> None:
         from confluent_kafka import OFFSET_BEGINNING
 
-        tps = []
-        for p in self.partitions:
-            off = offsets.get(tp_name(self.topic, p))
-            tps.append(self._TP(self.topic, p, OFFSET_BEGINNING if off is None else int(off)))
-        self.consumer.assign(tps)
+        at = {p: offsets.get(tp_name(self.topic, p)) for p in self.partitions}
+        if self.fetcher is not None:
+            self.fetcher.assign(self.topic, at)
+            return
+        begin = OFFSET_BEGINNING
+        self.consumer.assign(
+            [self._TP(self.topic, p, begin if off is None else int(off)) for p, off in at.items()]
+        )
 
     def poll(self, max_records: int, timeout_s: float) -> Polled:
+        if self.fetcher is not None:
+            return self._polled(self.fetcher.poll(max_records, timeout_s))
         msgs = self.consumer.consume(max_records, timeout_s)
         M = self._M
         n = len(msgs)
@@ -564,8 +596,33 @@ class ConfluentSource(_KafkaBase):
             tp_name(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in got
         }
 
+    def _polled(self, got: rdkafka.Fetched) -> Polled:
+        """A poll of the fetcher's columns; values and records only when asked for."""
+        topic = self.topic
+
+        def record(i: int) -> Record:
+            ts = int(got.stamps[i])
+            return Record(
+                topic, int(got.parts[i]), int(got.offsets[i]), got.key(i), got.value(i), ts
+            )
+
+        errors = got.errs != 0
+        return Polled(
+            got.value,
+            got.parts,
+            got.offsets,
+            record,
+            got.error if errors.any() else None,
+            packed=(got.buf, got.starts),
+            errors=errors,
+        )
+
     def close(self) -> None:
-        self.consumer.close()
+        try:
+            if getattr(self, "fetcher", None) is not None:
+                self.fetcher.close()
+        finally:
+            self.consumer.close()
 
 
 def _own(topic: str, offsets: Mapping[str, int]) -> dict[int, int]:

@@ -73,13 +73,22 @@ def latest_snapshot(snapshot_dir: Path):
 class EngineProcess:
     """``streamlmm run`` in a subprocess, its output in a log file."""
 
-    def __init__(self, args: Sequence[str], log_path: Path, snapshot_dir: Path):
+    def __init__(
+        self,
+        args: Sequence[str],
+        log_path: Path,
+        snapshot_dir: Path,
+        env: Mapping[str, str] | None = None,
+    ):
         self.args = list(args)
         self.log_path = log_path
         self.snapshot_dir = snapshot_dir
         # The engine reads STREAMLMM_* settings from the environment: keep the test's
-        # own (port, reference dir, ...) out of it, so flags alone configure it.
-        env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLMM_")}
+        # own (port, reference dir, ...) out of it, so flags (and ``env``) configure it.
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("STREAMLMM_")},
+            **(env or {}),
+        }
         self._log = open(log_path, "ab")  # noqa: SIM115 - closed in wait()/kill()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streamlmm.cli", "run", *self.args],
@@ -301,11 +310,18 @@ class KafkaKit:
             args.append("--until-end")
         return args
 
-    def start_engine(self, topic: str, snapshot_dir: Path, *extra: str, **kw) -> EngineProcess:
+    def start_engine(
+        self,
+        topic: str,
+        snapshot_dir: Path,
+        *extra: str,
+        env: Mapping[str, str] | None = None,
+        **kw,
+    ) -> EngineProcess:
         """Start ``streamlmm run`` (``until_end`` defaults to True) in the background."""
         args = self.engine_args(topic, snapshot_dir, *extra, **kw)
         n = len(self._engines)
-        eng = EngineProcess(args, self.tmp_path / f"engine-{n}.log", Path(snapshot_dir))
+        eng = EngineProcess(args, self.tmp_path / f"engine-{n}.log", Path(snapshot_dir), env)
         self._engines.append(eng)
         return eng
 

@@ -126,8 +126,15 @@ def assert_same_as_in_memory(snap, events: list[dict], helpers) -> None:
 
 
 # -- 1. lme4's estimates ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["pub_slopes_reml", "pub_freqweights_reml"])
-def test_three_partition_topic_reproduces_lme4(kit, topic, tmp_path, name):
+@pytest.mark.parametrize(
+    ("name", "fetch"),
+    [
+        ("pub_slopes_reml", "librdkafka"),
+        ("pub_freqweights_reml", "librdkafka"),
+        ("pub_slopes_reml", "consume"),  # confluent-kafka's consume(), where it is missing
+    ],
+)
+def test_three_partition_topic_reproduces_lme4(kit, topic, tmp_path, name, fetch):
     ref, events = reference_case(name)
     kit.create_topic(topic, partitions=3)
     kit.produce_events(topic, events)
@@ -135,8 +142,12 @@ def test_three_partition_topic_reproduces_lme4(kit, topic, tmp_path, name):
     assert sum(ends.values()) == len(events) and min(ends.values()) > 0
 
     snap_dir = tmp_path / "snap"
-    kit.run_engine(topic, snap_dir, "--method", ref["method"], formula=ref["formula"])
+    env = {"STREAMLMM_NATIVE_FETCH": "0"} if fetch == "consume" else None
+    eng = kit.run_engine(
+        topic, snap_dir, "--method", ref["method"], formula=ref["formula"], env=env
+    )
     snap = kit.latest_snapshot(snap_dir)
+    assert ("librdkafka" in eng.log_tail(200)) == (fetch == "librdkafka")
 
     assert snap.n_obs == ref["n"]  # Σw for the weighted case: lme4 repeated the rows
     assert snap.n_events == len(events)
