@@ -496,13 +496,17 @@ class ConfluentSource(_KafkaBase):
         # fetching goes through a second handle that reads whole polls into columns
         # (stream/rdkafka.py); it connects while the consumer below reads the metadata
         self.fetcher = rdkafka.Fetcher.open(conf) if native else None
-        connecting = None
+        self._connecting = None
         if self.fetcher is not None:
-            connecting = threading.Thread(
+            self._connecting = threading.Thread(
                 target=self.fetcher.connect, args=(topic, 10.0), daemon=True
             )
-            connecting.start()
-        self.consumer = Consumer(conf)
+            self._connecting.start()
+        try:
+            self.consumer = Consumer(conf)
+        except BaseException:
+            self._close_fetcher()
+            raise
         deadline = time.monotonic() + metadata_timeout_s
         while True:
             try:
@@ -516,8 +520,8 @@ class ConfluentSource(_KafkaBase):
                 self.close()
                 raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
             time.sleep(0.05)
-        if connecting is not None:
-            connecting.join()
+        if self._connecting is not None:
+            self._connecting.join()
         log.info(
             "kafka source %s: %s",
             topic,
@@ -617,10 +621,15 @@ class ConfluentSource(_KafkaBase):
             errors=errors,
         )
 
+    def _close_fetcher(self) -> None:
+        if self.fetcher is not None:
+            if self._connecting is not None:
+                self._connecting.join()  # its metadata request uses the handle
+            self.fetcher.close()
+
     def close(self) -> None:
         try:
-            if getattr(self, "fetcher", None) is not None:
-                self.fetcher.close()
+            self._close_fetcher()
         finally:
             self.consumer.close()
 
