@@ -47,7 +47,8 @@ OFFSET_BEGINNING = -2
 ERR_FATAL = -150  # RD_KAFKA_RESP_ERR__FATAL
 MIN_VERSION = 0x010900FF  # librdkafka 1.9
 
-# rd_kafka_message_t (rdkafka.h), byte offsets of its fields on LP64
+# rd_kafka_message_t (rdkafka.h), byte offsets of its fields on LP64 (each pointer's
+# length is the size_t right after it)
 _ERR, _PARTITION, _PAYLOAD, _LEN, _KEY, _KEY_LEN, _OFFSET = 0, 16, 24, 32, 40, 48, 56
 
 _vp, _int, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
@@ -216,6 +217,19 @@ NULL_VALUE, NULL_KEY = 1, 2  # gather's flags
 
 
 @njit(cache=True, nogil=True)
+def _append(m, field, dst, pos):  # pragma: no cover - compiled
+    """Copy the bytes a pointer field of message ``m`` points to (the pointer at byte
+    ``field``, its length right after it) to ``dst[pos:]``: the new end, or -1 for a
+    null pointer."""
+    address = np.uint64(_load_i64(m + np.uint64(field)))
+    if address == 0:
+        return -1
+    size = _load_i64(m + np.uint64(field + 8))
+    _copy_in(dst, pos, address, size)
+    return pos + size
+
+
+@njit(cache=True, nogil=True)
 def gather(
     msgs,
     n,
@@ -248,20 +262,16 @@ def gather(
         parts[r] = _low32(_load_i64(m + np.uint64(_PARTITION)))
         offsets[r] = _load_i64(m + np.uint64(_OFFSET))
         flags[r] = 0
-        payload = np.uint64(_load_i64(m + np.uint64(_PAYLOAD)))
-        if payload != 0:
-            size = _load_i64(m + np.uint64(_LEN))
-            _copy_in(buf, pos, payload, size)
-            pos += size
-        else:
+        end = _append(m, _PAYLOAD, buf, pos)
+        if end < 0:
             flags[r] |= NULL_VALUE
-        key = np.uint64(_load_i64(m + np.uint64(_KEY)))
-        if key != 0:
-            size = _load_i64(m + np.uint64(_KEY_LEN))
-            _copy_in(keybuf, kpos, key, size)
-            kpos += size
         else:
+            pos = end
+        end = _append(m, _KEY, keybuf, kpos)
+        if end < 0:
             flags[r] |= NULL_KEY
+        else:
+            kpos = end
         stamps[r] = _call_2(timestamp_fn, m, np.uint64(0))
         _call_1(destroy_fn, m)
     starts[n] = pos
