@@ -170,7 +170,8 @@ def _parser() -> argparse.ArgumentParser:
         "--snapshot-every-events",
         type=int,
         metavar="N",
-        help="snapshot after this many events" + _default("snapshot_every_events"),
+        help="snapshot after this many events, or after --snapshot-every-seconds, whichever "
+        "comes first (a crash replays at most that much)" + _default("snapshot_every_events"),
     )
     r.add_argument(
         "--snapshot-every-seconds",

@@ -29,6 +29,9 @@ from numba import njit
 __all__ = ["KeyTable", "key_bytes", "factorize_strs", "factorize_ints"]
 
 _OPTS = {"cache": True, "nogil": True}
+# the passes only read and write arrays they are given: compiled without NRT they carry
+# no reference counting of the arrays passed to their inlined helpers
+_PASS = {**_OPTS, "_nrt": False}
 _GOLD = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: Fibonacci hashing
 _LONG = np.uint64(0xFF) << np.uint64(56)  # top byte of a long key's tag
 _LOAD = 3  # the table is grown beyond 1/_LOAD full
@@ -114,7 +117,7 @@ def _shift(cap):  # pragma: no cover - numba
     return np.uint64(s)
 
 
-@njit(**_OPTS)
+@njit(**_PASS)
 def _tags_of(buf, lo, hi, ok, tags):  # pragma: no cover - numba
     """The tag of each key ``buf[lo[r]:hi[r]]`` (0 where not ``ok``): a pass of its own,
     free of the probes' mispredicted branches."""
@@ -132,7 +135,7 @@ def _tags_of(buf, lo, hi, ok, tags):  # pragma: no cover - numba
             tags[r] = _tag(buf, s, e)
 
 
-@njit(**_OPTS)
+@njit(**_PASS)
 def _intern(
     buf, lo, hi, keytags, r0, codes, tags, ids, store, starts, first, n_keys
 ):  # pragma: no cover
@@ -163,7 +166,8 @@ def _intern(
                 a = starts[n_keys]
                 if n_keys >= full or a + e - s > store.shape[0]:
                     return r, n_keys
-                store[a : a + e - s] = buf[s:e]
+                for j in range(e - s):
+                    store[a + j] = buf[s + j]
                 starts[n_keys + 1] = a + e - s
                 tags[slot] = tag
                 ids[slot] = n_keys
@@ -175,7 +179,7 @@ def _intern(
     return lo.shape[0], n_keys
 
 
-@njit(**_OPTS)
+@njit(**_PASS)
 def _rehash(store, starts, n_keys, tags, ids):  # pragma: no cover - numba
     mask = np.uint64(tags.shape[0] - 1)
     shift = _shift(tags.shape[0])
@@ -188,7 +192,7 @@ def _rehash(store, starts, n_keys, tags, ids):  # pragma: no cover - numba
         ids[slot] = u
 
 
-@njit(**_OPTS)
+@njit(**_PASS)
 def _split(buf, ends):  # pragma: no cover - numba
     """The positions of the ``\\x00`` separators of ``buf`` into ``ends[1:]``, and
     ``len(buf)`` after them (``ends[0]`` is -1): returns the number of keys, or -1 if
@@ -205,7 +209,7 @@ def _split(buf, ends):  # pragma: no cover - numba
     return c
 
 
-@njit(**_OPTS)
+@njit(**_PASS)
 def _intern_ints(values, r0, codes, slots, ids, first, n_keys):  # pragma: no cover - numba
     """:func:`_intern` for int64 keys (``slots`` hold the keys; -1 in ``ids``: empty)."""
     cap = slots.shape[0]

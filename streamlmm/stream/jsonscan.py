@@ -24,12 +24,18 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
 
 __all__ = ["scan", "scan_split", "field_table", "POW10_HI", "POW10_LO"]
 
 _OPTS = {"cache": True, "nogil": True}
 _INLINE = {**_OPTS, "inline": "always"}
+# the scans only read and write arrays they are given: compiled without NRT they carry no
+# reference counting, whose increments and decrements of the arrays passed to the inlined
+# helpers cost more than the parsing (68 → 23 ns for a message holding only a key)
+_SCAN = {**_OPTS, "_nrt": False}
 _MIN_EXP10 = -348
 _MAX_EXP10 = 347
 
@@ -71,28 +77,27 @@ def field_table(names: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # -- numbers -------------------------------------------------------------------------------
-@njit(**_INLINE)
-def _mul64(a, b):  # pragma: no cover - numba
-    """The 128-bit product of two uint64 as ``(hi, lo)``."""
-    m32 = np.uint64(0xFFFFFFFF)
-    s32 = np.uint64(32)
-    a0, a1 = a & m32, a >> s32
-    b0, b1 = b & m32, b >> s32
-    p00, p01, p10, p11 = a0 * b0, a0 * b1, a1 * b0, a1 * b1
-    mid = (p00 >> s32) + (p01 & m32) + (p10 & m32)
-    hi = p11 + (p01 >> s32) + (p10 >> s32) + (mid >> s32)
-    lo = (mid << s32) | (p00 & m32)
-    return hi, lo
+@intrinsic
+def _mul64(typingctx, a, b):  # pragma: no cover - compiled
+    """The 128-bit product of two uint64 as ``(hi, lo)`` (one widening multiply)."""
+
+    def codegen(context, builder, signature, args):
+        i64, i128 = ir.IntType(64), ir.IntType(128)
+        p = builder.mul(builder.zext(args[0], i128), builder.zext(args[1], i128))
+        hi = builder.trunc(builder.lshr(p, ir.Constant(i128, 64)), i64)
+        return context.make_tuple(builder, signature.return_type, [hi, builder.trunc(p, i64)])
+
+    return types.UniTuple(types.uint64, 2)(types.uint64, types.uint64), codegen
 
 
-@njit(**_INLINE)
-def _clz(x):  # pragma: no cover - numba
-    n = 0
-    for s in (32, 16, 8, 4, 2, 1):
-        if x >> np.uint64(64 - s) == np.uint64(0):
-            x = x << np.uint64(s)
-            n += s
-    return n
+@intrinsic
+def _clz(typingctx, x):  # pragma: no cover - compiled
+    """Leading zero bits of a uint64 (64 for 0)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.ctlz(args[0], ir.Constant(ir.IntType(1), 0))
+
+    return types.int64(types.uint64), codegen
 
 
 @njit(**_INLINE)
@@ -341,7 +346,7 @@ def _event(buf, i, end, r, names, name_off, required, defaults, max_key, max_abs
     return good, j
 
 
-@njit(**_OPTS)
+@njit(**_SCAN)
 def scan(
     buf, starts, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
 ):  # pragma: no cover
@@ -360,7 +365,7 @@ def scan(
         ok[r] = good and j == end
 
 
-@njit(**_OPTS)
+@njit(**_SCAN)
 def scan_split(
     buf, sep, starts, names, name_off, required, defaults, max_key, max_abs, w_at, num, kpos, ok
 ):  # pragma: no cover

@@ -52,6 +52,10 @@ MIN_VERSION = 0x010900FF  # librdkafka 1.9
 _ERR, _PARTITION, _PAYLOAD, _LEN, _KEY, _KEY_LEN, _OFFSET = 0, 16, 24, 32, 40, 48, 56
 
 _vp, _int, _size = ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t
+# the numba passes only read and write arrays they are given: compiled without NRT, they
+# carry no reference counting (numba's increments and decrements of the arrays passed to
+# inlined helpers cost more than the copying itself)
+_PASS = {"cache": True, "nogil": True, "_nrt": False}
 
 
 class _TopicPartition(ctypes.Structure):
@@ -194,13 +198,13 @@ def _call_2(typingctx, fn, a, b):  # pragma: no cover - compiled
     return types.int64(types.uint64, types.uint64, types.uint64), codegen
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _low32(x):  # pragma: no cover - compiled
     v = x & 0xFFFFFFFF
     return v - (1 << 32) if v >= (1 << 31) else v
 
 
-@njit(cache=True, nogil=True)
+@njit(**_PASS)
 def payload_sizes(msgs, n):  # pragma: no cover - compiled
     """Total payload and key bytes of the messages at the addresses ``msgs[:n]``."""
     total, keys = 0, 0
@@ -216,7 +220,7 @@ def payload_sizes(msgs, n):  # pragma: no cover - compiled
 NULL_VALUE, NULL_KEY = 1, 2  # gather's flags
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
 def _append(m, field, dst, pos):  # pragma: no cover - compiled
     """Copy the bytes a pointer field of message ``m`` points to (the pointer at byte
     ``field``, its length right after it) to ``dst[pos:]``: the new end, or -1 for a
@@ -229,7 +233,7 @@ def _append(m, field, dst, pos):  # pragma: no cover - compiled
     return pos + size
 
 
-@njit(cache=True, nogil=True)
+@njit(**_PASS)
 def gather(
     msgs,
     n,
