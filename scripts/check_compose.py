@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -75,8 +76,16 @@ def project_errors(doc: dict, dockerfile: str) -> list[str]:
                 errs.append(f"{name}: port {p} is not bound to 127.0.0.1")
     if not any(str(p).endswith(":8000") for p in eng.get("ports", [])):
         errs.append("engine: the HTTP port 8000 is not published")
-    if '".[serve]"' not in dockerfile and "'.[serve]'" not in dockerfile:
+    extras = set()
+    for group in re.findall(r"[\"']\.\[([A-Za-z0-9_,\s-]+)\][\"']", dockerfile):
+        extras |= {e.strip() for e in group.split(",")}
+    if "serve" not in extras:
         errs.append("Dockerfile must install the serve extra (.[serve]) for run --serve")
+    if "confluent" not in extras:
+        errs.append(
+            "Dockerfile must install the confluent extra (.[confluent]): the engine's "
+            "librdkafka fetch, about 20x kafka-python's ingest"
+        )
     return errs
 
 

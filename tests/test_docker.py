@@ -43,7 +43,8 @@ def test_project_checks():
     bad = copy.deepcopy(doc)
     bad["services"]["engine"]["ports"] = ["8000:8000"]
     bad["services"]["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] = "broker"
-    errs = check.project_errors(bad, dockerfile.replace(".[serve]", "."))
+    errs = check.project_errors(bad, dockerfile.replace(".[serve,confluent]", "."))
     assert any("127.0.0.1" in e for e in errs)
     assert any("KRaft" in e for e in errs)
     assert any("serve extra" in e for e in errs)
+    assert any("confluent extra" in e for e in errs)
