@@ -89,6 +89,8 @@ class Polled:
     list is built only if a slow path asks for it; ``packed`` is the values laid end
     to end in one buffer with their ``n + 1`` bounds, which the decoder scans in
     place. ``errors`` marks the client's error events, which never move an offset.
+    ``positions`` (set by Kafka sources) is the consumer's position per partition right
+    after the poll, which moves past transaction markers the poll did not deliver.
 
     Examples
     --------
@@ -98,7 +100,10 @@ class Polled:
 
     """
 
-    __slots__ = ("_values", "parts", "_offsets", "_record", "_error", "_last", "packed", "errors")
+    __slots__ = (
+        "_values", "parts", "_offsets", "_record", "_error", "_last", "packed", "errors",
+        "positions",
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -119,6 +124,10 @@ class Polled:
         self._last: dict[int, int] | None = None
         self.packed = packed
         self.errors = errors
+        # per partition, the consumer's position right after this poll: past the poll's
+        # messages and past any transaction markers or aborted records that follow them
+        # (which are never delivered); set by Kafka sources
+        self.positions: dict[int, int] | None = None
 
     @classmethod
     def from_records(cls, records: Sequence) -> Polled:

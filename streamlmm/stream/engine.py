@@ -392,12 +392,16 @@ class Engine:
         return all(offsets.get(tp, 0) >= end for tp, end in targets.items())
 
     def _advance(self, offsets: dict[str, int], polled: Polled) -> dict[str, int]:
-        """``offsets`` moved past the poll ``polled`` (never back), in place."""
+        """``offsets`` moved past the poll ``polled`` (never back), in place: past its
+        messages, and to the consumer's position after it, which also passes the
+        transaction markers that follow them (a transactional topic's last offset is a
+        marker, never delivered: without it ``--until-end`` would never reach the end)."""
         topic = self.source.topic
-        for p, off in polled.last_offsets().items():
-            name = tp_name(topic, p)
-            if off > offsets.get(name, 0):
-                offsets[name] = off
+        for ends in (polled.last_offsets(), polled.positions or {}):
+            for p, off in ends.items():
+                name = tp_name(topic, p)
+                if off > offsets.get(name, 0):
+                    offsets[name] = off
         return offsets
 
     def _poll(self):
@@ -495,6 +499,8 @@ class Engine:
                     decoding = None
                 if polled is not None and len(polled):
                     decoding = (polled, pool.submit(self.decoder.decode, polled))
+                elif polled is not None:  # nothing in flight: past markers, if any
+                    self._advance(self.offsets, polled)
                 polled = None  # the poll's records die with its batch
                 now = time.monotonic()
                 taken = since_events + (len(decoding[0]) if decoding else 0)

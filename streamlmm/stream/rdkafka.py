@@ -95,6 +95,7 @@ _SIGNATURES = {
     ),
     "rd_kafka_topic_partition_list_destroy": (None, [_vp]),
     "rd_kafka_assign": (_int, [_vp, _vp]),
+    "rd_kafka_position": (_int, [_vp, _vp]),
     "rd_kafka_consume_batch_queue": (ctypes.c_ssize_t, [_vp, _int, _vp, _size]),
     "rd_kafka_message_destroy": (None, [_vp]),
     "rd_kafka_message_timestamp": (ctypes.c_int64, [_vp, _vp]),
@@ -429,6 +430,23 @@ class Fetcher:
             lib.rd_kafka_topic_partition_list_destroy(tl)
         if err:
             raise RuntimeError(f"librdkafka assign: {lib.rd_kafka_err2str(err).decode()}")
+
+    def positions(self, topic: str, partitions: list[int]) -> dict[int, int]:
+        """The consumer's position in each partition (the offset after the last message
+        delivered, and after the transaction markers that follow it); partitions with
+        none yet are left out."""
+        lib = self.lib
+        tl = lib.rd_kafka_topic_partition_list_new(len(partitions))
+        try:
+            elems = [
+                lib.rd_kafka_topic_partition_list_add(tl, topic.encode(), p) for p in partitions
+            ]
+            with self._lock:
+                err = 0 if self.rk is None else lib.rd_kafka_position(self.rk, tl)
+            got = {p: int(e.contents.offset) for p, e in zip(partitions, elems)}
+        finally:
+            lib.rd_kafka_topic_partition_list_destroy(tl)
+        return {} if err else {p: off for p, off in got.items() if off >= 0}
 
     def poll(self, max_records: int, timeout_s: float) -> Fetched:
         """Up to ``max_records`` messages: as soon as some are there, or after ``timeout_s``."""

@@ -339,6 +339,8 @@ class KafkaSource(_KafkaBase):
             group_id=group_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
+            # aborted transactions are not events (librdkafka's default already)
+            isolation_level="read_committed",
             max_partition_fetch_bytes=max_partition_fetch_bytes,
             **{"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **dict(client_config or {})},
         )
@@ -372,7 +374,12 @@ class KafkaSource(_KafkaBase):
         out: list = []
         for msgs in polled.values():
             out.extend(msgs)  # ConsumerRecords: the fields of Record
-        return Polled.from_records(out)
+        got = Polled.from_records(out)
+        got.positions = self._positions()
+        return got
+
+    def _positions(self) -> dict[int, int]:
+        return {tp.partition: self.consumer.position(tp) for tp in self.tps}
 
     def end_offsets(self) -> dict[str, int]:
         ends = self.consumer.end_offsets(self.tps)
@@ -549,8 +556,16 @@ class ConfluentSource(_KafkaBase):
 
     def poll(self, max_records: int, timeout_s: float) -> Polled:
         if self.fetcher is not None:
-            return self._polled(self.fetcher.poll(max_records, timeout_s))
-        msgs = self.consumer.consume(max_records, timeout_s)
+            got = self._polled(self.fetcher.poll(max_records, timeout_s))
+            got.positions = self.fetcher.positions(self.topic, self.partitions)
+            return got
+        got = self._consumed(self.consumer.consume(max_records, timeout_s))
+        tps = [self._TP(self.topic, p) for p in self.partitions]
+        got.positions = {tp.partition: tp.offset for tp in self.consumer.position(tps)}
+        return got
+
+    def _consumed(self, msgs: list) -> Polled:
+        """A poll of confluent-kafka's messages, as columns."""
         M = self._M
         n = len(msgs)
         topic = self.topic

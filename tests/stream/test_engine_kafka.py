@@ -639,3 +639,38 @@ def test_a_group_arriving_on_a_second_partition_is_a_dead_letter(kit, topic, tmp
     assert (letters[0]["partition"], letters[0]["offset"]) == (1, stray_offset)
     assert "lives on partition 0" in letters[0]["reason"]
     assert snap.n_obs == len(home) + len(other)
+
+
+@pytest.mark.parametrize("client", ["confluent-kafka", "kafka-python"])
+def test_a_transactional_topic_is_read_to_its_end_and_aborted_events_are_not(
+    kit, topic, tmp_path, client
+):
+    """A transactional producer's topic ends with a commit marker, which no consumer is
+    given: ``--until-end`` must still end (at the consumer's position past the marker),
+    and an aborted transaction's events are never learned."""
+    kit.create_topic(topic, partitions=2)
+    events = list(simulate(3_000, 40, seed=5))
+    aborted = list(simulate(500, 40, seed=6))
+    producer = kit.producer(transactional_id=f"{topic}-tx")
+    try:
+        producer.init_transactions()
+        for chunk in (events[:1000], aborted, events[1000:2200], events[2200:]):
+            producer.begin_transaction()
+            for e in chunk:
+                key, value = kit.encode_event(e)
+                producer.send(topic, key=key, value=value)
+            if chunk is aborted:
+                producer.flush()  # in the log, then aborted
+                producer.abort_transaction()
+            else:
+                producer.commit_transaction()
+    finally:
+        producer.close()
+    ends = kit.end_offsets(topic)
+    assert sum(ends.values()) > len(events) + len(aborted)  # the markers take offsets
+
+    snap_dir = tmp_path / "snap"
+    kit.run_engine(topic, snap_dir, "--kafka-client", client, timeout_s=120)
+    snap = kit.latest_snapshot(snap_dir)
+    assert snap.n_events == len(events) and dict(snap.offsets) == ends
+    assert dict(zip(snap.keys, snap.group_n)) == dict(Counter(e["g"] for e in events))
