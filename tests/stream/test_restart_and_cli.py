@@ -147,7 +147,12 @@ def test_python_dash_m_version_and_help_with_defaults():
     for flag in ("--source", "--formula", "--snapshot-dir"):
         assert flag in text
     assert text.count("[required]") == 3
-    assert "(default: 100000)" in text and "(default: REML)" in text
+    from streamlmm.stream.engine import EngineConfig
+
+    every = EngineConfig.snapshot_every_events  # each default lives in one place
+    its_help = text[text.index("--snapshot-every-events N snapshot") :]
+    assert its_help[: its_help.index("--snapshot-every-seconds S")].endswith(f"(default: {every}) ")
+    assert "(default: REML)" in text
     assert "--new-source" in text and "stdin" in text
 
 
