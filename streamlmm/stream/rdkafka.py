@@ -125,7 +125,13 @@ def _candidates() -> list[str]:
 def library() -> ctypes.CDLL | None:
     """librdkafka with the functions :class:`Fetcher` calls typed, or ``None`` where it
     is missing, older than 1.9, or the platform is not 64-bit little-endian (or
-    ``STREAMLMM_NATIVE_FETCH=0``)."""
+    ``STREAMLMM_NATIVE_FETCH=0``).
+
+    >>> lib = library()
+    >>> lib is None or lib.rd_kafka_version() >= MIN_VERSION
+    True
+
+    """
     if _LIBRARY:
         return _LIBRARY[0]
     lib = None
@@ -306,7 +312,13 @@ def collect(msgs: np.ndarray, n: int, timestamp_fn: int, destroy_fn: int) -> Fet
 
 # -- the handle --------------------------------------------------------------------------------
 class FetchError:
-    """An error event of a poll (librdkafka delivers its errors as messages)."""
+    """An error event of a poll (librdkafka delivers its errors as messages).
+
+    >>> e = FetchError(ERR_FATAL, "fenced")
+    >>> e.fatal(), str(e)
+    (True, 'librdkafka error -150: fenced')
+
+    """
 
     def __init__(self, code: int, text: str):
         self.code, self.text = code, text
@@ -320,7 +332,17 @@ class FetchError:
 
 
 class Fetched(NamedTuple):
-    """One poll's messages as columns (see :func:`gather`)."""
+    """One poll's messages as columns (see :func:`gather`).
+
+    >>> f = Fetched(
+    ...     np.frombuffer(b"abxyz", np.uint8), np.array([0, 2, 2, 5]),
+    ...     np.frombuffer(b"k", np.uint8), np.array([0, 1, 1, 1]),
+    ...     np.array([0, 0, 1]), np.array([7, 8, 3]), np.zeros(3, np.int64),
+    ...     np.zeros(3, np.int32), np.array([0, NULL_VALUE | NULL_KEY, NULL_KEY], np.uint8))
+    >>> [f.value(i) for i in range(3)], [f.key(i) for i in range(3)], f.error(0)
+    ([b'ab', None, b'xyz'], [b'k', None, None], None)
+
+    """
 
     buf: np.ndarray
     starts: np.ndarray
