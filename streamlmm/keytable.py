@@ -117,6 +117,16 @@ def _shift(cap):  # pragma: no cover - numba
     return np.uint64(s)
 
 
+@njit(inline="always", **_OPTS)
+def _claim(slot, r, n_keys, ids, first, codes):  # pragma: no cover - numba
+    """Give the key of row ``r`` the next id, ``n_keys``, in table slot ``slot``; the
+    number of keys after it."""
+    ids[slot] = n_keys
+    first[n_keys] = r
+    codes[r] = n_keys
+    return n_keys + 1
+
+
 @njit(**_PASS)
 def _tags_of(buf, lo, hi, ok, tags):  # pragma: no cover - numba
     """The tag of each key ``buf[lo[r]:hi[r]]`` (0 where not ``ok``): a pass of its own,
@@ -170,10 +180,7 @@ def _intern(
                     store[a + j] = buf[s + j]
                 starts[n_keys + 1] = a + e - s
                 tags[slot] = tag
-                ids[slot] = n_keys
-                first[n_keys] = r
-                codes[r] = n_keys
-                n_keys += 1
+                n_keys = _claim(slot, r, n_keys, ids, first, codes)
                 break
             slot = (slot + np.uint64(1)) & mask
     return lo.shape[0], n_keys
@@ -225,10 +232,7 @@ def _intern_ints(values, r0, codes, slots, ids, first, n_keys):  # pragma: no co
                 if n_keys >= full:
                     return r, n_keys
                 slots[slot] = v
-                ids[slot] = n_keys
-                first[n_keys] = r
-                codes[r] = n_keys
-                n_keys += 1
+                n_keys = _claim(slot, r, n_keys, ids, first, codes)
                 break
             if slots[slot] == v:
                 codes[r] = u

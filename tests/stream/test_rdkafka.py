@@ -17,7 +17,15 @@ from streamlmm.stream import rdkafka
 from streamlmm.stream.decode import Decoder
 from streamlmm.stream.sources import ConfluentSource
 
-pytestmark = pytest.mark.skipif(rdkafka.library() is None, reason="librdkafka not found")
+
+def test_librdkafka_is_found_beside_confluent_kafka():
+    """confluent-kafka (a dev dependency) ships librdkafka: the fast path is there."""
+    import confluent_kafka
+
+    lib = rdkafka.library()
+    assert lib is not None, "librdkafka not found beside " + confluent_kafka.__file__
+    assert lib.rd_kafka_version() == confluent_kafka.libversion()[1]
+
 
 F = "y ~ x1 + x2 + (1 + x1 | g)"
 _TS = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p)
