@@ -475,28 +475,31 @@ class Decoder:
     def _scan(self, values: list, pos: np.ndarray, lens: np.ndarray) -> tuple[_Part, np.ndarray]:
         """The numba scan of ``values[pos]`` (:mod:`~streamlmm.stream.jsonscan`), whose
         lengths are ``lens[pos]``: the events it accepts, and the positions it declined."""
-        n = len(pos)
-        joined = np.frombuffer(b"".join(_taken(values, pos)), np.uint8)
-        starts = np.zeros(n + 1, np.int64)
+        starts = np.zeros(len(pos) + 1, np.int64)
         np.cumsum(lens[pos], out=starts[1:])
-        num, kpos, ok = self._scan_columns(n)
-        jsonscan.scan(joined, starts, *self._scan_args(), num, kpos, ok)
-        return self._accepted(joined, num, kpos, ok, pos)
+        joined = np.frombuffer(b"".join(_taken(values, pos)), np.uint8)
+        return self._scan_buffer(joined, starts, pos)
 
     def _scan_packed(
         self, buf: np.ndarray, starts: np.ndarray, pos: np.ndarray
     ) -> tuple[_Part, np.ndarray] | None:
         """:meth:`_scan` of a poll whose values lie end to end in ``buf`` (message ``i``
         is ``buf[starts[i]:starts[i + 1]]``), scanned in place; ``pos`` is a run of
-        positions up to the poll's end. Empty messages (tombstones too) and messages
-        over :attr:`max_bytes` are declined."""
+        positions up to the poll's end."""
         if self._fast is None:
             return None
-        n = len(pos)
-        at = starts[int(pos[0]) :] if n else starts[:1]
-        num, kpos, ok = self._scan_columns(n)
-        jsonscan.scan(buf, at, *self._scan_args(), num, kpos, ok)
-        ok &= np.diff(at) <= self.max_bytes
+        at = starts[int(pos[0]) :] if len(pos) else starts[:1]
+        return self._scan_buffer(buf, at, pos)
+
+    def _scan_buffer(
+        self, buf: np.ndarray, starts: np.ndarray, pos: np.ndarray
+    ) -> tuple[_Part, np.ndarray]:
+        """The scan of the messages ``buf[starts[r]:starts[r + 1]]``, which are
+        ``values[pos[r]]``: the events it accepts, and the positions it declined (empty
+        messages, tombstones too, and messages over :attr:`max_bytes` among them)."""
+        num, kpos, ok = self._scan_columns(len(pos))
+        jsonscan.scan(buf, starts, *self._scan_args(), num, kpos, ok)
+        ok &= np.diff(starts) <= self.max_bytes
         return self._accepted(buf, num, kpos, ok, pos)
 
     def _scan_joined(self, values: list, pos: np.ndarray) -> tuple[_Part, np.ndarray] | None:
