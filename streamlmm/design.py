@@ -26,10 +26,10 @@ Examples
 >>> a = d.encode_one({"x1": 3.0, "f": "b"}, a, learn=True)
 >>> d.fixed, a[: d.k].tolist(), d.version
 (('(Intercept)', 'x1', 'fb', 'x1:fb'), [1.0, 3.0, 1.0, 3.0], 2)
->>> d.encode_one({"x1": 3.0, "f": "c"}, a, learn=False)
-Traceback (most recent call last):
-...
-ValueError: field 'f': level 'c' was not seen in training
+>>> d.encode_one({"x1": 3.0, "f": "c"}, a, learn=False)[: d.k].tolist()  # a new level: effect 0
+[1.0, 3.0, 0.0, 0.0]
+>>> d.unseen_level_rows
+1
 
 """
 
@@ -82,6 +82,8 @@ class Design:
     columns, fixed, random, blocks, xi, zi, k, p, q, shiftable, factors, version, fields
         See the properties; ``columns`` only ever grows at its end.
     """
+
+    unseen_level_rows = 0  # predictions that met a factor level not learned yet (effect 0)
 
     def __init__(self, formula: Formula | str, levels: Mapping[str, Sequence[str]] | None = None):
         f = parse_formula(formula) if isinstance(formula, str) else formula
@@ -377,8 +379,9 @@ class Design:
         ``a`` is returned, unless this event added columns beyond ``len(a)``: then a new
         array of length :attr:`k` is returned (``version`` changed). A missing value raises
         :class:`~streamlmm.values.Missing`, a bad one ``ValueError``, both naming the field;
-        nothing is learned from such an event. With ``learn=False`` an unseen level is a
-        ``ValueError``.
+        nothing is learned from such an event. With ``learn=False`` (a prediction) a level
+        not learned yet has all its dummy columns 0, so its effect is 0 (the reference
+        level's), as for an unseen group; such rows are counted in ``unseen_level_rows``.
 
         >>> d = Design("y ~ x + (1 | g)", )
         >>> d.encode_one({"x": 2.5}, np.empty(2), learn=True).tolist()
@@ -463,11 +466,13 @@ class Design:
                 r = math.nan
             if not -MAX_ABS <= r <= MAX_ABS:
                 raise ValueError(e.why(vals, self._fpos))
+        if not learn and new_levels and not new_kinds:
+            # a prediction for a level not learned yet: its dummy columns are 0, so the
+            # level's effect is 0 (the reference level's prediction), as for an unseen group
+            self.unseen_level_rows += 1
+            return self._fill(vals, a)
         if new_kinds or new_levels:
             if not learn:
-                if new_levels:
-                    fld, v = new_levels[0]
-                    raise ValueError(f"field {fld!r}: level {v!r} was not seen in training")
                 raise ValueError(f"field {next(iter(new_kinds))!r}: nothing has been learned yet")
             before = self.to_state()
             self._commit(new_kinds, new_levels)
@@ -671,13 +676,17 @@ class Design:
                     if hit.shape[0]:
                         events.append((int(rows_ok[hit[0]]), j, uniques[u]))
         events.sort()
+        if not learn and events and not (kinds and ok.any()):
+            # predictions for levels not learned yet: their effect is 0 (see _encode)
+            unseen = np.zeros(n, dtype=bool)
+            for j, (codes, uniques) in fac.items():
+                known = self._codes.get(self.fields[j], {})
+                new = np.array([s not in known for s in uniques] + [False])
+                unseen |= new[codes]
+            self.unseen_level_rows += int(np.count_nonzero(unseen & ok))
+            events = []
         if (kinds and ok.any()) or events:
             if not learn:
-                if events:
-                    r, j, v = events[0]
-                    raise ValueError(
-                        f"row {r}: field {self.fields[j]!r}: level {v!r} was not seen in training"
-                    )
                 raise ValueError(f"field {next(iter(kinds))!r}: nothing has been learned yet")
             by_row: dict[int, list[tuple[str, str]]] = {}
             if kinds and ok.any():

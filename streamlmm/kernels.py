@@ -28,7 +28,9 @@ import math
 from typing import Any, NamedTuple
 
 import numpy as np
-from numba import literally, njit
+from numba import njit
+
+from streamlmm import compiling  # noqa: F401  (says when a kernel compiles)
 
 __all__ = [
     "packed_index",
@@ -438,8 +440,8 @@ def _scratch(q, p):  # pragma: no cover - numba
 # The sums run over a chunk block by block: :data:`BLOCK` groups' rows of ``F`` are
 # transposed into scratch arrays ``(entries, BLOCK)`` (structure of arrays), and every step
 # of :func:`group_factor`'s math is then a loop over the block's groups innermost, which
-# LLVM vectorises (q and p are compile-time constants: :func:`_compile_fit_kernels`), so
-# the outer loops over q and p unroll. A partial block is padded with empty groups (ZZ,
+# LLVM vectorises (for q ≤ 3, q is a compile-time constant: :func:`_pass_kernels`), so
+# the outer loops over q unroll. A partial block is padded with empty groups (ZZ,
 # ZX, Zy = 0: L = I, every term 0), so every loop has the same trip count.
 BLOCK = 64  # groups per block (measured: 64 beats 32, 128 and 256 at q=2, p=3)
 _PER_CHUNK = CHUNK // BLOCK  # blocks per chunk
@@ -479,16 +481,16 @@ def _dots24(X, i, Y, j):  # pragma: no cover - numba
 
 
 @njit(inline="always", **_OPTS)
-def _gram(X, Y, m, upper, out):  # pragma: no cover - numba
-    """``out[i·m + j] += Σ_g X[i, g]·Y[j, g]`` for ``i, j < m`` (``j ≥ i`` if ``upper``);
-    ``X, Y`` have zero rows up to a multiple of 4 (the tiles)."""
-    for i in range(0, m, 2):
-        for j in range(i - i % 4 if upper else 0, m, 4):
+def _gram(X, Y, m4, upper, acc):  # pragma: no cover - numba
+    """``acc[i, j] += Σ_g X[i, g]·Y[j, g]`` for ``i, j < m4`` (the tiles ``j ≥ i`` that
+    hold the upper triangle if ``upper``). ``X, Y`` have zero rows up to ``m4``, a
+    multiple of 4, so every 2×4 tile is whole and written without tests."""
+    for i in range(0, m4, 2):
+        for j in range(i - i % 4 if upper else 0, m4, 4):
             s = _dots24(X, i, Y, j)
             for r in range(2):
                 for t in range(4):
-                    if i + r < m and j + t < m and (j + t >= i + r or not upper):
-                        out[(i + r) * m + j + t] += s[r * 4 + t]
+                    acc[i + r, j + t] += s[r * 4 + t]
 
 
 @njit(inline="always", **_OPTS)
@@ -643,6 +645,8 @@ def _eval_chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
     W = np.zeros((m4, BLOCK))
     X = np.empty((q * q, BLOCK))
     P = np.ones(BLOCK)
+    AWY = np.zeros((m4, m4))  # the chunk's Gram sums, tile by tile (see _gram)
+    AWW = np.zeros((m4, m4))
     oc = 2 + p * p
     oT = oc + p
     oWY = oT + q * q
@@ -665,9 +669,15 @@ def _eval_chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
         if not grad:
             continue
         _grad_block(S, q, p, ZZlam, L, dinv, V, Y, W, X, out[oT:oWY])
-        _gram(W, Y, m, False, out[oWY:oWW])
-        _gram(W, W, m, True, out[oWW:])
+        _gram(W, Y, m4, False, AWY)
+        _gram(W, W, m4, True, AWW)
     out[0] += _log_lanes(P, 4)
+    if grad:
+        for i in range(m):
+            for j in range(m):
+                out[oWY + i * m + j] += AWY[i, j]
+                if j >= i:
+                    out[oWW + i * m + j] += AWW[i, j]
 
 
 @njit(inline="always", **_OPTS)
@@ -790,16 +800,6 @@ def _em_all(Fb, G, q, p, lam, beta):  # pragma: no cover - numba
     return Sbb, SK, s[o], s[o + 1], s[o + 2 :].copy()
 
 
-@njit(**_SUMS)
-def _chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
-    """:func:`_eval_chunk` compiled once per (q, p), both as constants (``literally``).
-    A serial and a parallel pass run the one ``evaluate`` of :func:`_compile_fit_kernels`
-    over chunks (:func:`_chunks_in_threads`), so they give the same sums, bit for bit."""
-    literally(q)
-    literally(p)
-    _eval_chunk(Fb, lo, hi, q, p, lam, grad, out)
-
-
 @njit(inline="always", **_OPTS)
 def _sums(parts, q, p, grad):  # pragma: no cover - numba
     """The chunks' sums (:func:`_layout`) added in chunk order, as ``(logdet, cu2, A, c,
@@ -832,52 +832,78 @@ def _sums(parts, q, p, grad):  # pragma: no cover - numba
     return s[0], s[1], A, s[oc:oT].copy(), T, WY, WW
 
 
-class _FitKernels(NamedTuple):
-    evaluate: Any  # (Fb, lam, grad, parts, c0, c1) → chunks c0..c1-1 into parts
-    sums: Any  # (parts, grad) → the sums of PlsSums (empty T, WY, WW without grad)
-    blups: Any  # (F, lam, beta) → (B, V)
-    em: Any  # (Fb, G, lam, beta) → (Sbb, SK, rss, trK, T)
+@njit(**_OPTS)
+def _sums_kernel(parts, q, p, grad):  # pragma: no cover - numba
+    return _sums(parts, q, p, grad)
 
 
-_FIT_KERNELS: dict[tuple[int, int], _FitKernels] = {}
+@njit(**_OPTS)
+def _blups_kernel(F, q, p, lam, beta):  # pragma: no cover - numba
+    return _blups_all(F, q, p, lam, beta)
 
 
-def _fit_kernels(q: int, p: int) -> _FitKernels:
-    """The fit's entry points compiled for this (q, p) (numba caches each on disk)."""
-    key = (int(q), int(p))
-    got = _FIT_KERNELS.get(key)
+class _PassKernels(NamedTuple):
+    evaluate: Any  # (Fb, q, p, lam, grad, parts, c0, c1) → chunks c0..c1-1 into parts
+    em: Any  # (Fb, G, q, p, lam, beta) → (Sbb, SK, rss, trK, T)
+
+
+SPECIAL_Q = (1, 2, 3)  # q with passes of their own (q known to the compiler); others share one
+_PASS_KERNELS: dict[int, _PassKernels] = {}
+
+
+def _pass_kernels(q: int) -> _PassKernels:
+    """The passes over the groups for ``q`` random-effect columns.
+
+    For q = 1, 2, 3 each is compiled with q as a constant, so the loops over q unroll
+    around the vectorised loops over a block's groups; p is always an argument. Every
+    other q shares one version with q as an argument. So a new formula never compiles:
+    the eight passes are compiled once, by ``python -m streamlmm.warm`` (which
+    ``scripts/setup`` runs), and loaded from numba's cache afterwards.
+    """
+    Q = int(q) if int(q) in SPECIAL_Q else 0
+    got = _PASS_KERNELS.get(Q)
     if got is None:
-        got = _FIT_KERNELS[key] = _compile_fit_kernels(*key)
+        got = _PASS_KERNELS[Q] = _compile_pass_kernels(Q)
     return got
 
 
-def _compile_fit_kernels(q: int, p: int) -> _FitKernels:
-    @njit(**_OPTS)
-    def evaluate(Fb, lam, grad, parts, c0, c1):  # pragma: no cover - numba
-        n = Fb.shape[0]
-        for ch in range(c0, c1):
-            lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
-            _chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
+def _compile_pass_kernels(Q: int) -> _PassKernels:
+    """The two passes; ``Q`` a constant of the compiled code, or 0 (q an argument)."""
+    if Q:
 
-    @njit(**_OPTS)
-    def sums(parts, grad):  # pragma: no cover - numba
-        return _sums(parts, q, p, grad)
+        @njit(**_SUMS)
+        def evaluate(Fb, q, p, lam, grad, parts, c0, c1):  # pragma: no cover - numba
+            n = Fb.shape[0]
+            for ch in range(c0, c1):
+                lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
+                _eval_chunk(Fb, lo, hi, Q, p, lam, grad, parts[ch])
 
-    @njit(**_OPTS)
-    def blups_qp(F, lam, beta):  # pragma: no cover - numba
-        return _blups_all(F, q, p, lam, beta)
+        @njit(**_SUMS)
+        def em(Fb, G, q, p, lam, beta):  # pragma: no cover - numba
+            return _em_all(Fb, G, Q, p, lam, beta)
 
-    @njit(**_SUMS)
-    def em_qp(Fb, G, lam, beta):  # pragma: no cover - numba
-        return _em_all(Fb, G, q, p, lam, beta)
+    else:
 
-    return _FitKernels(evaluate, sums, blups_qp, em_qp)
+        @njit(**_SUMS)
+        def evaluate(Fb, q, p, lam, grad, parts, c0, c1):  # pragma: no cover - numba
+            n = Fb.shape[0]
+            for ch in range(c0, c1):
+                lo, hi = ch * _PER_CHUNK, min(n, (ch + 1) * _PER_CHUNK)
+                _eval_chunk(Fb, lo, hi, q, p, lam, grad, parts[ch])
+
+        @njit(**_SUMS)
+        def em(Fb, G, q, p, lam, beta):  # pragma: no cover - numba
+            return _em_all(Fb, G, q, p, lam, beta)
+
+    return _PassKernels(evaluate, em)
 
 
 _POOL: list = []  # [size, executor]: the threads of parallel passes, made on first use
 
 
-def _chunks_in_threads(evaluate, Fb, lam, grad: bool, parts: np.ndarray, threads: int) -> None:
+def _chunks_in_threads(
+    evaluate, Fb, q: int, p: int, lam, grad: bool, parts: np.ndarray, threads: int
+) -> None:
     """Chunks split into ``threads`` contiguous runs, one per thread, each run by the one
     compiled ``evaluate`` (it releases the GIL). Every chunk's sums are the serial pass's
     bits, and they are added in chunk order afterwards, so the result does not depend on
@@ -889,8 +915,11 @@ def _chunks_in_threads(evaluate, Fb, lam, grad: bool, parts: np.ndarray, threads
     if not _POOL or _POOL[0] < threads - 1:
         _POOL[:] = [threads - 1, ThreadPoolExecutor(threads - 1, thread_name_prefix="streamlmm")]
     pool = _POOL[1]
-    runs = [pool.submit(evaluate, Fb, lam, grad, parts, a, b) for a, b in zip(cuts[1:], cuts[2:])]
-    evaluate(Fb, lam, grad, parts, cuts[0], cuts[1])
+    runs = [
+        pool.submit(evaluate, Fb, q, p, lam, grad, parts, a, b)
+        for a, b in zip(cuts[1:], cuts[2:])
+    ]
+    evaluate(Fb, q, p, lam, grad, parts, cuts[0], cuts[1])
     for r in runs:
         r.result()
 
@@ -945,16 +974,17 @@ def pls_sums(
     ``Fb`` is ``F`` in the blocked layout (:func:`by_block`), if the caller keeps it
     across evaluations; else it is made here.
     """
-    k = _fit_kernels(q, p)
+    evaluate = _pass_kernels(q).evaluate
     Fb = by_block(F) if Fb is None else Fb
     grad = bool(grad)
     parts = np.zeros(((Fb.shape[0] + _PER_CHUNK - 1) // _PER_CHUNK, _layout(q, p)["size"]))
     threads = min(parts.shape[0], _threads(parallel)) if parallel else 1
+    q, p = int(q), int(p)
     if threads > 1:
-        _chunks_in_threads(k.evaluate, Fb, lam, grad, parts, threads)
+        _chunks_in_threads(evaluate, Fb, q, p, lam, grad, parts, threads)
     else:
-        k.evaluate(Fb, lam, grad, parts, 0, parts.shape[0])
-    s = k.sums(parts, grad)
+        evaluate(Fb, q, p, lam, grad, parts, 0, parts.shape[0])
+    s = _sums_kernel(parts, q, p, grad)
     return PlsSums(*s) if grad else PlsSums(*s[:4])
 
 
@@ -1010,7 +1040,7 @@ def gradient_terms(s: PlsSums, q: int, p: int, lam, beta, Cinv):
 
 def blups(F, q: int, p: int, lam, beta):
     """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
-    return _fit_kernels(q, p).blups(F, lam, np.asarray(beta, dtype=float))
+    return _blups_kernel(F, int(q), int(p), lam, np.asarray(beta, dtype=float))
 
 
 def em_sums(F, q: int, p: int, lam, beta, *, Fb: np.ndarray | None = None):
@@ -1022,7 +1052,8 @@ def em_sums(F, q: int, p: int, lam, beta, *, Fb: np.ndarray | None = None):
     given), like :func:`pls_sums`.
     """
     Fb = by_block(F) if Fb is None else Fb
-    return _fit_kernels(q, p).em(Fb, F.shape[0], lam, np.asarray(beta, dtype=float))
+    em = _pass_kernels(q).em
+    return em(Fb, F.shape[0], int(q), int(p), lam, np.asarray(beta, dtype=float))
 
 
 @njit(**_OPTS)
@@ -1128,3 +1159,38 @@ def predict_rows(M, rows, A, c, fac, vpos, zi, xi, k, P, lam, beta, out):  # pra
     b = np.empty(q)
     for e in range(rows.shape[0]):
         out[e] = predict_event(M, rows[e], A[e], c, fac[e], vpos, zi, xi, k, P, lam, beta, blk, b)
+
+
+_PRELOADED: set[int] = set()
+
+
+def preload(q: int) -> None:
+    """Load, once per process, every cached kernel that a model with ``q`` random-effect
+    columns calls while it learns, predicts and fits, so that none of those calls stalls
+    on a load (:func:`streamlmm.compiling.load_cached`). Kernels that are not cached
+    compile at their first call, as usual."""
+    Q = int(q) if int(q) in SPECIAL_Q else 0
+    if Q in _PRELOADED:
+        return
+    _PRELOADED.add(Q)
+    from numba.core.registry import CPUDispatcher
+
+    from streamlmm.compiling import load_cached
+
+    module = [v for v in globals().values() if isinstance(v, CPUDispatcher)]
+    load_cached(*module, *_pass_kernels(q))
+    freeze_gc()
+
+
+def freeze_gc() -> None:
+    """Move every object alive now (numba's compiler, its type registries, the loaded
+    kernels: some 100k objects that live as long as the process) out of the garbage
+    collector's full passes (``gc.freeze()``). Each full collection would otherwise
+    traverse them all, a pause of about 50 ms inside whichever call happened to
+    allocate last (measured in ``bench_core.py --only cold``). ``STREAMLMM_GC_FREEZE=0``
+    turns it off."""
+    import gc
+    import os
+
+    if os.environ.get("STREAMLMM_GC_FREEZE", "1") != "0":
+        gc.freeze()

@@ -139,6 +139,8 @@ class MixedLM(base.MiniBatchRegressor):
         self.refresh_budget = refresh_budget
         self.levels = levels
         self._design = Design(formula, levels)
+        # once per process: no learn_one/predict_one below stalls on loading a kernel
+        kernels.preload(sum(r.intercept + len(r.terms) for r in self._design.formula.random_terms))
         self._formula = self._design.formula
         self._reader = RowReader(self._design, time_key, missing)
         self._stats = GroupStats(self._design, half_life)
@@ -665,6 +667,13 @@ class MixedLM(base.MiniBatchRegressor):
         return pd.Series(out, index=X.index)
 
     # -- results --------------------------------------------------------------------------
+    @property
+    def n_unseen_levels(self) -> int:
+        """Predictions (rows) that met a factor level not learned yet, and so took that
+        level's effect as 0, as an unseen group's is (e.g. river's ``predict_one`` before
+        the level's first ``learn_one``)."""
+        return self._design.unseen_level_rows
+
     @property
     def converged(self) -> bool:
         """True when the current parameters are a verified optimum of the current data:

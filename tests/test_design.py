@@ -304,14 +304,16 @@ def test_declared_levels_set_the_reference_and_columns_upfront():
         Design("y ~ x1 + (1 + x1 | g)", levels={"x1": ["a"]})
 
 
-def test_unseen_level_with_learn_false():
+def test_unseen_level_with_learn_false_has_effect_zero_and_is_counted():
     d = Design("y ~ f + (1 | g)")
     d.encode_one({"f": "a"}, np.empty(1), learn=True)
-    with pytest.raises(ValueError, match="field 'f': level 'zz' was not seen in training"):
-        d.encode_one({"f": "zz"}, np.empty(1), learn=False)
-    with pytest.raises(ValueError, match="row 1: field 'f': level 'zz' was not seen"):
-        d.encode_columns({"f": ["a", "zz"]}, 2, learn=False)
-    assert d.factors == {"f": ["a"]} and d.version == 0  # no column yet: f has one level
+    d.encode_one({"f": "b"}, np.empty(2), learn=True)
+    assert d.encode_one({"f": "zz"}, np.empty(2), learn=False).tolist() == [1.0, 0.0]
+    assert d.unseen_level_rows == 1
+    A = d.encode_columns({"f": ["a", "zz", "b", "yy", None]}, 5, learn=False)
+    assert A[:4].tolist() == [[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [1.0, 0.0]]
+    assert d.unseen_level_rows == 3  # the missing row is not counted
+    assert d.factors == {"f": ["a", "b"]} and d.version == 1  # nothing learned
 
 
 def test_failed_event_commits_nothing():

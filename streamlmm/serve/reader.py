@@ -129,7 +129,7 @@ class Current:
 def _iso(t: float) -> str:
     import datetime
 
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat()
+    return datetime.datetime.fromtimestamp(t, datetime.UTC).isoformat()
 
 
 class SnapshotHolder:

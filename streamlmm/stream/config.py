@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tomllib
 from collections.abc import Mapping
 from typing import Any
-
-import tomllib
 
 from streamlmm.stream.engine import EngineConfig
 
