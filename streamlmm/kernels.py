@@ -916,8 +916,7 @@ def _chunks_in_threads(
         _POOL[:] = [threads - 1, ThreadPoolExecutor(threads - 1, thread_name_prefix="streamlmm")]
     pool = _POOL[1]
     runs = [
-        pool.submit(evaluate, Fb, q, p, lam, grad, parts, a, b)
-        for a, b in zip(cuts[1:], cuts[2:])
+        pool.submit(evaluate, Fb, q, p, lam, grad, parts, a, b) for a, b in zip(cuts[1:], cuts[2:])
     ]
     evaluate(Fb, q, p, lam, grad, parts, cuts[0], cuts[1])
     for r in runs:

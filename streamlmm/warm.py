@@ -146,7 +146,9 @@ def _run(names: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m streamlmm.warm", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m streamlmm.warm", description=__doc__.split("\n")[0]
+    )
     ap.add_argument("--tasks", help="comma-separated tasks to run in this process (internal)")
     ap.add_argument("--serial", action="store_true", help="one process instead of two")
     args = ap.parse_args(argv)
