@@ -315,6 +315,44 @@ class Design:
         )
         self._vals = [0.0] * len(self.fields)
 
+    def field_columns(self):
+        """Where an event's raw fields can be read back from its union values: the union
+        position of each numeric field, and per factor field its pure dummy columns with
+        their levels and the level that has none (the reference, or ``None``); in field
+        order. ``None`` when a field cannot be read back (a numeric field only inside a
+        transform or an interaction, a factor only in interactions) or the kinds are not
+        known yet. The reservoir's content hash reads events through it.
+
+        >>> d = Design("y ~ x + f + (1 | g)")
+        >>> for ev in ({"x": 1.0, "f": "a"}, {"x": 2.0, "f": "b"}):
+        ...     _ = d.encode_one(ev, np.empty(3), learn=True)
+        >>> d.field_columns()
+        ([1], [('f', [(2, 'b')], 'a')])
+
+        """
+        if not self.ready:
+            return None
+        direct = {j: i for i, j in self._dpos}
+        dummies: dict[int, list[tuple[int, str]]] = {}
+        for i, sl, fc in self._general:
+            if not sl and len(fc) == 1:
+                j, c = fc[0]
+                dummies.setdefault(j, []).append((i, self._levels[self.fields[j]][c]))
+        num, facs = [], []
+        for j, fld in enumerate(self.fields):
+            if self._kind[fld] == FAC:
+                levels = self._levels.get(fld, [])
+                got = sorted(dummies.get(j, []))
+                missing = [v for v in levels if v not in {lev for _, lev in got}]
+                if len(missing) > 1:
+                    return None
+                facs.append((fld, got, missing[0] if missing else None))
+            elif j in direct:
+                num.append(direct[j])
+            else:
+                return None
+        return num, facs
+
     def _order(self, label: str) -> int:
         return self._label_order.setdefault(label, len(self._label_order))
 

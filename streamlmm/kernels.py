@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit
 
 from streamlmm import compiling  # noqa: F401  (says when a kernel compiles)
+from streamlmm.reservoir import priority
 
 __all__ = [
     "packed_index",
@@ -38,6 +39,7 @@ __all__ = [
     "accumulate",
     "accumulate_one",
     "accumulate_unit",
+    "accumulate_unit_sampled",
     "decay_all",
     "merge_rows",
     "cross_products",
@@ -185,6 +187,14 @@ def accumulate_unit(M, r, a, y, vi, P):  # pragma: no cover - numba
             M[r, 1 + m + P[i, j]] += gd * ((a[vi[j]] if j < k else y) - M[r, 1 + j])
     for i in range(m):
         M[r, 1 + i] += f * ((a[vi[i]] if i < k else y) - M[r, 1 + i])
+
+
+@njit(**_OPTS)
+def accumulate_unit_sampled(M, r, a, y, vi, P, khash, plan):  # pragma: no cover - numba
+    """:func:`accumulate_unit`, and the event's reservoir priority
+    (:func:`streamlmm.reservoir.priority`), in one call."""
+    accumulate_unit(M, r, a, y, vi, P)
+    return priority(khash[r], a, y, plan)
 
 
 @njit(**_OPTS)

@@ -29,8 +29,8 @@ from river import base
 from streamlmm import checks, estimate, kernels
 from streamlmm.design import Design
 from streamlmm.keys import MAX_KEY_LEN
+from streamlmm.reservoir import CAPACITY, Reservoir, priority_one, weighted_quantiles
 from streamlmm.rows import RowReader
-from streamlmm.sketch import ResidualSketch
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
 from streamlmm.values import MAX_ABS, overflow_message
@@ -47,8 +47,6 @@ PASS_COST_US = (150.0, 0.1)
 EM_PASS_COST_US = (400.0, 0.25)  # a whole em_step(): set-up, two profiles, adopt
 REFRESH_BUDGET_US = 100.0  # default refresh_budget: µs of refresh work per event, amortised
 HISTORY_MAX = 256  # model-level records kept for trajectories
-RESID_EVERY = 64  # learn_one: every 64th event's scaled residual goes into the sketch
-RESID_PER_BATCH = 256  # learn_many / the engine: at most this many per batch
 _LO = -MAX_ABS  # the fast paths' lower bound, without negating MAX_ABS per value
 
 
@@ -87,6 +85,11 @@ class MixedLM(base.MiniBatchRegressor):
     levels
         Factor levels by field, reference first (``{"severity": ["mild", ...]}``); a
         string field not listed takes its levels in order of appearance.
+    reservoir
+        How many distinct events the model keeps as a sample of the stream (the same in
+        any arrival order; :mod:`streamlmm.reservoir`): the residual quantiles of the
+        summary, the residual pictures, brms's default priors and the predictive checks
+        come from it, exactly while the stream fits in it. ``0`` keeps none.
 
     Examples
     --------
@@ -116,6 +119,7 @@ class MixedLM(base.MiniBatchRegressor):
         threads: int | None = None,
         levels: Mapping[str, list[str]] | None = None,
         refresh_budget: float = REFRESH_BUDGET_US,
+        reservoir: int = CAPACITY,
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -138,6 +142,9 @@ class MixedLM(base.MiniBatchRegressor):
         self.threads = threads
         self.refresh_budget = refresh_budget
         self.levels = levels
+        if not (isinstance(reservoir, int) and reservoir >= 0):
+            raise ValueError(f"reservoir must be an int >= 0, got {reservoir!r}")
+        self.reservoir = reservoir
         self._design = Design(formula, levels)
         # once per process: no learn_one/predict_one below stalls on loading a kernel
         kernels.preload(sum(r.intercept + len(r.terms) for r in self._design.formula.random_terms))
@@ -159,7 +166,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._next_refit = 1
         self._next_em = math.inf
         self._refreshed_at = -1
-        self._resid = ResidualSketch()
+        self._res = Reservoir(reservoir) if reservoir else None
         self._fast1 = None  # learn_one's fast path (see _fast_layout)
         self._fastp = None  # predict_one's fast path (see _predict_layout)
         self._coefs: dict[str | int, _Coefs] = {}  # predict_one's per-group cache
@@ -195,7 +202,7 @@ class MixedLM(base.MiniBatchRegressor):
         if fast is not None and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
             # the common event of a plain numeric formula: the same rules as the general
             # path below (which handles everything else), without its calls
-            group, direct, a, st, coefs = fast
+            group, direct, a, st, coefs, res, plan = fast
             key = x.get(group)
             if type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN):
                 for i, c in direct:
@@ -208,12 +215,19 @@ class MixedLM(base.MiniBatchRegressor):
                     r = st.index.get(key)
                     if r is None:
                         r = st._new_row(key)
-                    n = self.n_events + 1
-                    kernels.accumulate_unit(st.M, r, a, y, st.vi, st.P)
+                        if res is not None:
+                            res.new_key(r, key)
+                    if res is None:
+                        kernels.accumulate_unit(st.M, r, a, y, st.vi, st.P)
+                    else:
+                        prio = kernels.accumulate_unit_sampled(
+                            st.M, r, a, y, st.vi, st.P, res.khash, plan
+                        )
+                        res.n_seen += 1.0
+                        if prio <= res.threshold:
+                            res._add(prio, r, a, y, 1.0)
                     coefs.pop(key, None)
-                    self.n_events = n
-                    if n % RESID_EVERY == 0 and self._par is not None:
-                        self._sample_one(a, r, y)
+                    self.n_events += 1
                     return
         self._learn_one(x, y, w)
 
@@ -234,12 +248,12 @@ class MixedLM(base.MiniBatchRegressor):
         a = self._reader.a
         for i in d.ones:
             a[i] = 1.0
-        return self._formula.group, d.plain, a, self._stats, self._coefs
-
-    def _sample_one(self, a: np.ndarray, r: int, y: float) -> None:
-        """One event's scaled residual into the sketch (every ``RESID_EVERY`` events)."""
-        yhat = self._predict_union(a, r)
-        self._resid.update_one((y - yhat) / math.sqrt(self._par.sigma2))
+        res = self._res
+        if res is not None:
+            res.sync_keys(self._stats.keys)
+            res.widen(d.k)
+        plan = res.plan_of(d) if res is not None else None
+        return self._formula.group, d.plain, a, self._stats, self._coefs, res, plan
 
     def _learn_one(self, x: Mapping[str, Any], y: float, w: float) -> None:
         reader = self._reader
@@ -265,8 +279,14 @@ class MixedLM(base.MiniBatchRegressor):
         self._stats.add_one(key, a, reader.y, wt, t)
         self._coefs.pop(key, None)
         self.n_events += 1
-        if self._par is not None and self.n_events % RESID_EVERY == 0:
-            self._sample_one(a, self._stats.index[key], reader.y)
+        res = self._res
+        if res is not None:
+            st = self._stats
+            res.sync_keys(st.keys)
+            res.widen(design.k)
+            r = st.index[key]
+            prio = priority_one(res.khash[r], a, reader.y, res.plan_of(design))
+            res.offer_one(prio, r, a[: design.k], reader.y, wt)
         if self._fast1 is None:
             self._fast1 = self._fast_layout()
 
@@ -289,6 +309,8 @@ class MixedLM(base.MiniBatchRegressor):
         statistics with exact zeros, and the fit's centre with zeros too."""
         k_old = self._stats.k
         self._stats.widen(self._design)
+        if self._res is not None:
+            self._res.widen(self._stats.k)
         self._fast1 = None
         self._drop_predictions()
         if self._par is not None:
@@ -366,8 +388,10 @@ class MixedLM(base.MiniBatchRegressor):
         self._stats.add(rows, A, y, w, t)
         self._forget_groups(keys)
         self.n_events += n
-        if self._par is not None:
-            self._sample_residuals(rows, A, y)
+        res = self._res
+        if res is not None:
+            res.sync_keys(self._stats.keys)
+            res.offer(rows, A, y, w, self._design)
 
     def _forget_groups(self, keys: list) -> None:
         """Drop the cached prediction coefficients of groups ``keys`` (their statistics
@@ -384,14 +408,6 @@ class MixedLM(base.MiniBatchRegressor):
         design or statistics)."""
         self._fastp = None
         self._coefs.clear()
-
-    def _sample_residuals(self, rows, A, y) -> None:
-        """Scaled residuals of up to :data:`RESID_PER_BATCH` evenly spaced events of a
-        batch, at the current parameters, into the quantile sketch."""
-        n = rows.shape[0]
-        pick = np.unique(np.linspace(0, n - 1, min(n, RESID_PER_BATCH)).astype(np.int64))
-        out = self._predict_rows(rows[pick], A[pick])
-        self._resid.update((y[pick] - out) / math.sqrt(self._par.sigma2))
 
     def _predict_rows(self, rows: np.ndarray, A: np.ndarray) -> np.ndarray:
         """Predictions for union values ``A`` in group rows ``rows`` (-1: unseen)."""
@@ -783,12 +799,21 @@ class MixedLM(base.MiniBatchRegressor):
             warnings=warns,
             optinfo=self.opt_summary.to_dict() if self.opt_summary is not None else {},
             history=self._history,
-            resid_quantiles=self._resid.quantiles(),
+            resid_quantiles=self._residual_quantiles(est, good),
             offsets=offsets,
             meta={"created": time.time(), **meta},
             design=f.to_state(),
             state=self._state(),
         )
+
+    def _residual_quantiles(self, est, good) -> dict[str, float]:
+        """lme4's "Scaled residuals": quantiles of ``(y − x'β̂ − z'b̂_g)/σ̂`` over the
+        reservoir's events at these estimates (exact while the stream fits in it), with
+        how many events they cover (``events``) out of the stream's (``of``)."""
+        res = self._res
+        if res is None or res.size == 0 or est is None:
+            return {}
+        return residual_quantiles(res, self._design, est.fixef, est.b, math.sqrt(good["sigma2"]))
 
     def _group_ybar(self) -> np.ndarray:
         """Each group's raw (weighted, decayed) mean response, from the statistics."""
@@ -826,6 +851,7 @@ class MixedLM(base.MiniBatchRegressor):
             "n_skipped": self.n_skipped,
             "n_refits": self.n_refits,
             "history": self._history,
+            **(self._res.to_state() if self._res is not None else {"res_capacity": 0}),
         }
 
     @classmethod
@@ -845,6 +871,16 @@ class MixedLM(base.MiniBatchRegressor):
                 if (other.formula, other.method) != (m.formula, m.method):
                     raise ValueError("only snapshots of the same formula and method merge")
             m._stats = GroupStats.merge([o._stats for o in models])
+            if m._res is not None:
+                index = m._stats.index
+                m._res = Reservoir.merge(
+                    [
+                        (o._res, np.array([index[key] for key in o._stats.keys], np.int64))
+                        for o in models
+                        if o._res is not None
+                    ],
+                    m._stats.k,
+                )
             m.n_events = sum(o.n_events for o in models)
             m.n_skipped = sum(o.n_skipped for o in models)
         m._refreshed_at = m.n_events
@@ -869,6 +905,8 @@ class MixedLM(base.MiniBatchRegressor):
         self._set_design(design)
         self._stats = stats
         stats.spec = design
+        if self._res is not None:  # the statistics came without events
+            self._res = Reservoir(self._res.capacity)
         self._par = None  # parameters of other statistics: refit or restore first
         self.n_events = int(n_events)
         return self
@@ -896,9 +934,12 @@ class MixedLM(base.MiniBatchRegressor):
             refit_every=s["refit_every"],
             levels=s.get("levels"),
             refresh_budget=s.get("refresh_budget", REFRESH_BUDGET_US),
+            reservoir=int(s.get("res_capacity", CAPACITY)),
         )
         m._set_design(Design.from_state(snap.formula, s["design"]))
         m._stats = GroupStats.from_state(m._design, snap.keys, s)
+        if m._res is not None:
+            m._res = Reservoir.from_state(s, m._stats.k)
         m.n_events = snap.n_events
         m.n_skipped = s["n_skipped"]
         m.n_refits = s["n_refits"]
@@ -939,6 +980,28 @@ class MixedLM(base.MiniBatchRegressor):
             rows[: cache[2].shape[0]] = cache[2]
         self._coded = (uniques, self._stats, rows)
         return rows
+
+
+QUANTILES = (("min", 0.0), ("1Q", 0.25), ("median", 0.5), ("3Q", 0.75), ("max", 1.0))
+
+
+def residual_quantiles(res: Reservoir, design: Design, fixef, b, sigma: float) -> dict[str, float]:
+    """Quantiles of the scaled residuals ``(y − x'β − z'b_g)/σ`` of a reservoir's events
+    (each counted as often as it was seen), at ``fixef`` (every fixed column; NaN for a
+    dropped one) and the groups' BLUPs ``b`` (rows of the statistics): R's type-7
+    quantiles, as lme4's ``summary()`` computes them from every residual. ``events`` is
+    how many events they cover and ``of`` how many the stream had."""
+    n = res.size
+    A, y, rows = res.A[:n], res.y[:n], res.row[:n]
+    beta = np.nan_to_num(np.asarray(fixef, dtype=float))
+    fitted = A[:, design.xi] @ beta
+    ok = rows < b.shape[0]
+    fitted[ok] += np.einsum("ij,ij->i", A[ok][:, design.zi], b[rows[ok]])
+    r = (y - fitted) / sigma
+    q = weighted_quantiles(r, res.count[:n], [p for _, p in QUANTILES])
+    out = {name: float(v) for (name, _), v in zip(QUANTILES, q)}
+    out.update(events=res.n_events, of=res.n_seen)
+    return out
 
 
 def _first_order(codes: np.ndarray) -> np.ndarray:

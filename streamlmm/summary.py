@@ -220,6 +220,28 @@ def compare_with_truth(snap: Snapshot, truth: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def _approximate(rq: Mapping[str, float]) -> bool:
+    """Whether residual quantiles come from a sample rather than every event."""
+    return not (rq.get("events") is not None and rq.get("events") == rq.get("of"))
+
+
+def _residual_source(rq: Mapping[str, float]) -> str:
+    """What the "Scaled residuals" line is computed from.
+
+    >>> _residual_source({"events": 10.0, "of": 10.0})
+    ' (every event, at this fit's estimates)'
+    >>> _residual_source({"events": 10_000.0, "of": 2e6})
+    ' (a uniform sample of 10,000 of 2,000,000 events, at this fit's estimates)'
+
+    """
+    n, of = rq.get("events"), rq.get("of")
+    if n is None or of is None:
+        return " (approximate: from a sample of residuals)"
+    if n == of:
+        return " (every event, at this fit's estimates)"
+    return f" (a uniform sample of {n:,.0f} of {of:,.0f} events, at this fit's estimates)"
+
+
 def summary_dict(
     snap: Snapshot, *, groups: bool = False, truth: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -230,7 +252,7 @@ def summary_dict(
         information=information_criteria(snap),
         varcorr=varcorr_rows(snap),
         fixef_corr=fixef_correlation(snap).tolist(),
-        resid_quantiles_approximate=True,
+        resid_quantiles_approximate=_approximate(snap.resid_quantiles),
     )
     if groups:
         d["groups"] = group_rows(snap)
@@ -291,7 +313,7 @@ def format_summary(
     out.append("")
     rq = snap.resid_quantiles
     if rq:
-        out.append("Scaled residuals (approximate: from a sample of residuals):")
+        out.append("Scaled residuals" + _residual_source(rq) + ":")
         names = ("Min", "1Q", "Median", "3Q", "Max")
         vals = [_num(rq.get(k), 4) for k in QUANTILE_NAMES]
         out += _table(names, [vals], left=0)

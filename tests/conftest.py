@@ -312,9 +312,10 @@ def estimates_at(model, theta_user) -> dict[str, Any]:
 
 
 # -- state comparison -------------------------------------------------------------------------
-# per-call buffers, and the residual sketch (a diagnostic that learn_one and learn_many
-# sample differently), are not the model's statistical state
+# per-call buffers are not the model's statistical state; the reservoir is compared by
+# its content (sorted by priority), not by the slots its events happen to occupy
 _SCRATCH = {
+    "_res",
     "_A1",
     "_row1",
     "_y1",
@@ -331,7 +332,19 @@ _SCRATCH = {
 
 def model_state(model) -> bytes:
     """Pickled bytes of everything a model holds except its per-call scratch buffers."""
-    return pickle.dumps({k: v for k, v in vars(model).items() if k not in _SCRATCH})
+    state = {k: v for k, v in vars(model).items() if k not in _SCRATCH}
+    res = model._res
+    if res is not None:
+        o = np.argsort(res.prio[: res.size], kind="stable")
+        state["_res"] = [
+            res.n_seen,
+            res.prio[o].tobytes(),
+            res.count[o].tobytes(),
+            res.y[o].tobytes(),
+            res.A[o].tobytes(),
+            [model._stats.keys[r] for r in res.row[o]],
+        ]
+    return pickle.dumps(state)
 
 
 def active_stats(model) -> tuple[np.ndarray, list, np.ndarray | None]:

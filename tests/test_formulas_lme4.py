@@ -161,10 +161,12 @@ def test_predictions_with_factors_and_unseen_levels(reference):
     model, s = _fitted(case, "learn_many")
     x = case.records()[0]
     assert model.predict_one(x) == pytest.approx(s.predict(x), rel=1e-9)
-    with pytest.raises(ValueError, match="'f'.*'zz'"):
-        model.predict_one({**x, "f": "zz"})
-    with pytest.raises(ValueError, match="'f'.*'zz'"):
-        s.predict({**x, "f": "zz"})
+    # a level never learned has effect 0: the reference level's prediction, counted
+    ref = model._design.factors["f"][0]
+    before = model.n_unseen_levels
+    assert model.predict_one({**x, "f": "zz"}) == model.predict_one({**x, "f": ref})
+    assert model.n_unseen_levels == before + 1
+    assert s.predict({**x, "f": "zz"}) == pytest.approx(s.predict({**x, "f": ref}), rel=1e-12)
     X = case.features.iloc[:50]
     np.testing.assert_allclose(
         model.predict_many(X).to_numpy(), [model.predict_one(r) for r in X.to_dict("records")]

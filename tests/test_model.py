@@ -584,7 +584,7 @@ def test_refresh_schedule_runs_refits_and_em_steps(reference):
 
 
 def test_scaled_residual_quantiles_are_close_to_normal():
-    """On data drawn from the model, the sketch's quartiles of (y − ŷ)/σ are near the
+    """On data drawn from the model, the reservoir's quartiles of (y − ŷ)/σ are near the
     standard normal's ±0.674 and its median near 0 (both learning paths)."""
     rng = np.random.default_rng(11)
     n, G = 40_000, 200
@@ -605,7 +605,8 @@ def test_scaled_residual_quantiles_are_close_to_normal():
             one.fit()
     for m in (many, one):
         q = m.fit().snapshot().resid_quantiles
-        assert set(q) == {"min", "1Q", "median", "3Q", "max"}
+        assert set(q) == {"min", "1Q", "median", "3Q", "max", "events", "of"}
+        assert q["events"] == 10_000 and q["of"] == m.n_events  # a 10,000-event sample
         assert q["min"] < q["1Q"] < q["median"] < q["3Q"] < q["max"]
         assert abs(q["median"]) < 0.1
         assert q["1Q"] == pytest.approx(-0.674, abs=0.1)

@@ -90,3 +90,22 @@ def test_progressive_mae_beats_linear_regression():
     }
     assert mixed < min(baselines.values()), (mixed, baselines)
     assert mixed < 0.6 * min(baselines.values()), (mixed, baselines)
+
+
+def test_progressive_validation_with_a_factor_level_that_appears_mid_stream():
+    """river predicts each event before learning it: the first event of a new level is
+    predicted with that level's effect at 0 (counted), not rejected."""
+    rng = random.Random(4)
+    rows = []
+    for i in range(600):
+        level = "a" if i < 200 else rng.choice("abc")  # "b" and "c" appear mid-stream
+        x = {"g": f"g{i % 12}", "x": rng.gauss(0, 1), "f": level}
+        y = 1.0 + x["x"] + {"a": 0.0, "b": 2.0, "c": -1.0}[level] + 0.3 * (i % 12) + rng.gauss(0, 1)
+        rows.append((x, y))
+    model = MixedLM("y ~ x + f + (1 | g)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        score = evaluate.progressive_val_score(rows, model, metrics.MAE())
+    assert model.n_unseen_levels == 2  # the first "b" and the first "c"
+    assert sorted(model._design.factors["f"]) == ["a", "b", "c"]
+    assert score.get() < 1.2  # near the noise's MAE (0.8), far from a broken model's
