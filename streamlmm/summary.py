@@ -229,9 +229,9 @@ def _residual_source(rq: Mapping[str, float]) -> str:
     """What the "Scaled residuals" line is computed from.
 
     >>> _residual_source({"events": 10.0, "of": 10.0})
-    ' (every event, at this fit's estimates)'
+    " (every event, at this fit's estimates)"
     >>> _residual_source({"events": 10_000.0, "of": 2e6})
-    ' (a uniform sample of 10,000 of 2,000,000 events, at this fit's estimates)'
+    " (a uniform sample of 10,000 of 2,000,000 events, at this fit's estimates)"
 
     """
     n, of = rq.get("events"), rq.get("of")
