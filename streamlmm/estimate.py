@@ -573,7 +573,7 @@ def _escape_boundary(fn: _Counted, pr: Profile, g: np.ndarray, summary: OptSumma
     diag = lower == 0
     for _ in range(3):
         on_face = diag & (pr.theta <= 1e-8)
-        if not on_face.any():
+        if not on_face.any() or fn.exhausted:  # out of passes: the next fit probes
             break
         scale = max(float(np.max(pr.theta[diag])), 0.1)
         best = None

@@ -41,6 +41,9 @@ METHODS = ("REML", "ML")
 # A scheduled refit (inside predict_one/snapshot) stops after this many passes and
 # continues warm at the next one, so no single call stalls; fit() itself runs to the end.
 SCHEDULED_REFIT_EVALS = 12
+# ... and at most about this much estimated work (µs; the cost model below), but never
+# fewer passes than one Newton step needs (the gradient and a differenced Hessian)
+SCHEDULED_REFIT_US = 8_000.0
 # The schedule's cost model, µs per pass over the groups: overhead + per group. Measured
 # on the benchmark machine (scripts/bench_core.py); only the schedule depends on it.
 PASS_COST_US = (150.0, 0.1)
@@ -512,8 +515,24 @@ class MixedLM(base.MiniBatchRegressor):
         estimated cost (µs) of this one, spread over them, fits ``share`` of the budget."""
         if fixed is not None:
             return fixed
-        us = passes * (cost[0] + cost[1] * self._stats.n_groups)
+        us = passes * self._pass_us(cost)
         return max(1, math.ceil(us / (share * self.refresh_budget)))
+
+    def _pass_us(self, cost: tuple[float, float] = PASS_COST_US) -> float:
+        """Estimated µs of one pass over the groups: overhead + per group, the per-group
+        cost scaled by :func:`pass_cost_ratio` for models larger than the benchmark's."""
+        d = self._design
+        per_group = cost[1] * pass_cost_ratio(d.q, d.p)
+        return cost[0] + per_group * self._stats.n_groups
+
+    def _scheduled_evals(self) -> int:
+        """Passes a scheduled refit may take in one call: :data:`SCHEDULED_REFIT_EVALS`,
+        fewer where passes are dear (:data:`SCHEDULED_REFIT_US`), never fewer than one
+        Newton step needs. The count comes from the cost model, not the clock, so two
+        identical streams refresh identically."""
+        n_theta = len(estimate.theta_index(self._design.blocks, self._design.q)[0])
+        fit = int(SCHEDULED_REFIT_US // self._pass_us())
+        return max(n_theta + 2, min(SCHEDULED_REFIT_EVALS, fit))
 
     def refresh(self) -> bool:
         """Run whatever the schedule says is due (refit first, else EM); True if any ran."""
@@ -521,7 +540,7 @@ class MixedLM(base.MiniBatchRegressor):
         if n == self._refreshed_at or n == 0:
             return False
         if n >= self._next_refit:
-            self.fit(max_evals=SCHEDULED_REFIT_EVALS)
+            self.fit(max_evals=self._scheduled_evals())
         elif n >= self._next_em:
             self.em_step()
         else:
@@ -980,6 +999,25 @@ class MixedLM(base.MiniBatchRegressor):
             rows[: cache[2].shape[0]] = cache[2]
         self._coded = (uniques, self._stats, rows)
         return rows
+
+
+def pass_cost_ratio(q: int, p: int) -> float:
+    """A pass's cost per group relative to the benchmark model's (q = 2, p = 3), at least 1.
+
+    The pass's per-group work is the q×q factor (q³), the q×(p+1) solves (q²(p+1)) and the
+    gradient's Gram sums over ``m = q(p+1)`` entries (m², which dominates for large p);
+    the weights were fitted to ``scripts/bench_core.py``-style timings of the pass at
+    20k groups (q = 1-3, p = 2-19). Smaller models keep the benchmark's cost, so their
+    schedule is as before.
+
+    >>> pass_cost_ratio(2, 3), round(pass_cost_ratio(3, 19), 1)
+    (1.0, 8.9)
+
+    """
+    m = q * (p + 1)
+    per_group = 5.0 + 0.13 * m * m + 8.0 * q**3
+
+    return max(1.0, per_group / (5.0 + 0.13 * 64 + 64.0))
 
 
 QUANTILES = (("min", 0.0), ("1Q", 0.25), ("median", 0.5), ("3Q", 0.75), ("max", 1.0))
