@@ -14,8 +14,8 @@ uses one core). A second run finds everything cached and takes a few seconds.
 
 Examples
 --------
->>> sorted(TASKS)[:3]
-['core_q1', 'core_q2', 'core_q3']
+>>> sorted(TASKS)
+['core_q1', 'core_q2', 'core_q3', 'core_qn', 'fetch', 'keys', 'stream']
 
 """
 
@@ -128,6 +128,22 @@ def _fetch() -> None:
     rdkafka.collect(msgs, n, addr(ts, ctypes.c_void_p).value, addr(destroy, ctypes.c_void_p).value)
 
 
+def _keys() -> None:
+    """The key table's growth paths (rehashing when a batch brings many new keys)."""
+    import numpy as np
+    import pandas as pd
+
+    from streamlmm import MixedLM
+
+    n = 150_000
+    rng = np.random.default_rng(3)
+    X = pd.DataFrame({"x": rng.normal(size=n), "g": np.arange(n)})
+    y = pd.Series(rng.normal(size=n))
+    for keys in (X["g"], X["g"].astype(str), X["g"].astype(str).astype(object)):
+        m = MixedLM("y ~ x + (1 | g)", reservoir=100)
+        m.learn_many(X.assign(g=keys), y)
+
+
 TASKS = {
     "core_q1": lambda: _core("y ~ x + (1 | g)"),
     "core_q2": lambda: _core("y ~ x + f + (1 + x | g)"),
@@ -135,9 +151,10 @@ TASKS = {
     "core_qn": lambda: _core("y ~ x1 + (1 + x1 + x2 + x3 | g)"),
     "stream": _stream,
     "fetch": _fetch,
+    "keys": _keys,
 }
 # two lists of about equal compile time (measured): one per process
-_SPLIT = (["core_q2", "core_qn", "fetch"], ["core_q1", "core_q3", "stream"])
+_SPLIT = (["core_q2", "core_qn", "fetch", "keys"], ["core_q1", "core_q3", "stream"])
 
 
 def _run(names: list[str]) -> None:
@@ -153,7 +170,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--serial", action="store_true", help="one process instead of two")
     args = ap.parse_args(argv)
     if args.tasks:
+        from streamlmm import compiling
+
         _run(args.tasks.split(","))
+        print(len(compiling.compiled()))  # for the parent's count
         return 0
     t0 = time.perf_counter()
     from streamlmm import compiling
@@ -162,18 +182,18 @@ def main(argv: list[str] | None = None) -> int:
         _run([n for part in _SPLIT for n in part])
         n = len(compiling.compiled())
     else:
+        cmd = [sys.executable, "-m", "streamlmm.warm", "--tasks"]
         procs = [
-            subprocess.Popen([sys.executable, "-m", "streamlmm.warm", "--tasks", ",".join(part)])
+            subprocess.Popen([*cmd, ",".join(part)], stdout=subprocess.PIPE, text=True)
             for part in _SPLIT
         ]
-        codes = [p.wait() for p in procs]
-        if any(codes):
+        outs = [p.communicate()[0] for p in procs]
+        if any(p.returncode for p in procs):
             print("streamlmm.warm: a compile failed (see above)", file=sys.stderr)
             return 1
-        n = None
+        n = sum(int(o.split()[-1]) for o in outs)
     took = time.perf_counter() - t0
-    what = "kernels compiled" if n is None else f"{n} kernels compiled"
-    print(f"streamlmm.warm: numba cache ready ({what}; {took:.1f} s)", file=sys.stderr)
+    print(f"streamlmm.warm: numba cache ready ({n} compiled; {took:.1f} s)", file=sys.stderr)
     return 0
 
 
