@@ -27,7 +27,8 @@ import numpy as np
 from river import base
 
 from streamlmm import checks, estimate, kernels
-from streamlmm.design import Design
+from streamlmm.coverage import check_disjoint
+from streamlmm.design import Design, align
 from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.reservoir import CAPACITY, Reservoir, priority_one, weighted_quantiles
 from streamlmm.rows import RowReader
@@ -446,7 +447,7 @@ class MixedLM(base.MiniBatchRegressor):
             return False
         self._par = _Params(prob.c, prob.xi, prob.zi, lam, prof.beta, prof.sigma2)
         q, p = prob.q, prob.p
-        self._blk, self._b1 = np.empty(q * q + q * p + q), np.empty(q)
+        self._blk, self._b1 = np.empty(kernels.scratch_size(q, p)), np.empty(q)
         self._lam_u = prob.to_user_lam(lam)
         self._param_source = (source, self.n_events)
         self._drop_predictions()  # new parameters: every cached coefficient is stale
@@ -621,10 +622,21 @@ class MixedLM(base.MiniBatchRegressor):
         coef = np.zeros(st.k)
         coef[par.xi] += par.beta
         if r >= 0:
-            blk = self._blk
-            st.group_blocks(r, par.c, par.zi, par.xi, blk)
-            kernels.predict_group(
-                blk, par.zi.shape[0], par.xi.shape[0], par.lam, par.beta, self._b1
+            kernels.group_effect(
+                st.M[r],
+                st.vpos,
+                par.c,
+                par.zi,
+                par.xi,
+                st.k,
+                st.P,
+                st.decay_factor(r),
+                par.lam,
+                par.beta,
+                True,
+                self._b1,
+                _NO_COV,
+                self._blk,
             )
             np.add.at(coef, par.zi, self._b1)
         K = float(par.c[st.k] - coef @ par.c[: st.k])
@@ -648,8 +660,8 @@ class MixedLM(base.MiniBatchRegressor):
             st.P,
             par.lam,
             par.beta,
-            self._blk,
             self._b1,
+            self._blk,
         )
 
     def predict_many(self, X):
@@ -736,7 +748,7 @@ class MixedLM(base.MiniBatchRegressor):
                 "keep": est.keep,
             }
             self._last_good = good
-            b, condvar = est.b, est.condvar
+            b, condvar, b_np, b_np_se = est.b, est.condvar, est.b_np, est.b_np_se
         else:
             good = _reindexed(self._last_good, f.fixed)
             if good is None:
@@ -753,6 +765,7 @@ class MixedLM(base.MiniBatchRegressor):
                 }
             b = np.zeros((G, f.q))
             condvar = np.broadcast_to(good["re_cov"], (G, f.q, f.q)).copy()
+            b_np = b_np_se = np.full((G, f.q), math.nan)
         lam_u = np.zeros((f.q, f.q))
         lam_u[estimate.theta_index(f.blocks, f.q)] = good["theta"]
         singular = bool(np.any(np.diag(lam_u) < estimate.SINGULAR_TOL))
@@ -792,6 +805,8 @@ class MixedLM(base.MiniBatchRegressor):
             keys=st.keys,
             b=b,
             condvar=condvar,
+            b_np=b_np,
+            b_np_se=b_np_se,
             group_n=st.counts(),
             group_ybar=self._group_ybar(),
             re_names=f.random,
@@ -860,29 +875,57 @@ class MixedLM(base.MiniBatchRegressor):
         return cls.from_snapshots([snap])
 
     @classmethod
-    def from_snapshots(cls, snaps: list[Snapshot]) -> MixedLM:
+    def from_snapshots(cls, snaps: list[Snapshot], *, disjoint: bool = False) -> MixedLM:
         """One model from the states of several snapshots, e.g. of engines that each own
-        some partitions of a topic: statistics are additive (docs/design.md), so the
-        merged model fits exactly as one engine that read every partition would."""
+        some partitions of a topic: statistics are additive (docs/design.md §6), so the
+        merged model fits exactly as one engine that read every partition would.
+
+        The snapshots must hold disjoint events. Their source offsets say which events
+        they hold (:mod:`streamlmm.coverage`): two snapshots of one partition or one
+        file overlap, and are refused with a ``ValueError`` naming it. A snapshot without
+        offsets (taken in Python) cannot be checked: pass ``disjoint=True`` to say that
+        the snapshots hold disjoint events (it also overrides the offsets' check, e.g.
+        for two Kafka clusters with the same topic names).
+
+        Shards that met factor levels in different orders have different union columns
+        (order, levels, reference level): they are aligned exactly to the first
+        snapshot's levels (:func:`streamlmm.design.align`), or refused with the reason.
+        """
+        check_disjoint(snaps, disjoint)
         models = [cls._from_state(s) for s in snaps]
         m = models[0]
         if len(models) > 1:
             for other in models[1:]:
                 if (other.formula, other.method) != (m.formula, m.method):
                     raise ValueError("only snapshots of the same formula and method merge")
-            m._stats = GroupStats.merge([o._stats for o in models])
+                if other.half_life != m.half_life:
+                    raise ValueError(
+                        f"only snapshots of the same half_life merge ({m.half_life} and "
+                        f"{other.half_life})"
+                    )
+            design, maps = align([o._design for o in models])
+            stats = [
+                o._stats if T is None else o._stats.realigned(design, T)
+                for o, T in zip(models, maps)
+            ]
+            m._set_design(design)
+            m._stats = GroupStats.merge(stats)
+            m._stats.spec = design
             if m._res is not None:
                 index = m._stats.index
                 m._res = Reservoir.merge(
                     [
-                        (o._res, np.array([index[key] for key in o._stats.keys], np.int64))
-                        for o in models
+                        (o._res, np.array([index[key] for key in o._stats.keys], np.int64), T)
+                        for o, T in zip(models, maps)
                         if o._res is not None
                     ],
                     m._stats.k,
+                    keys=m._stats.keys,
+                    design=design,
                 )
             m.n_events = sum(o.n_events for o in models)
             m.n_skipped = sum(o.n_skipped for o in models)
+            m._fast1 = None
         m._refreshed_at = m.n_events
         m._next_refit = m.n_events + (
             m._gap(20, PASS_COST_US, 1.0, m.refit_every) if m._lam_u is not None else 1
@@ -1072,6 +1115,7 @@ def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:
 # predict_one's cached coefficients of a group: ``(K, ((field, c_f), …))``
 _Coefs = tuple[float, tuple[tuple[str, float], ...]]
 _UNSEEN = ("unseen",)  # the fixed part's cache key: a tuple, never a group key
+_NO_COV = np.empty((0, 0))  # kernels.group_effect: the effect alone
 
 
 class _Params(NamedTuple):

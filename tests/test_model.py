@@ -351,6 +351,99 @@ def test_from_snapshot_continues_exactly(reference, helpers, through_bytes, half
         assert resumed._stats.now == whole._stats.now
 
 
+# -- merging snapshots --------------------------------------------------------------------------
+def _factor_shards(seed=3):
+    """Two shards of a stream with a factor: shard A meets "moderate" first (its reference
+    level), shard B "severe" first, and only B has "critical"; the groups are disjoint."""
+    rng = np.random.default_rng(seed)
+    effect = {"mild": 0.0, "moderate": 1.0, "severe": 2.5, "critical": 4.0}
+    shards = []
+    for lo, first, levels in (
+        (0, "moderate", ["mild", "moderate", "severe"]),
+        (20, "severe", ["mild", "moderate", "severe", "critical"]),
+    ):
+        rows = []
+        for i in range(1500):
+            g = lo + int(rng.integers(0, 20))
+            sev = first if i == 0 else str(rng.choice(levels))
+            x1 = float(rng.normal(50, 10))
+            y = 3 + 0.1 * x1 + effect[sev] * (1 + 0.01 * x1) + 0.3 * (g % 7) + rng.normal()
+            rows.append(({"g": f"h{g}", "x1": x1, "severity": sev}, float(y)))
+        shards.append(rows)
+    return shards
+
+
+MERGE_FORMULA = "y ~ x1 * severity + (1 + x1 | g)"
+
+
+def _merged_and_whole(formula=MERGE_FORMULA, **kw):
+    shards = _factor_shards()
+    parts = []
+    for i, rows in enumerate(shards):
+        m = MixedLM(formula, **kw)
+        for x, y in rows:
+            m.learn_one(x, y)
+        parts.append(m.snapshot(offsets={f"events:{i}": len(rows)}))
+    whole = MixedLM(formula, **kw)  # one model over both shards: A's levels come first
+    for x, y in shards[0] + shards[1]:
+        whole.learn_one(x, y)
+    return parts, MixedLM.from_snapshots(parts), whole
+
+
+def test_snapshots_of_shards_with_other_reference_levels_merge_exactly(helpers):
+    """Shards met the factor's levels in other orders, so their union columns differ in
+    order, in the levels they hold and in the reference level; the merged statistics are
+    those of one model over every event (the first shard's reference level)."""
+    parts, merged, whole = _merged_and_whole()
+    assert parts[0].state["design"]["levels"]["severity"][0] == "moderate"
+    assert parts[1].state["design"]["levels"]["severity"][0] == "severe"
+    assert merged._design.fixed == whole._design.fixed
+    assert merged._design.factors == whole._design.factors
+    assert merged.n_events == whole.n_events == 3000
+    theta = np.array([1.5, 0.01, 0.02])
+    want = helpers.estimates_at(whole, theta)
+    _assert_same_estimates(helpers.estimates_at(merged, theta), want, rel=1e-9)
+    got, ref = merged.fit().snapshot(), whole.fit().snapshot()
+    assert list(got.fixef) == list(ref.fixef)
+    _assert_same_fit(got, ref, rel=FIT_RTOL)
+    # and the merged model keeps learning in the merged columns
+    x = {"g": "h3", "x1": 47.0, "severity": "critical"}
+    merged.learn_one(x, 9.0)
+    whole.learn_one(x, 9.0)
+    _assert_same_estimates(
+        helpers.estimates_at(merged, theta), helpers.estimates_at(whole, theta), rel=1e-9
+    )
+
+
+def test_merge_refuses_fields_of_other_kinds():
+    a, b = MixedLM("y ~ f + (1 | g)"), MixedLM("y ~ f + (1 | g)")
+    a.learn_one({"g": "a", "f": "lo"}, 1.0)
+    b.learn_one({"g": "b", "f": 2.0}, 1.0)
+    snaps = [a.snapshot(offsets={"t:0": 1}), b.snapshot(offsets={"t:1": 1})]
+    with pytest.raises(ValueError, match="field 'f' is factor in one snapshot and numeric"):
+        MixedLM.from_snapshots(snaps)
+
+
+def test_the_same_snapshot_twice_is_refused_not_counted_twice():
+    parts, _, _ = _merged_and_whole("y ~ x1 + (1 | g)")
+    with pytest.raises(
+        ValueError, match="snapshots 0 and 1 both hold events of Kafka partition 'events:0'"
+    ):
+        MixedLM.from_snapshots([parts[0], parts[0]])
+    # the caller's word overrides the offsets (e.g. two clusters with one topic name)
+    doubled = MixedLM.from_snapshots([parts[0], parts[0]], disjoint=True)
+    assert doubled.n_events == 2 * parts[0].n_events
+
+
+def test_snapshots_without_offsets_merge_only_when_said_disjoint():
+    a, b = MixedLM("y ~ x1 + (1 | g)"), MixedLM("y ~ x1 + (1 | g)")
+    a.learn_one({"g": "a", "x1": 1.0}, 1.0)
+    b.learn_one({"g": "b", "x1": 2.0}, 3.0)
+    with pytest.raises(ValueError, match="snapshot 0 records no source offsets.*disjoint=True"):
+        MixedLM.from_snapshots([a.snapshot(), b.snapshot()])
+    assert MixedLM.from_snapshots([a.snapshot(), b.snapshot()], disjoint=True).n_events == 2
+
+
 def test_from_snapshot_without_state_raises(reference):
     case = reference("sleepstudy_slopes_reml")
     s = _learn(_model(case), case.data).fit().snapshot()
