@@ -1034,14 +1034,9 @@ def residual_quantiles(res: Reservoir, design: Design, fixef, b, sigma: float) -
     dropped one) and the groups' BLUPs ``b`` (rows of the statistics): R's type-7
     quantiles, as lme4's ``summary()`` computes them from every residual. ``events`` is
     how many events they cover and ``of`` how many the stream had."""
-    n = res.size
-    A, y, rows = res.A[:n], res.y[:n], res.row[:n]
-    beta = np.nan_to_num(np.asarray(fixef, dtype=float))
-    fitted = A[:, design.xi] @ beta
-    ok = rows < b.shape[0]
-    fitted[ok] += np.einsum("ij,ij->i", A[ok][:, design.zi], b[rows[ok]])
-    r = (y - fitted) / sigma
-    q = weighted_quantiles(r, res.count[:n], [p for _, p in QUANTILES])
+    _, resid, count = res.residuals(design.xi, design.zi, fixef, b)
+    r = resid / sigma
+    q = weighted_quantiles(r, count, [p for _, p in QUANTILES])
     out = {name: float(v) for (name, _), v in zip(QUANTILES, q)}
     out.update(events=res.n_events, of=res.n_seen)
     return out

@@ -415,6 +415,19 @@ class Reservoir:
         """Whether the sample holds every event offered."""
         return self.n_events == self.n_seen
 
+    def residuals(self, xi, zi, fixef, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(fitted, residual, count)`` of the kept events at the fixed effects ``fixef``
+        (one per fixed column at union positions ``xi``; NaN for a dropped one) and the
+        groups' effects ``b`` (rows of the statistics; columns at ``zi``):
+        ``ŷ = x'β̂ + z'b̂_g``, as lme4's ``fitted()``. An event of a group past ``b``'s
+        rows gets the fixed part alone."""
+        n = self.size
+        A, rows = self.A[:n], self.row[:n]
+        fitted = A[:, np.asarray(xi)] @ np.nan_to_num(np.asarray(fixef, dtype=float))
+        ok = rows < b.shape[0]
+        fitted[ok] += np.einsum("ij,ij->i", A[ok][:, np.asarray(zi)], b[rows[ok]])
+        return fitted, self.y[:n] - fitted, self.count[:n].copy()
+
     def to_state(self) -> dict[str, Any]:
         s = self.size
         return {

@@ -56,6 +56,10 @@ class Snapshot:
     The attribute names follow lme4: ``fixef``, ``fixef_se`` (``summary()``'s standard
     errors), ``re_cov`` (``VarCorr``: σ²ΛΛ'), ``sigma``, ``theta``
     (``getME(m, "theta")``), ``criterion`` (``REMLcrit()`` or ``deviance()``).
+    Per group (rows in ``keys`` order): ``b`` and ``condvar`` (``ranef(condVar =
+    TRUE)``), ``b_np`` and ``b_np_se`` (the group's own estimate of its effect from its
+    data alone at ``fixef``, no pooling, NaN where its data do not identify it;
+    docs/math.md §4), ``group_n`` and ``group_ybar``.
 
     Examples
     --------
