@@ -400,6 +400,54 @@ class Design:
         :attr:`ones`); ``None`` otherwise. Bulk decoders use it."""
         return tuple(self._direct) if self._fast else None
 
+    def coded_recipe(self):
+        """How ``learn_one``'s fast path for factors fills the union columns, or ``None``
+        when it does not apply: ``(numeric fields, factor fields with their level codes,
+        recipe)``. ``recipe`` is an int64 array for :func:`streamlmm.kernels.
+        accumulate_coded`: ``[n, (column, numeric index) × n, m, (column, numeric index
+        or -1, n_f, (factor index, code) × n_f) × m]`` — a column is a field's value, or
+        a field's value (or 1) where the event's factors have the given levels, else 0,
+        exactly as :meth:`encode_one` fills it. It applies to formulas whose columns are
+        fields, factor dummies and their products with at most one numeric field (no
+        transform, no product of two numbers, which could overflow), kinds known.
+
+        >>> d = Design("y ~ x * f + (1 | g)")
+        >>> _ = d.encode_one({"x": 1.0, "f": "a"}, np.empty(4), learn=True)
+        >>> _ = d.encode_one({"x": 1.0, "f": "b"}, np.empty(4), learn=True)
+        >>> nums, facs, recipe = d.coded_recipe()
+        >>> nums, facs, d.columns
+        (('x',), (('f', {'a': 0, 'b': 1}),), ('(Intercept)', 'x', 'fb', 'x:fb'))
+        >>> recipe.tolist()  # x → 1; fb = 1 where f = b; x:fb = x where f = b
+        [1, 1, 0, 2, 2, -1, 1, 0, 1, 3, 0, 1, 0, 1]
+
+        """
+        if not self.ready or self._tf:
+            return None
+        num = [fld for fld in self.fields if self._kind[fld] == NUM]
+        fac = [fld for fld in self.fields if self._kind[fld] == FAC]
+        nix = {self._fpos[fld]: j for j, fld in enumerate(num)}
+        fix = {self._fpos[fld]: j for j, fld in enumerate(fac)}
+        recipe = [len(self._dpos)]
+        for i, fp in self._dpos:
+            if fp not in nix:
+                return None
+            recipe += [i, nix[fp]]
+        recipe.append(len(self._general))
+        for i, sl, fc in self._general:
+            if len(sl) > 1:
+                return None
+            slot = -1
+            if sl:
+                e = self._slots[sl[0]][0]
+                if not e.is_field or self._fpos[e.label] not in nix:
+                    return None
+                slot = nix[self._fpos[e.label]]
+            recipe += [i, slot, len(fc)]
+            for fp, code in fc:
+                recipe += [fix[fp], code]
+        tables = tuple((fld, self._codes.setdefault(fld, {})) for fld in fac)
+        return tuple(num), tables, np.array(recipe, dtype=np.int64)
+
     @property
     def ones(self) -> tuple[int, ...]:
         """Positions of the intercept column(s)."""

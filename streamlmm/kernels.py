@@ -40,6 +40,7 @@ __all__ = [
     "accumulate_one",
     "accumulate_unit",
     "accumulate_unit_sampled",
+    "accumulate_coded",
     "decay_all",
     "merge_rows",
     "cross_products",
@@ -195,6 +196,38 @@ def accumulate_unit_sampled(M, r, a, y, vi, P, khash, plan):  # pragma: no cover
     """:func:`accumulate_unit`, and the event's reservoir priority
     (:func:`streamlmm.reservoir.priority`), in one call."""
     accumulate_unit(M, r, a, y, vi, P)
+    return priority(khash[r], a, y, plan)
+
+
+@njit(**_OPTS)
+def accumulate_coded(M, r, vals, codes, recipe, a, y, vi, P, khash, plan):  # pragma: no cover
+    """``learn_one``'s fast path for formulas with factors: fill the union values ``a``
+    from the event's numeric values ``vals`` and factor level codes ``codes`` by
+    ``recipe`` (:meth:`streamlmm.design.Design.coded_recipe`; the intercept columns are
+    already 1), then :func:`accumulate_unit`; returns the event's reservoir priority
+    (0 when ``plan`` is empty: no reservoir). The values are those of
+    ``Design.encode_one``, bit for bit."""
+    n = recipe[0]
+    at = 1
+    for _ in range(n):
+        a[recipe[at]] = vals[recipe[at + 1]]
+        at += 2
+    n = recipe[at]
+    at += 1
+    for _ in range(n):
+        i = recipe[at]
+        slot = recipe[at + 1]
+        nf = recipe[at + 2]
+        at += 3
+        hit = True
+        for t in range(nf):
+            if codes[recipe[at + 2 * t]] != recipe[at + 2 * t + 1]:
+                hit = False
+        at += 2 * nf
+        a[i] = (vals[slot] if slot >= 0 else 1.0) if hit else 0.0
+    accumulate_unit(M, r, a, y, vi, P)
+    if plan.shape[0] == 0:
+        return 0.0
     return priority(khash[r], a, y, plan)
 
 

@@ -169,6 +169,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._refreshed_at = -1
         self._res = Reservoir(reservoir) if reservoir else None
         self._fast1 = None  # learn_one's fast path (see _fast_layout)
+        self._fastc = None  # learn_one's fast path for formulas with factors (_learn_coded)
         self._fastp = None  # predict_one's fast path (see _predict_layout)
         self._coefs: dict[str | int, _Coefs] = {}  # predict_one's per-group cache
         self._blk = np.empty(0)  # predict_one scratch, sized by the parameters' q and p
@@ -200,7 +201,7 @@ class MixedLM(base.MiniBatchRegressor):
     def learn_one(self, x: Mapping[str, Any], y: float, w: float = 1.0) -> None:
         """Accumulate one event. Invalid input raises ``ValueError`` and changes nothing."""
         fast = self._fast1
-        if fast is not None and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
+        if fast and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
             # the common event of a plain numeric formula: the same rules as the general
             # path below (which handles everything else), without its calls
             group, direct, a, st, coefs, res, plan = fast
@@ -230,20 +231,70 @@ class MixedLM(base.MiniBatchRegressor):
                     coefs.pop(key, None)
                     self.n_events += 1
                     return
+        elif self._fastc is not None and w == 1.0 and type(y) is float:
+            if _LO <= y <= MAX_ABS and self._learn_coded(x, y):
+                return
         self._learn_one(x, y, w)
 
+    def _learn_coded(self, x: Mapping[str, Any], y: float) -> bool:
+        """:meth:`learn_one`'s fast path for formulas with factors (see
+        :meth:`_fast_layout`): True if it learned the event, False if the general path
+        must (a new level, a missing or mistyped value, a long key)."""
+        group, nums, facs, vals, codes, recipe, a, st, coefs, res, plan, khash = self._fastc
+        key = x.get(group)
+        if not (type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN)):
+            return False
+        j = 0
+        for c in nums:
+            v = x.get(c)
+            if type(v) is not float or not _LO <= v <= MAX_ABS:
+                return False
+            vals[j] = v
+            j += 1
+        j = 0
+        for c, table in facs:
+            v = x.get(c)
+            code = table.get(v) if type(v) is str else None
+            if code is None:
+                return False
+            codes[j] = code
+            j += 1
+        r = st.index.get(key)
+        if r is None:
+            r = st._new_row(key)
+            if res is not None:
+                res.new_key(r, key)
+        if res is None:
+            kernels.accumulate_coded(st.M, r, vals, codes, recipe, a, y, st.vi, st.P, khash, plan)
+        else:
+            prio = kernels.accumulate_coded(
+                st.M, r, vals, codes, recipe, a, y, st.vi, st.P, res.khash, plan
+            )
+            res.n_seen += 1.0
+            if prio <= res.threshold:
+                res._add(prio, r, a, y, 1.0)
+        coefs.pop(key, None)
+        self.n_events += 1
+        return True
+
     def _fast_layout(self):
-        """What :meth:`learn_one`'s fast path needs, or ``None`` when it does not apply:
-        plain numeric columns known, the response a plain field, no time key or forgetting."""
+        """What :meth:`learn_one`'s fast paths need (and sets ``_fastc``, the path for
+        formulas with factors), or ``()`` when the plain one does not apply: plain
+        numeric columns known, the response a plain field, no time key or forgetting.
+        The path for factors (:meth:`_learn_coded`) needs the same, and columns that
+        :meth:`Design.coded_recipe` can fill."""
         d = self._design
+        self._fastc = None
         if (
-            d.plain is None
-            or not self._formula.response_expr.is_field
+            not self._formula.response_expr.is_field
             or self.time_key is not None
             or self.half_life is not None
             or d.k != self._stats.k
         ):
-            return None
+            return ()
+        coded = d.coded_recipe() if d.plain is None else None
+        if d.plain is None and coded is None:
+            return ()
         if self._reader.a.shape[0] < d.k:
             self._reader.a = np.empty(d.k)
         a = self._reader.a
@@ -254,6 +305,23 @@ class MixedLM(base.MiniBatchRegressor):
             res.sync_keys(self._stats.keys)
             res.widen(d.k)
         plan = res.plan_of(d) if res is not None else None
+        if coded is not None:
+            nums, facs, recipe = coded
+            self._fastc = (
+                self._formula.group,
+                nums,
+                facs,
+                np.empty(max(len(nums), 1)),
+                np.empty(max(len(facs), 1), dtype=np.int64),
+                recipe,
+                a,
+                self._stats,
+                self._coefs,
+                res,
+                plan if plan is not None else _NO_PLAN,
+                _NO_KEYS,
+            )
+            return ()
         return self._formula.group, d.plain, a, self._stats, self._coefs, res, plan
 
     def _learn_one(self, x: Mapping[str, Any], y: float, w: float) -> None:
@@ -300,7 +368,7 @@ class MixedLM(base.MiniBatchRegressor):
         """Adopt ``design`` (a restored one: a failed batch must leave no level behind)."""
         self._design = design
         self._formula = design.formula
-        self._fast1 = None
+        self._fast1 = self._fastc = None
         self._drop_predictions()
         self._reader.design = design
         self._stats.spec = design
@@ -312,7 +380,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._stats.widen(self._design)
         if self._res is not None:
             self._res.widen(self._stats.k)
-        self._fast1 = None
+        self._fast1 = self._fastc = None
         self._drop_predictions()
         if self._par is not None:
             c = self._par.c
@@ -925,7 +993,7 @@ class MixedLM(base.MiniBatchRegressor):
                 )
             m.n_events = sum(o.n_events for o in models)
             m.n_skipped = sum(o.n_skipped for o in models)
-            m._fast1 = None
+            m._fast1 = m._fastc = None
         m._refreshed_at = m.n_events
         m._next_refit = m.n_events + (
             m._gap(20, PASS_COST_US, 1.0, m.refit_every) if m._lam_u is not None else 1
@@ -1111,6 +1179,8 @@ def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:
 _Coefs = tuple[float, tuple[tuple[str, float], ...]]
 _UNSEEN = ("unseen",)  # the fixed part's cache key: a tuple, never a group key
 _NO_COV = np.empty((0, 0))  # kernels.group_effect: the effect alone
+_NO_PLAN = np.empty(0, dtype=np.int64)  # kernels.accumulate_coded: no reservoir
+_NO_KEYS = np.empty(0, dtype=np.int64)
 
 
 class _Params(NamedTuple):

@@ -83,6 +83,52 @@ def test_learn_many_is_bitwise_learn_one(reference, name, helpers):
     _assert_same_fit(s1, s2, rel=0.0)
 
 
+def _hospital_events(n=4_000, seed=2):
+    """Events of ``y ~ age * severity + (1 + age | hospital)`` with int hospital keys; the
+    level "critical" first appears after 60% of the stream, and every 50th age is an int
+    (learn_one's general path takes those)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        levels = ["mild", "moderate", "severe"] + (["critical"] if i > 0.6 * n else [])
+        sev = str(rng.choice(levels))
+        age = float(np.round(rng.normal(50, 12), 1))
+        if i % 50 == 0:
+            age = int(age)
+        h = int(rng.integers(0, 150))
+        y = 2 + 0.03 * age + levels.index(sev) * 0.8 + 0.2 * (h % 9) + rng.normal()
+        rows.append(({"hospital": h, "age": age, "severity": sev}, float(y)))
+    return rows
+
+
+def test_learn_one_with_factors_is_bitwise_learn_many(helpers):
+    """learn_one's fast path for factors (a new level, int ages and weights go the
+    general way) gives the statistics, design, reservoir and fit of learn_many, bit for
+    bit."""
+    formula = "y ~ age * severity + (1 + age | hospital)"
+    events = _hospital_events()
+    one, many = MixedLM(formula, reservoir=500), MixedLM(formula, reservoir=500)
+    for x, y in events:
+        one.learn_one(x, y)
+    assert one._fastc is not None  # the fast path for factors was in use
+    X = pd.DataFrame([x for x, _ in events]).astype({"age": float})
+    yy = pd.Series([y for _, y in events])
+    for start in range(0, len(X), 700):
+        many.learn_many(X.iloc[start : start + 700], yy.iloc[start : start + 700])
+    S1, keys1, _ = helpers.active_stats(one)
+    S2, keys2, _ = helpers.active_stats(many)
+    assert keys1 == keys2 and one.n_events == many.n_events == len(events)
+    np.testing.assert_array_equal(S1, S2)
+    assert one._design.to_state() == many._design.to_state()
+    assert one._design.columns[-2:] == ("severitycritical", "age:severitycritical")
+    r1, r2 = one._res, many._res
+    o1, o2 = np.argsort(r1.prio[: r1.size]), np.argsort(r2.prio[: r2.size])
+    for name in ("prio", "count", "y", "A", "row"):
+        np.testing.assert_array_equal(getattr(r1, name)[o1], getattr(r2, name)[o2])
+    assert r1.n_seen == r2.n_seen
+    _assert_same_fit(one.fit().snapshot(), many.fit().snapshot(), rel=0.0)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 333, 10_000])
 def test_learn_many_chunking_does_not_matter(reference, chunk, helpers):
     case = reference("pub_tiny_intercept_reml")
