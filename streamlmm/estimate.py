@@ -820,7 +820,7 @@ def group_estimates(prob: Problem, pr: Profile, *, pool: bool) -> tuple[np.ndarr
         pool=pool,
     )
     Tz = prob.Tz()
-    return B @ Tz.T, pr.sigma2 * np.einsum("ij,gjk,lk->gil", Tz, K, Tz)
+    return B @ Tz.T, pr.sigma2 * (Tz @ K @ Tz.T)
 
 
 def _no_groups(q: int) -> tuple[np.ndarray, np.ndarray]:
