@@ -11,7 +11,8 @@ target (met / MISSED). Run from the repository root::
 
 Sections (``--only`` takes names or numbers, comma-separated or run together):
 
-1. ``one``    ``learn_one`` / ``predict_one`` µs per call vs river ``LinearRegression``.
+1. ``one``    ``learn_one`` / ``predict_one`` µs per call vs river ``LinearRegression``;
+   ``learn_one`` also for ``y ~ age * severity + (1 + age | hospital)`` (a factor).
 2. ``many``   ``learn_many`` events/s with int keys, object (Python str) keys and the
    pandas string dtype that ``pandas.read_csv`` returns.
 3. ``fit``    ``fit()`` vs lme4 ``lmer`` (REML, through Rscript) and statsmodels
@@ -56,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 FORMULA = "y ~ x1 + x2 + (1 + x1 | g)"
+FACTOR_FORMULA = "y ~ age * severity + (1 + age | hospital)"  # §1: a formula with a factor
 FIXEF = ("(Intercept)", "x1", "x2")
 BETA = np.array([5.0, 0.3, -1.2])
 SIGMA = 1.0
@@ -421,11 +423,27 @@ def bench_one(args):
         linear_model.LinearRegression,
         min(R, 2),  # informational, and slow (the scheduled refreshes run in it)
     )
+    # a formula with a factor: hospital data (age, a 3-level severity)
+    rng = np.random.default_rng(args.seed + 11)
+    sev = rng.choice(np.array(["mild", "moderate", "severe"], dtype=object), n).tolist()
+    evf = [({"hospital": g[i], "age": x1[i], "severity": sev[i]}, y[i]) for i in range(n)]
+    evfr = [({"age": x1[i], f"severity_{sev[i]}": 1.0}, y[i]) for i in range(n)]
+    wf = MixedLM(FACTOR_FORMULA)
+    learn_all(wf, evf[:3000])
+    learn_all(linear_model.LinearRegression(), evfr[:3000])
+    ours_f, peer_f = paired(
+        lambda m: learn_all(m, evf),
+        lambda: MixedLM(FACTOR_FORMULA),
+        lambda m: learn_all(m, evfr),
+        linear_model.LinearRegression,
+        R,
+    )
     us = 1e6 / n
     print(f"## 1. learn_one / predict_one ({n:,} events, {G:,} groups)\n")
     rows = []
     for what, o, p, tgt in (
         ("learn_one µs/call", ours_l, peer_l, 1.5),
+        (f"learn_one µs/call, {FACTOR_FORMULA}", ours_f, peer_f, 2.0),
         ("predict_one µs/call (steady state)", ours_p, peer_p, 3.0),
         (
             "predict_one + learn_one µs/event (progressive, refreshes included)",
@@ -450,6 +468,10 @@ def bench_one(args):
     md_table(["measurement (best [median])", "streamlmm", "river LinearRegression", "ratio"], rows)
     NOTES.append(
         "§1 river LinearRegression gets x1, x2 only (no group); MixedLM gets g, x1, x2. "
+        f"For {FACTOR_FORMULA}, MixedLM gets hospital, age and severity as a string (it "
+        "encodes the dummies and their products with age itself); river gets age and the "
+        "one-hot severity as river's OneHotEncoder would give it (one key, "
+        '"severity_<level>": 1.0), already encoded. '
         "Calls are timed in loops of all events, best of the repeats [median]."
     )
 

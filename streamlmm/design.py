@@ -46,7 +46,7 @@ from streamlmm import kernels
 from streamlmm.formula import INTERCEPT, Expr, Formula, parse_formula
 from streamlmm.values import MAX_ABS, Missing, number
 
-__all__ = ["Design", "numeric_design", "MAX_LEVEL_CHARS", "MAX_LEVELS"]
+__all__ = ["Design", "numeric_design", "align", "MAX_LEVEL_CHARS", "MAX_LEVELS"]
 
 MAX_LEVEL_CHARS = 256
 MAX_LEVELS = 10_000
@@ -399,6 +399,54 @@ class Design:
         ``(column, field)`` that copy a field into a column (the intercept columns are
         :attr:`ones`); ``None`` otherwise. Bulk decoders use it."""
         return tuple(self._direct) if self._fast else None
+
+    def coded_recipe(self):
+        """How ``learn_one``'s fast path for factors fills the union columns, or ``None``
+        when it does not apply: ``(numeric fields, factor fields with their level codes,
+        recipe)``. ``recipe`` is an int64 array for :func:`streamlmm.kernels.
+        accumulate_coded`: ``[n, (column, numeric index) × n, m, (column, numeric index
+        or -1, n_f, (factor index, code) × n_f) × m]`` — a column is a field's value, or
+        a field's value (or 1) where the event's factors have the given levels, else 0,
+        exactly as :meth:`encode_one` fills it. It applies to formulas whose columns are
+        fields, factor dummies and their products with at most one numeric field (no
+        transform, no product of two numbers, which could overflow), kinds known.
+
+        >>> d = Design("y ~ x * f + (1 | g)")
+        >>> _ = d.encode_one({"x": 1.0, "f": "a"}, np.empty(4), learn=True)
+        >>> _ = d.encode_one({"x": 1.0, "f": "b"}, np.empty(4), learn=True)
+        >>> nums, facs, recipe = d.coded_recipe()
+        >>> nums, facs, d.columns
+        (('x',), (('f', {'a': 0, 'b': 1}),), ('(Intercept)', 'x', 'fb', 'x:fb'))
+        >>> recipe.tolist()  # x → 1; fb = 1 where f = b; x:fb = x where f = b
+        [1, 1, 0, 2, 2, -1, 1, 0, 1, 3, 0, 1, 0, 1]
+
+        """
+        if not self.ready or self._tf:
+            return None
+        num = [fld for fld in self.fields if self._kind[fld] == NUM]
+        fac = [fld for fld in self.fields if self._kind[fld] == FAC]
+        nix = {self._fpos[fld]: j for j, fld in enumerate(num)}
+        fix = {self._fpos[fld]: j for j, fld in enumerate(fac)}
+        recipe = [len(self._dpos)]
+        for i, fp in self._dpos:
+            if fp not in nix:
+                return None
+            recipe += [i, nix[fp]]
+        recipe.append(len(self._general))
+        for i, sl, fc in self._general:
+            if len(sl) > 1:
+                return None
+            slot = -1
+            if sl:
+                e = self._slots[sl[0]][0]
+                if not e.is_field or self._fpos[e.label] not in nix:
+                    return None
+                slot = nix[self._fpos[e.label]]
+            recipe += [i, slot, len(fc)]
+            for fp, code in fc:
+                recipe += [fix[fp], code]
+        tables = tuple((fld, self._codes.setdefault(fld, {})) for fld in fac)
+        return tuple(num), tables, np.array(recipe, dtype=np.int64)
 
     @property
     def ones(self) -> tuple[int, ...]:
@@ -917,3 +965,172 @@ def numeric_design(formula: Formula | str) -> Design:
     if not d.ready:
         d.encode_one(dict.fromkeys(d.fields, 1.0), np.empty(len(d.fields) + 1), learn=True)
     return d
+
+
+def align(designs: Sequence[Design]) -> tuple[Design, list[np.ndarray | None]]:
+    """One design for the union of several designs of one formula, and for each design
+    the map ``T`` (``k_merged × k``) with ``a_merged = T a`` for every event it encoded
+    (``None``: its columns are the merged ones, in the same order).
+
+    Shards of a stream meet a factor's levels in different orders, so their union
+    columns differ in order, in which levels they hold, and in the reference level
+    (the first level seen). The merged design takes the first design's levels (so its
+    reference levels) and appends the levels only the others saw. A column of the same
+    dummies is the same function of an event in every design, so it is matched by what
+    it is, not by position. A dummy of a level that another design has as reference is
+    an exact linear combination of that design's columns, since every event has exactly
+    one level: ``1[f = l] = 1 − Σ_{l' ≠ l} 1[f = l']`` (times the term's other factors
+    and numbers), which needs the column without ``f`` (the term's margin), itself
+    perhaps a sum over another factor's levels; R's coding rules, which code a factor by
+    contrasts only where the margin is in the model, provide it. When a column cannot be
+    written so, ``ValueError`` says which and what to do.
+
+    >>> a, b = Design("y ~ x + f + (1 | g)"), Design("y ~ x + f + (1 | g)")
+    >>> for ev in ({"x": 1.0, "f": "lo"}, {"x": 2.0, "f": "mid"}, {"x": 3.0, "f": "hi"}):
+    ...     _ = a.encode_one(ev, np.empty(4), learn=True)
+    >>> for ev in ({"x": 1.0, "f": "mid"}, {"x": 2.0, "f": "lo"}):  # "mid" is b's reference
+    ...     _ = b.encode_one(ev, np.empty(4), learn=True)
+    >>> merged, (ta, tb) = align([a, b])
+    >>> merged.columns, ta is None
+    (('(Intercept)', 'x', 'fmid', 'fhi'), True)
+    >>> b.columns
+    ('(Intercept)', 'x', 'flo')
+    >>> tb.tolist()  # fmid = 1 − flo on b's events (b saw only "lo" and "mid"), fhi = 0
+    [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 0.0, 0.0]]
+
+    """
+    first = designs[0]
+    text = first.formula.text
+    for d in designs[1:]:
+        if d.formula.text != text:
+            raise ValueError("only designs of the same formula align")
+    kinds: dict[str, str] = {}
+    for i, d in enumerate(designs):
+        for fld, kind in d._kind.items():
+            if kind is None:
+                continue
+            if kinds.setdefault(fld, kind) != kind:
+                raise ValueError(
+                    f"field {fld!r} is {kinds[fld]} in one snapshot and {kind} in snapshot "
+                    f"{i}: the streams do not have the same fields"
+                )
+    levels: dict[str, list[str]] = {}
+    for d in designs:
+        for fld, levs in d._levels.items():
+            have = levels.setdefault(fld, [])
+            have.extend(v for v in levs if v not in have)
+    if len(kinds) == len(first._kind):  # every kind known: lay out the union's columns
+        full = Design(text, levels={f: v for f, v in levels.items() if kinds.get(f) == FAC})
+        for fld, kind in kinds.items():
+            full._kind[fld] = kind
+        if full._coding is None:
+            full._kinds_known()
+        base = first if first.ready else full
+        keys = list(base._keys) + [k for k in full._keys if k not in base._keyidx]
+        names = {k: n for n, k in zip(full._names, full._keys)}
+        merged = Design.from_state(
+            text,
+            {
+                "kinds": kinds,
+                "levels": levels,
+                "columns": [names[k] for k in keys],
+                "keys": [sorted([lab, lev] for lab, lev in k) for k in keys],
+                "version": max(d.version for d in designs) + 1,
+            },
+        )
+    else:  # no design has learned an event
+        merged = Design.from_state(text, first.to_state())
+    maps: list[np.ndarray | None] = []
+    for i, d in enumerate(designs):
+        if d._keys == merged._keys:
+            maps.append(None)
+            continue
+        T = np.zeros((merged.k, d.k))
+        if d.ready:
+            for r, key in enumerate(merged._keys):
+                expr = _express(key, d, frozenset(), {})
+                if expr is None:
+                    raise ValueError(_unaligned(merged, r, d, i))
+                for j, c in expr.items():
+                    T[r, j] = c
+        maps.append(T)
+    return merged, maps
+
+
+def _express(key: frozenset, d: Design, done: frozenset, memo: dict) -> dict[int, float] | None:
+    """The column ``key`` as ``{column of d: coefficient}`` on ``d``'s events, or ``None``.
+
+    A column of a level that ``d`` never saw is 0 on its events; a dummy that ``d`` does
+    not have is rewritten as its margin minus the dummies of ``d``'s other levels, and a
+    margin that ``d`` does not have (no intercept) as the sum of the dummies of all of a
+    factor's levels (each factor at most once, so the rewriting ends)."""
+    got = memo.get((key, done))
+    if got is not None or (key, done) in memo:
+        return got
+    out: dict[int, float] | None = None
+    j = d._keyidx.get(key)
+    facs = sorted((lab, lev) for lab, lev in key if lev is not None)
+    if j is not None:
+        out = {j: 1.0}
+    elif any(lev not in d._codes.get(lab, {}) for lab, lev in facs):
+        out = {}
+    else:
+        for lab, lev in facs:
+            if lab in done:
+                continue
+            base = key - {(lab, lev)}
+            out = _express(base, d, done | {lab}, memo)
+            if out is None:
+                continue
+            out = dict(out)
+            for other in d._levels[lab]:
+                if other == lev:
+                    continue
+                e = _express(base | {(lab, other)}, d, done | {lab}, memo)
+                if e is None:
+                    out = None
+                    break
+                for c, v in e.items():
+                    out[c] = out.get(c, 0.0) - v
+            if out is not None:
+                out = {c: v for c, v in out.items() if v != 0.0}
+                break
+        if out is None:  # a column d lacks as a margin is the sum over a factor's levels
+            present = {lab for lab, _ in key}
+            for fld in d.fields:
+                if d._kind[fld] != FAC or fld in present or fld in done or not d._levels.get(fld):
+                    continue
+                out = {}
+                for lev in d._levels[fld]:
+                    e = _express(key | {(fld, lev)}, d, done | {fld}, memo)
+                    if e is None:
+                        out = None
+                        break
+                    for c, v in e.items():
+                        out[c] = out.get(c, 0.0) + v
+                if out is not None:
+                    out = {c: v for c, v in out.items() if v != 0.0}
+                    break
+    memo[(key, done)] = out
+    return out
+
+
+def _unaligned(merged: Design, r: int, d: Design, i: int) -> str:
+    refs = {
+        fld: (levs[0], d._levels[fld][0])
+        for fld, levs in merged._levels.items()
+        if levs and d._levels.get(fld) and d._levels[fld][0] != levs[0]
+    }
+    why = "; ".join(
+        f"factor {fld!r} has reference level {a!r} in the first snapshot and {b!r} in snapshot {i}"
+        for fld, (a, b) in refs.items()
+    )
+    decl = ", ".join(f"{fld!r}: {merged._levels[fld]!r}" for fld in refs) or "..."
+    return (
+        f"cannot merge: column {merged.columns[r]!r} is not a linear combination of the "
+        f"columns of snapshot {i} ({', '.join(d.columns)})"
+        + (f" ({why}, and the term has no margin column to rewrite its dummies)" if why else "")
+        + ". Give every engine the same reference levels (levels={"
+        + decl
+        + "} in MixedLM, --levels on the command line) and learn again"
+    )

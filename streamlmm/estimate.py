@@ -40,6 +40,7 @@ __all__ = [
     "theta_index",
     "fit_theta",
     "estimates_at",
+    "group_estimates",
     "em_step",
     "loglik",
     "SINGULAR_TOL",
@@ -164,6 +165,7 @@ class Problem:
     parallel: bool | int  # the sums' threads: False (one), True (every core) or a count
     xint: int  # position of the intercept among the kept fixed columns, -1 if none
     zint: int  # position of the intercept among the random columns, -1 if none
+    stats: GroupStats | None = None  # the statistics (decayed to now): each group's own effect
 
     @property
     def p(self) -> int:
@@ -345,6 +347,7 @@ def make_problem(
         parallel=parallel,
         xint=int(np.cumsum(keep)[xint_all] - 1) if xint_all >= 0 and keep[xint_all] else -1,
         zint=random.index(INTERCEPT) if INTERCEPT in random else -1,
+        stats=stats,
     )
     return prob, {"raw_sq": raw, "sd": _column_sd(b.XX, b.n, xint_all, fixed)}
 
@@ -729,7 +732,9 @@ class Estimates:
     """A fit's results in the user's columns (lme4's ``mkMerMod``).
 
     ``fixef``/``fixef_se`` and the rows of ``vcov`` cover every fixed column, NaN for
-    the dropped ones; ``b``/``condvar`` follow the statistics' row order.
+    the dropped ones; ``b``/``condvar`` (the BLUPs, partial pooling) and ``b_np``/
+    ``b_np_se`` (each group's own estimate at β̂, no pooling: :func:`group_estimates`)
+    follow the statistics' row order.
     """
 
     fixef: np.ndarray
@@ -741,6 +746,8 @@ class Estimates:
     b: np.ndarray
     condvar: np.ndarray
     keep: np.ndarray
+    b_np: np.ndarray
+    b_np_se: np.ndarray
 
     @property
     def fixef_se(self) -> np.ndarray:
@@ -748,14 +755,15 @@ class Estimates:
 
 
 def estimates_at(prob: Problem, pr: Profile, *, groups: bool = True) -> Estimates:
-    """β, Var(β̂), θ, VarCorr, σ², the BLUPs and condVar at ``pr`` (user's columns).
+    """β, Var(β̂), θ, VarCorr, σ², the BLUPs and condVar, and each group's own estimate
+    (:func:`group_estimates`) at ``pr`` (user's columns).
 
     With ``c`` the centre, ``β = T_x β̃ + c_y e₀`` and ``b = T_z b̃`` where
     ``T = I − e₀ c'`` moves the centre into the intercept; covariances map as ``T V T'``
     and Λ is re-triangularised (per block) so that ``ΛΛ' = T_z Λ̃Λ̃' T_z'``.
     """
     lam = prob.lam(pr.theta)
-    Tx, Tz = prob.Tx(), prob.Tz()
+    Tx = prob.Tx()
     RXinv = np.linalg.inv(pr.RX)
     beta_k = Tx @ pr.beta
     if prob.c[-1]:
@@ -768,12 +776,8 @@ def estimates_at(prob: Problem, pr: Profile, *, groups: bool = True) -> Estimate
     vcov[np.ix_(prob.keep, prob.keep)] = vcov_k
     lam_u = prob.to_user_lam(lam)
     G = prob.n_groups if groups else 0
-    if G:
-        B, K = kernels.blups(prob.F, prob.q, prob.p, lam, pr.beta)
-        b = B @ Tz.T
-        condvar = pr.sigma2 * np.einsum("ij,gjk,lk->gil", Tz, K, Tz)
-    else:
-        b, condvar = np.zeros((0, prob.q)), np.zeros((0, prob.q, prob.q))
+    b, condvar = group_estimates(prob, pr, pool=True) if G else _no_groups(prob.q)
+    b_np, cov_np = group_estimates(prob, pr, pool=False) if G else _no_groups(prob.q)
     return Estimates(
         fixef=fixef,
         vcov=vcov,
@@ -784,7 +788,43 @@ def estimates_at(prob: Problem, pr: Profile, *, groups: bool = True) -> Estimate
         b=b,
         condvar=condvar,
         keep=prob.keep,
+        b_np=b_np,
+        b_np_se=np.sqrt(np.clip(np.diagonal(cov_np, axis1=1, axis2=2), 0.0, None)),
     )
+
+
+def group_estimates(prob: Problem, pr: Profile, *, pool: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Every group's effect at ``pr`` in the user's columns, from its own statistics.
+
+    With ``pool``: the BLUPs ``b̂_g = Λu_g`` (partial pooling) and their conditional
+    covariances ``σ²Λ(L_gL_g')⁻¹Λ'`` (lme4's ``ranef(condVar = TRUE)``). Without: each
+    group's own least-squares estimate of its effect at the same fixed effects β̂ (no
+    pooling), ``b_g = (Z_g'Z_g)⁻¹Z_g'(y_g − X_gβ̂)`` with covariance ``σ²(Z_g'Z_g)⁻¹``;
+    for a random intercept alone ``ȳ_g − x̄_g'β̂`` with standard error ``σ/√n_g``, whose
+    BLUP is the shrunk ``τ²/(τ² + σ²/n_g) · (ȳ_g − x̄_g'β̂)``; NaN where the group's own
+    data do not identify it (a slope with no spread in the group). docs/math.md §4.
+    Both come from each group's statistics row (:func:`kernels.group_effect`).
+    """
+    st = prob.stats
+    B, K = kernels.blups(
+        st.M,
+        prob.n_groups,
+        st.vpos,
+        prob.c,
+        prob.zi,
+        prob.xi,
+        st.k,
+        st.P,
+        prob.lam(pr.theta),
+        pr.beta,
+        pool=pool,
+    )
+    Tz = prob.Tz()
+    return B @ Tz.T, pr.sigma2 * (Tz @ K @ Tz.T)
+
+
+def _no_groups(q: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros((0, q)), np.zeros((0, q, q))
 
 
 # -- the ML log-likelihood at given parameters, and EM ----------------------------------------

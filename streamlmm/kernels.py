@@ -40,6 +40,7 @@ __all__ = [
     "accumulate_one",
     "accumulate_unit",
     "accumulate_unit_sampled",
+    "accumulate_coded",
     "decay_all",
     "merge_rows",
     "cross_products",
@@ -50,7 +51,8 @@ __all__ = [
     "gradient_terms",
     "blups",
     "em_sums",
-    "predict_group",
+    "group_effect",
+    "scratch_size",
     "predict_event",
     "predict_rows",
     "profile_tail",
@@ -194,6 +196,38 @@ def accumulate_unit_sampled(M, r, a, y, vi, P, khash, plan):  # pragma: no cover
     """:func:`accumulate_unit`, and the event's reservoir priority
     (:func:`streamlmm.reservoir.priority`), in one call."""
     accumulate_unit(M, r, a, y, vi, P)
+    return priority(khash[r], a, y, plan)
+
+
+@njit(**_OPTS)
+def accumulate_coded(M, r, vals, codes, recipe, a, y, vi, P, khash, plan):  # pragma: no cover
+    """``learn_one``'s fast path for formulas with factors: fill the union values ``a``
+    from the event's numeric values ``vals`` and factor level codes ``codes`` by
+    ``recipe`` (:meth:`streamlmm.design.Design.coded_recipe`; the intercept columns are
+    already 1), then :func:`accumulate_unit`; returns the event's reservoir priority
+    (0 when ``plan`` is empty: no reservoir). The values are those of
+    ``Design.encode_one``, bit for bit."""
+    n = recipe[0]
+    at = 1
+    for _ in range(n):
+        a[recipe[at]] = vals[recipe[at + 1]]
+        at += 2
+    n = recipe[at]
+    at += 1
+    for _ in range(n):
+        i = recipe[at]
+        slot = recipe[at + 1]
+        nf = recipe[at + 2]
+        at += 3
+        hit = True
+        for t in range(nf):
+            if codes[recipe[at + 2 * t]] != recipe[at + 2 * t + 1]:
+                hit = False
+        at += 2 * nf
+        a[i] = (vals[slot] if slot >= 0 else 1.0) if hit else 0.0
+    accumulate_unit(M, r, a, y, vi, P)
+    if plan.shape[0] == 0:
+        return 0.0
     return priority(khash[r], a, y, plan)
 
 
@@ -691,20 +725,6 @@ def _eval_chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
 
 
 @njit(inline="always", **_OPTS)
-def _blups_all(F, q, p, lam, beta):  # pragma: no cover - numba
-    """All groups' ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (see :func:`blups`)."""
-    G = F.shape[0]
-    L, W, RZX, cu, u, _ = _scratch(q, p)
-    B = np.empty((G, q))
-    V = np.empty((G, q, q))
-    for r in range(G):
-        group_factor(F[r], q, p, lam, L, RZX, cu, W)
-        _blup_into(L, RZX, cu, lam, beta, u, B[r], q, p)
-        _cond_cov_into(L, lam, W, V[r], q)
-    return B, V
-
-
-@njit(inline="always", **_OPTS)
 def _em_block(S, nb, q, p, lam, beta, L, dinv, V, U, Bl, N, out):  # pragma: no cover
     """ML-EM's terms for a block (after :func:`_factor_block`), added into ``out =
     [Σ b b' (q×q), Σ K (q×q), Σ(tr(ZZ b b') − 2 b'r), Σ tr(ZZ K), Σ ZX'b (p)]``.
@@ -845,11 +865,6 @@ def _sums(parts, q, p, grad):  # pragma: no cover - numba
 @njit(**_OPTS)
 def _sums_kernel(parts, q, p, grad):  # pragma: no cover - numba
     return _sums(parts, q, p, grad)
-
-
-@njit(**_OPTS)
-def _blups_kernel(F, q, p, lam, beta):  # pragma: no cover - numba
-    return _blups_all(F, q, p, lam, beta)
 
 
 class _PassKernels(NamedTuple):
@@ -1047,9 +1062,12 @@ def gradient_terms(s: PlsSums, q: int, p: int, lam, beta, Cinv):
     return s.T, G2, G3
 
 
-def blups(F, q: int, p: int, lam, beta):
-    """All groups' BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar)."""
-    return _blups_kernel(F, int(q), int(p), lam, np.asarray(beta, dtype=float))
+def blups(M, G: int, vpos, c, zi, xi, k: int, P, lam, beta, *, pool: bool = True):
+    """Every group's effect from its statistics row (:func:`group_effect`): with
+    ``pool`` the BLUPs ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar);
+    without, each group's own least-squares estimate at β and ``(Z_g'Z_g)⁻¹`` (times σ²:
+    its covariance), NaN where the group alone does not identify it."""
+    return _blups_kernel(M, int(G), vpos, c, zi, xi, int(k), P, lam, beta, bool(pool))
 
 
 def em_sums(F, q: int, p: int, lam, beta, *, Fb: np.ndarray | None = None):
@@ -1063,14 +1081,6 @@ def em_sums(F, q: int, p: int, lam, beta, *, Fb: np.ndarray | None = None):
     Fb = by_block(F) if Fb is None else Fb
     em = _pass_kernels(q).em
     return em(Fb, F.shape[0], int(q), int(p), lam, np.asarray(beta, dtype=float))
-
-
-@njit(**_OPTS)
-def predict_group(Fr, q, p, lam, beta, b):  # pragma: no cover - numba
-    """One group's BLUP ``b = Λu`` from its blocks ``Fr`` (e.g. :func:`group_row`)."""
-    L, W, RZX, cu, u, _ = _scratch(q, p)
-    group_factor(Fr, q, p, lam, L, RZX, cu, W)
-    _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
 
 
 @njit(**_OPTS)
@@ -1134,11 +1144,205 @@ def nan_rows(A, y, miss):  # pragma: no cover - numba
     return some
 
 
+# -- one group's effect from its statistics ----------------------------------------------------
+# The fit's passes take each group's blocks around the centre c (the normal equations
+# M_g = Λ'ZZ_gΛ + I). A group's own effect is computed instead from a square root of its
+# statistics, so that one extreme event cannot cancel its other events' digits away: the
+# rows S (1 + q_s of them, q_s the random columns other than the intercept) with
+# S'S = [Z X y]'[Z X y] around c, namely √n·(means − c) and the Cholesky rows of the
+# group's centred co-moments (exact to the rounding of its own spread, docs/math.md §2),
+# and then Givens rotations of [S_ZΛ, S_y − S_Xβ; I, 0] (lme4's penalised least squares
+# for one group) instead of a Cholesky factor of M_g. docs/math.md §4.
+PIVOT_TOL = 1e-10  # a co-moment pivot below this share of its diagonal is rounding: 0
+RANK_TOL = 1e-7  # the own estimate is identified when |R_jj| > RANK_TOL·‖S_Z[:, j]‖
+
+
 @njit(**_OPTS)
-def predict_event(M, r, a, c, f, vpos, zi, xi, k, P, lam, beta, blk, b):  # pragma: no cover
+def scratch_size(q, p):  # pragma: no cover - numba
+    """Length of the work array of :func:`group_effect` for q random and p fixed columns."""
+    return (1 + q) * (q + p + 1) + (1 + 2 * q) * (q + 1) + 2 * q * q
+
+
+@njit(inline="always", **_OPTS)
+def _sqrt_rows(Mr, vpos, c, zi, xi, k, P, f, S):  # pragma: no cover - numba
+    """The group's rows ``S`` (see above) into ``S[:1 + q_s, :q + p + 1]`` (columns: z,
+    x, y), for the statistics row ``Mr`` scaled by the forgetting factor ``f``; returns
+    ``1 + q_s``. A co-moment pivot at rounding level (a slope column with no spread in
+    the group, or one collinear with earlier ones) makes its row 0."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    m = P.shape[0]
+    w = q + p + 1
+    n = Mr[0] * f
+    sn = math.sqrt(n) if n > 0.0 else 0.0
+    for j in range(w):
+        col = zi[j] if j < q else (xi[j - q] if j < q + p else k)
+        a = vpos[col]
+        S[0, j] = sn if a < 0 else sn * (Mr[1 + a] - c[col])
+    r = 0
+    for i in range(q):
+        ai = vpos[zi[i]]
+        if ai < 0:
+            continue
+        r += 1
+        cii = Mr[1 + m + P[ai, ai]] * f
+        d = cii
+        for rr in range(1, r):
+            d -= S[rr, i] * S[rr, i]
+        if not (cii > 0.0 and d > PIVOT_TOL * cii):
+            for j in range(w):
+                S[r, j] = 0.0
+            continue
+        piv = math.sqrt(d)
+        for j in range(w):
+            if j < i:
+                S[r, j] = 0.0  # upper triangular in z (earlier columns are done)
+                continue
+            if j == i:
+                S[r, j] = piv
+                continue
+            col = zi[j] if j < q else (xi[j - q] if j < q + p else k)
+            aj = vpos[col]
+            t = 0.0 if aj < 0 else Mr[1 + m + P[ai, aj]] * f
+            for rr in range(1, r):
+                t -= S[rr, i] * S[rr, j]
+            S[r, j] = t / piv
+    return 1 + r
+
+
+@njit(inline="always", **_OPTS)
+def _solve_rows(S, nr, q, p, lam, beta, pool, want_cov, b, K, work):  # pragma: no cover
+    """The group's effect from its rows ``S[:nr]``: with ``pool``, ``u`` minimising
+    ``‖S_y − S_Xβ − S_ZΛu‖² + ‖u‖²`` and ``b = Λu``, ``K = Λ(R'R)⁻¹Λ'``; without,
+    ``b`` minimising ``‖S_y − S_Xβ − S_Z b‖²`` and ``K = (R'R)⁻¹``, NaN unless
+    identified. ``R`` is the triangle of Givens rotations of the stacked rows;
+    ``work`` holds ``(nr + q)(q + 1) + 2q²`` numbers."""
+    cols = q + 1
+    rows = nr + q if pool else nr
+    G = work[: rows * cols].reshape((rows, cols))
+    Rinv = work[rows * cols : rows * cols + q * q].reshape((q, q))
+    T = work[rows * cols + q * q : rows * cols + 2 * q * q].reshape((q, q))
+    ok = True
+    for i in range(nr):
+        t = S[i, q + p]
+        for j in range(p):
+            t -= S[i, q + j] * beta[j]
+        G[i, q] = t
+        for a in range(q):
+            if pool:
+                s = 0.0
+                for cc in range(a, q):  # (S_Z Λ)[i, a]; Λ is lower triangular
+                    s += S[i, cc] * lam[cc, a]
+                G[i, a] = s
+            else:
+                G[i, a] = S[i, a]
+    if pool:
+        for i in range(q):
+            for a in range(cols):
+                G[nr + i, a] = 1.0 if a == i else 0.0
+    else:
+        for a in range(q):  # identified: each |R_aa| above RANK_TOL of its column's norm
+            s = 0.0
+            for i in range(nr):
+                s += G[i, a] * G[i, a]
+            Rinv[a, 0] = math.sqrt(s)
+    for j in range(min(q, rows)):
+        for i in range(j + 1, rows):
+            x = G[i, j]
+            if x == 0.0:
+                continue
+            y = G[j, j]
+            h = math.hypot(y, x)
+            ct = y / h
+            st = x / h
+            for a in range(j, cols):
+                gj = G[j, a]
+                gi = G[i, a]
+                G[j, a] = ct * gj + st * gi
+                G[i, a] = ct * gi - st * gj
+            G[i, j] = 0.0
+    if not pool:
+        for a in range(q):
+            if not (a < rows and abs(G[a, a]) > RANK_TOL * Rinv[a, 0]):
+                ok = False
+    if not ok:
+        for a in range(q):
+            b[a] = np.nan
+            if want_cov:
+                for cc in range(q):
+                    K[a, cc] = np.nan
+        return
+    for a in range(q - 1, -1, -1):  # v = R⁻¹ t
+        t = G[a, q]
+        for cc in range(a + 1, q):
+            t -= G[a, cc] * b[cc]
+        b[a] = t / G[a, a]
+    if pool:
+        for a in range(q - 1, -1, -1):  # b = Λv (Λ lower triangular: from the bottom)
+            t = 0.0
+            for cc in range(a + 1):
+                t += lam[a, cc] * b[cc]
+            b[a] = t
+    if not want_cov:
+        return
+    for j in range(q):  # R⁻¹ (upper triangular)
+        for i in range(q):
+            Rinv[i, j] = 0.0
+        Rinv[j, j] = 1.0 / G[j, j]
+        for i in range(j - 1, -1, -1):
+            t = 0.0
+            for cc in range(i + 1, j + 1):
+                t -= G[i, cc] * Rinv[cc, j]
+            Rinv[i, j] = t / G[i, i]
+    for a in range(q):  # T = ΛR⁻¹ (or R⁻¹), K = TT'
+        for j in range(q):
+            if pool:
+                t = 0.0
+                for cc in range(a + 1):
+                    t += lam[a, cc] * Rinv[cc, j]
+                T[a, j] = t
+            else:
+                T[a, j] = Rinv[a, j]
+    for a in range(q):
+        for cc in range(a + 1):
+            t = 0.0
+            for j in range(q):
+                t += T[a, j] * T[cc, j]
+            K[a, cc] = t
+            K[cc, a] = t
+
+
+@njit(**_OPTS)
+def group_effect(Mr, vpos, c, zi, xi, k, P, f, lam, beta, pool, b, K, work):  # pragma: no cover
+    """One group's effect ``b`` (and ``K``, unless it has no rows) from its statistics
+    row ``Mr`` (scaled by the forgetting factor ``f``) around ``c``, at Λ and β:
+    the BLUP with ``pool``, the group's own estimate without (see :func:`_solve_rows`).
+    ``work`` has :func:`scratch_size` numbers."""
+    q = zi.shape[0]
+    p = xi.shape[0]
+    w = q + p + 1
+    S = work[: (1 + q) * w].reshape((1 + q, w))
+    nr = _sqrt_rows(Mr, vpos, c, zi, xi, k, P, f, S)
+    _solve_rows(S, nr, q, p, lam, beta, pool, K.shape[0] == q, b, K, work[(1 + q) * w :])
+
+
+@njit(**_OPTS)
+def _blups_kernel(M, G, vpos, c, zi, xi, k, P, lam, beta, pool):  # pragma: no cover - numba
+    q = zi.shape[0]
+    B = np.empty((G, q))
+    V = np.empty((G, q, q))
+    work = np.empty(scratch_size(q, xi.shape[0]))
+    for r in range(G):
+        group_effect(M[r], vpos, c, zi, xi, k, P, 1.0, lam, beta, pool, B[r], V[r], work)
+    return B, V
+
+
+@njit(**_OPTS)
+def predict_event(M, r, a, c, f, vpos, zi, xi, k, P, lam, beta, b, work):  # pragma: no cover
     """``ŷ = c_y + x̃'β̃ + z̃'b̃_g`` for one event with union values ``a``: the group's
     BLUP from its current statistics (row ``r``, scaled by its forgetting factor ``f``;
-    ``r < 0``: an unseen group, fixed part only). A NaN feature takes the centre value."""
+    ``r < 0``: an unseen group, fixed part only; :func:`group_effect`). A NaN feature
+    takes the centre value."""
     q = zi.shape[0]
     p = xi.shape[0]
     yhat = c[k]
@@ -1148,11 +1352,7 @@ def predict_event(M, r, a, c, f, vpos, zi, xi, k, P, lam, beta, blk, b):  # prag
             yhat += v * beta[j]
     if r < 0:
         return yhat
-    group_row(M[r], vpos, c, zi, xi, k, P, blk)
-    if f != 1.0:
-        for i in range(blk.shape[0]):
-            blk[i] *= f
-    predict_group(blk, q, p, lam, beta, b)
+    group_effect(M[r], vpos, c, zi, xi, k, P, f, lam, beta, True, b, np.empty((0, 0)), work)
     for i in range(q):
         v = a[zi[i]] - c[zi[i]]
         if v == v:
@@ -1164,10 +1364,10 @@ def predict_event(M, r, a, c, f, vpos, zi, xi, k, P, lam, beta, blk, b):  # prag
 def predict_rows(M, rows, A, c, fac, vpos, zi, xi, k, P, lam, beta, out):  # pragma: no cover
     """:func:`predict_event` for every row of ``A``."""
     q = zi.shape[0]
-    blk = np.empty(q * q + q * xi.shape[0] + q)
+    work = np.empty(scratch_size(q, xi.shape[0]))
     b = np.empty(q)
     for e in range(rows.shape[0]):
-        out[e] = predict_event(M, rows[e], A[e], c, fac[e], vpos, zi, xi, k, P, lam, beta, blk, b)
+        out[e] = predict_event(M, rows[e], A[e], c, fac[e], vpos, zi, xi, k, P, lam, beta, b, work)
 
 
 _PRELOADED: set[int] = set()

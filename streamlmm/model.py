@@ -27,7 +27,8 @@ import numpy as np
 from river import base
 
 from streamlmm import checks, estimate, kernels
-from streamlmm.design import Design
+from streamlmm.coverage import check_disjoint
+from streamlmm.design import Design, align
 from streamlmm.keys import MAX_KEY_LEN
 from streamlmm.reservoir import CAPACITY, Reservoir, priority_one, weighted_quantiles
 from streamlmm.rows import RowReader
@@ -171,6 +172,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._refreshed_at = -1
         self._res = Reservoir(reservoir) if reservoir else None
         self._fast1 = None  # learn_one's fast path (see _fast_layout)
+        self._fastc = None  # learn_one's fast path for formulas with factors (_learn_coded)
         self._fastp = None  # predict_one's fast path (see _predict_layout)
         self._coefs: dict[str | int, _Coefs] = {}  # predict_one's per-group cache
         self._blk = np.empty(0)  # predict_one scratch, sized by the parameters' q and p
@@ -202,7 +204,7 @@ class MixedLM(base.MiniBatchRegressor):
     def learn_one(self, x: Mapping[str, Any], y: float, w: float = 1.0) -> None:
         """Accumulate one event. Invalid input raises ``ValueError`` and changes nothing."""
         fast = self._fast1
-        if fast is not None and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
+        if fast and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
             # the common event of a plain numeric formula: the same rules as the general
             # path below (which handles everything else), without its calls
             group, direct, a, st, coefs, res, plan = fast
@@ -232,20 +234,70 @@ class MixedLM(base.MiniBatchRegressor):
                     coefs.pop(key, None)
                     self.n_events += 1
                     return
+        elif self._fastc is not None and w == 1.0 and type(y) is float:
+            if _LO <= y <= MAX_ABS and self._learn_coded(x, y):
+                return
         self._learn_one(x, y, w)
 
+    def _learn_coded(self, x: Mapping[str, Any], y: float) -> bool:
+        """:meth:`learn_one`'s fast path for formulas with factors (see
+        :meth:`_fast_layout`): True if it learned the event, False if the general path
+        must (a new level, a missing or mistyped value, a long key)."""
+        group, nums, facs, vals, codes, recipe, a, st, coefs, res, plan, khash = self._fastc
+        key = x.get(group)
+        if not (type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN)):
+            return False
+        j = 0
+        for c in nums:
+            v = x.get(c)
+            if type(v) is not float or not _LO <= v <= MAX_ABS:
+                return False
+            vals[j] = v
+            j += 1
+        j = 0
+        for c, table in facs:
+            v = x.get(c)
+            code = table.get(v) if type(v) is str else None
+            if code is None:
+                return False
+            codes[j] = code
+            j += 1
+        r = st.index.get(key)
+        if r is None:
+            r = st._new_row(key)
+            if res is not None:
+                res.new_key(r, key)
+        if res is None:
+            kernels.accumulate_coded(st.M, r, vals, codes, recipe, a, y, st.vi, st.P, khash, plan)
+        else:
+            prio = kernels.accumulate_coded(
+                st.M, r, vals, codes, recipe, a, y, st.vi, st.P, res.khash, plan
+            )
+            res.n_seen += 1.0
+            if prio <= res.threshold:
+                res._add(prio, r, a, y, 1.0)
+        coefs.pop(key, None)
+        self.n_events += 1
+        return True
+
     def _fast_layout(self):
-        """What :meth:`learn_one`'s fast path needs, or ``None`` when it does not apply:
-        plain numeric columns known, the response a plain field, no time key or forgetting."""
+        """What :meth:`learn_one`'s fast paths need (and sets ``_fastc``, the path for
+        formulas with factors), or ``()`` when the plain one does not apply: plain
+        numeric columns known, the response a plain field, no time key or forgetting.
+        The path for factors (:meth:`_learn_coded`) needs the same, and columns that
+        :meth:`Design.coded_recipe` can fill."""
         d = self._design
+        self._fastc = None
         if (
-            d.plain is None
-            or not self._formula.response_expr.is_field
+            not self._formula.response_expr.is_field
             or self.time_key is not None
             or self.half_life is not None
             or d.k != self._stats.k
         ):
-            return None
+            return ()
+        coded = d.coded_recipe() if d.plain is None else None
+        if d.plain is None and coded is None:
+            return ()
         if self._reader.a.shape[0] < d.k:
             self._reader.a = np.empty(d.k)
         a = self._reader.a
@@ -256,6 +308,23 @@ class MixedLM(base.MiniBatchRegressor):
             res.sync_keys(self._stats.keys)
             res.widen(d.k)
         plan = res.plan_of(d) if res is not None else None
+        if coded is not None:
+            nums, facs, recipe = coded
+            self._fastc = (
+                self._formula.group,
+                nums,
+                facs,
+                np.empty(max(len(nums), 1)),
+                np.empty(max(len(facs), 1), dtype=np.int64),
+                recipe,
+                a,
+                self._stats,
+                self._coefs,
+                res,
+                plan if plan is not None else _NO_PLAN,
+                _NO_KEYS,
+            )
+            return ()
         return self._formula.group, d.plain, a, self._stats, self._coefs, res, plan
 
     def _learn_one(self, x: Mapping[str, Any], y: float, w: float) -> None:
@@ -302,7 +371,7 @@ class MixedLM(base.MiniBatchRegressor):
         """Adopt ``design`` (a restored one: a failed batch must leave no level behind)."""
         self._design = design
         self._formula = design.formula
-        self._fast1 = None
+        self._fast1 = self._fastc = None
         self._drop_predictions()
         self._reader.design = design
         self._stats.spec = design
@@ -314,7 +383,7 @@ class MixedLM(base.MiniBatchRegressor):
         self._stats.widen(self._design)
         if self._res is not None:
             self._res.widen(self._stats.k)
-        self._fast1 = None
+        self._fast1 = self._fastc = None
         self._drop_predictions()
         if self._par is not None:
             c = self._par.c
@@ -449,7 +518,7 @@ class MixedLM(base.MiniBatchRegressor):
             return False
         self._par = _Params(prob.c, prob.xi, prob.zi, lam, prof.beta, prof.sigma2)
         q, p = prob.q, prob.p
-        self._blk, self._b1 = np.empty(q * q + q * p + q), np.empty(q)
+        self._blk, self._b1 = np.empty(kernels.scratch_size(q, p)), np.empty(q)
         self._lam_u = prob.to_user_lam(lam)
         self._param_source = (source, self.n_events)
         self._drop_predictions()  # new parameters: every cached coefficient is stale
@@ -640,10 +709,21 @@ class MixedLM(base.MiniBatchRegressor):
         coef = np.zeros(st.k)
         coef[par.xi] += par.beta
         if r >= 0:
-            blk = self._blk
-            st.group_blocks(r, par.c, par.zi, par.xi, blk)
-            kernels.predict_group(
-                blk, par.zi.shape[0], par.xi.shape[0], par.lam, par.beta, self._b1
+            kernels.group_effect(
+                st.M[r],
+                st.vpos,
+                par.c,
+                par.zi,
+                par.xi,
+                st.k,
+                st.P,
+                st.decay_factor(r),
+                par.lam,
+                par.beta,
+                True,
+                self._b1,
+                _NO_COV,
+                self._blk,
             )
             np.add.at(coef, par.zi, self._b1)
         K = float(par.c[st.k] - coef @ par.c[: st.k])
@@ -667,8 +747,8 @@ class MixedLM(base.MiniBatchRegressor):
             st.P,
             par.lam,
             par.beta,
-            self._blk,
             self._b1,
+            self._blk,
         )
 
     def predict_many(self, X):
@@ -755,7 +835,7 @@ class MixedLM(base.MiniBatchRegressor):
                 "keep": est.keep,
             }
             self._last_good = good
-            b, condvar = est.b, est.condvar
+            b, condvar, b_np, b_np_se = est.b, est.condvar, est.b_np, est.b_np_se
         else:
             good = _reindexed(self._last_good, f.fixed)
             if good is None:
@@ -772,6 +852,7 @@ class MixedLM(base.MiniBatchRegressor):
                 }
             b = np.zeros((G, f.q))
             condvar = np.broadcast_to(good["re_cov"], (G, f.q, f.q)).copy()
+            b_np = b_np_se = np.full((G, f.q), math.nan)
         lam_u = np.zeros((f.q, f.q))
         lam_u[estimate.theta_index(f.blocks, f.q)] = good["theta"]
         singular = bool(np.any(np.diag(lam_u) < estimate.SINGULAR_TOL))
@@ -811,6 +892,8 @@ class MixedLM(base.MiniBatchRegressor):
             keys=st.keys,
             b=b,
             condvar=condvar,
+            b_np=b_np,
+            b_np_se=b_np_se,
             group_n=st.counts(),
             group_ybar=self._group_ybar(),
             re_names=f.random,
@@ -879,29 +962,57 @@ class MixedLM(base.MiniBatchRegressor):
         return cls.from_snapshots([snap])
 
     @classmethod
-    def from_snapshots(cls, snaps: list[Snapshot]) -> MixedLM:
+    def from_snapshots(cls, snaps: list[Snapshot], *, disjoint: bool = False) -> MixedLM:
         """One model from the states of several snapshots, e.g. of engines that each own
-        some partitions of a topic: statistics are additive (docs/design.md), so the
-        merged model fits exactly as one engine that read every partition would."""
+        some partitions of a topic: statistics are additive (docs/design.md §6), so the
+        merged model fits exactly as one engine that read every partition would.
+
+        The snapshots must hold disjoint events. Their source offsets say which events
+        they hold (:mod:`streamlmm.coverage`): two snapshots of one partition or one
+        file overlap, and are refused with a ``ValueError`` naming it. A snapshot without
+        offsets (taken in Python) cannot be checked: pass ``disjoint=True`` to say that
+        the snapshots hold disjoint events (it also overrides the offsets' check, e.g.
+        for two Kafka clusters with the same topic names).
+
+        Shards that met factor levels in different orders have different union columns
+        (order, levels, reference level): they are aligned exactly to the first
+        snapshot's levels (:func:`streamlmm.design.align`), or refused with the reason.
+        """
+        check_disjoint(snaps, disjoint)
         models = [cls._from_state(s) for s in snaps]
         m = models[0]
         if len(models) > 1:
             for other in models[1:]:
                 if (other.formula, other.method) != (m.formula, m.method):
                     raise ValueError("only snapshots of the same formula and method merge")
-            m._stats = GroupStats.merge([o._stats for o in models])
+                if other.half_life != m.half_life:
+                    raise ValueError(
+                        f"only snapshots of the same half_life merge ({m.half_life} and "
+                        f"{other.half_life})"
+                    )
+            design, maps = align([o._design for o in models])
+            stats = [
+                o._stats if T is None else o._stats.realigned(design, T)
+                for o, T in zip(models, maps)
+            ]
+            m._set_design(design)
+            m._stats = GroupStats.merge(stats)
+            m._stats.spec = design
             if m._res is not None:
                 index = m._stats.index
                 m._res = Reservoir.merge(
                     [
-                        (o._res, np.array([index[key] for key in o._stats.keys], np.int64))
-                        for o in models
+                        (o._res, np.array([index[key] for key in o._stats.keys], np.int64), T)
+                        for o, T in zip(models, maps)
                         if o._res is not None
                     ],
                     m._stats.k,
+                    keys=m._stats.keys,
+                    design=design,
                 )
             m.n_events = sum(o.n_events for o in models)
             m.n_skipped = sum(o.n_skipped for o in models)
+            m._fast1 = m._fastc = None
         m._refreshed_at = m.n_events
         m._next_refit = m.n_events + (
             m._gap(20, PASS_COST_US, 1.0, m.refit_every) if m._lam_u is not None else 1
@@ -1029,14 +1140,9 @@ def residual_quantiles(res: Reservoir, design: Design, fixef, b, sigma: float) -
     dropped one) and the groups' BLUPs ``b`` (rows of the statistics): R's type-7
     quantiles, as lme4's ``summary()`` computes them from every residual. ``events`` is
     how many events they cover and ``of`` how many the stream had."""
-    n = res.size
-    A, y, rows = res.A[:n], res.y[:n], res.row[:n]
-    beta = np.nan_to_num(np.asarray(fixef, dtype=float))
-    fitted = A[:, design.xi] @ beta
-    ok = rows < b.shape[0]
-    fitted[ok] += np.einsum("ij,ij->i", A[ok][:, design.zi], b[rows[ok]])
-    r = (y - fitted) / sigma
-    q = weighted_quantiles(r, res.count[:n], [p for _, p in QUANTILES])
+    _, resid, count = res.residuals(design.xi, design.zi, fixef, b)
+    r = resid / sigma
+    q = weighted_quantiles(r, count, [p for _, p in QUANTILES])
     out = {name: float(v) for (name, _), v in zip(QUANTILES, q)}
     out.update(events=res.n_events, of=res.n_seen)
     return out
@@ -1110,6 +1216,9 @@ def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:
 # predict_one's cached coefficients of a group: ``(K, ((field, c_f), …))``
 _Coefs = tuple[float, tuple[tuple[str, float], ...]]
 _UNSEEN = ("unseen",)  # the fixed part's cache key: a tuple, never a group key
+_NO_COV = np.empty((0, 0))  # kernels.group_effect: the effect alone
+_NO_PLAN = np.empty(0, dtype=np.int64)  # kernels.accumulate_coded: no reservoir
+_NO_KEYS = np.empty(0, dtype=np.int64)
 
 
 class _Params(NamedTuple):

@@ -1,4 +1,4 @@
-"""Pictures of a snapshot: shrinkage, caterpillar, raw vs BLUP, trajectories.
+"""Pictures of a snapshot: shrinkage, caterpillar, pooling, residuals, trajectories.
 
 Each picture has a ``*_data`` function that returns the arrays it draws, computed from
 the snapshot's numbers alone (so they can be checked without looking at pixels), and a
@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import pathlib
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -32,11 +33,14 @@ __all__ = [
     "PLOTS",
     "shrinkage_data",
     "caterpillar_data",
-    "raw_vs_blup_data",
+    "pooling_data",
+    "pooling_distance_data",
+    "residuals_data",
     "trajectory_data",
     "plot_shrinkage",
     "plot_caterpillar",
-    "plot_raw_vs_blup",
+    "plot_pooling",
+    "plot_residuals",
     "plot_trajectories",
     "plot_all",
     "plot_command",
@@ -118,29 +122,100 @@ def caterpillar_data(snap: Snapshot, term: int = 0) -> dict[str, Any]:
     }
 
 
-def raw_vs_blup_data(snap: Snapshot) -> dict[str, Any]:
-    """Raw group means against BLUP-based group means, on one scale.
+def pooling_data(snap: Snapshot, term: int = 0) -> dict[str, Any]:
+    """What partial pooling does to each group's effect ``term``, on one scale.
 
-    A group's raw mean is ``group_ybar``; its BLUP-based mean is the population mean
-    ``mu`` plus its intercept BLUP. ``mu`` is the fixed part of a typical group: the
-    average over groups of raw mean minus intercept BLUP (for a model with a random
-    intercept alone and centred covariates, this is the fixed intercept). Shrinkage
-    pulls each group from its raw mean towards ``mu``, small groups most.
+    ``own`` is the group's own estimate of its effect from its data alone at the fitted
+    fixed effects β̂ (no pooling; for a random intercept ``ȳ_g − x̄_g'β̂``), with its
+    standard error ``own_se``; ``blup`` is its BLUP (partial pooling), the estimate the
+    model uses; ``population`` is the effect of a typical group, 0. ``identified`` marks
+    the groups whose own data estimate the effect (a slope needs spread in its column).
+    For a random intercept alone ``blup = factor · own`` with the shrinkage factor
+    ``factor = τ²/(τ² + σ²/n_g)`` in [0, 1]: every group moves from its own estimate
+    toward the population value, small groups most (docs/math.md §4).
     """
-    if "(Intercept)" not in snap.re_names:
-        raise ValueError("raw vs BLUP needs a random intercept")
-    j = snap.re_names.index("(Intercept)")
-    n = np.asarray(snap.group_n, dtype=float)
-    raw = np.asarray(snap.group_ybar, dtype=float)
-    ok = np.isfinite(raw) & (n > 0)
-    b = np.asarray(snap.b[:, j], dtype=float)
-    mu = float(np.mean(raw[ok] - b[ok])) if ok.any() else math.nan
+    own = np.asarray(snap.b_np[:, term], dtype=float)
+    return {
+        "name": snap.re_names[term],
+        "keys": list(snap.keys),
+        "n": np.asarray(snap.group_n, dtype=float),
+        "own": own,
+        "own_se": np.asarray(snap.b_np_se[:, term], dtype=float),
+        "blup": np.asarray(snap.b[:, term], dtype=float),
+        "population": 0.0,
+        "identified": np.isfinite(own),
+    }
+
+
+def pooling_distance_data(snap: Snapshot) -> dict[str, Any] | None:
+    """Partial pooling of all of a group's effects together: each group's distance from
+    the population in the prior's metric, ``√(b'D⁻¹b)`` with ``D = re_cov`` ("how many
+    prior standard deviations from a typical group"), for its own estimate (``own``) and
+    its BLUP (``blup``). The BLUP minimises ``‖y − Xβ̂ − Zb‖² + σ²b'D⁻¹b`` and the own
+    estimate the first term alone, so the BLUP is never farther: every group moves toward
+    the population, though with several correlated effects a single one of them may
+    move away. ``None`` when ``D`` is singular (a boundary fit)."""
+    D = np.asarray(snap.re_cov, dtype=float)
+    try:
+        L = np.linalg.cholesky(D)
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(L)) or np.min(np.diag(L)) <= 1e-6 * np.max(np.diag(L)):
+        return None
+
+    def dist(b):
+        return np.sqrt(np.sum(np.linalg.solve(L, np.asarray(b, dtype=float).T) ** 2, axis=0))
+
+    own = dist(snap.b_np)
     return {
         "keys": list(snap.keys),
-        "n": n,
-        "raw": raw,
-        "blup": mu + b,
-        "mu": mu,
+        "n": np.asarray(snap.group_n, dtype=float),
+        "own": own,
+        "blup": dist(snap.b),
+        "population": 0.0,
+        "identified": np.isfinite(own),
+    }
+
+
+def residuals_data(snap: Snapshot) -> dict[str, Any]:
+    """Residuals against fitted values, and the group effects against normal quantiles.
+
+    From the snapshot's reservoir (its state's ``res_*`` arrays: a sample of the stream's
+    distinct events, the whole stream while it fits; :mod:`streamlmm.reservoir`):
+    ``fitted = x'β̂ + z'b̂_g`` and the scaled residuals ``(y − fitted)/σ̂`` of each kept
+    event, with how often it was seen (``count``), ``events`` of ``of``. Per random effect,
+    ``qq`` holds the sorted BLUPs and the standard normal quantiles
+    ``Φ⁻¹((i − ½)/G)`` they are plotted against, and ``line`` the line through their
+    quartiles (R's ``qqline``).
+    """
+    from statistics import NormalDist
+
+    from streamlmm.reservoir import Reservoir
+
+    st = snap.state
+    if st is None or not len(st.get("res_prio", ())):
+        raise ValueError("the snapshot keeps no events (no state, or reservoir=0)")
+    design = snap._encoder()
+    res = Reservoir.from_state(st, design.k)
+    fixef = [snap.fixef[c] for c in design.fixed]
+    fitted, resid, count = res.residuals(design.xi, design.zi, fixef, np.asarray(snap.b))
+    qq = []
+    G = snap.n_groups
+    normal = NormalDist()
+    theo = np.array([normal.inv_cdf((i + 0.5) / G) for i in range(G)])
+    for t, name in enumerate(snap.re_names):
+        b = np.sort(np.asarray(snap.b[:, t], dtype=float))
+        q1, q3 = np.quantile(b, [0.25, 0.75]) if G else (0.0, 0.0)
+        z1, z3 = normal.inv_cdf(0.25), normal.inv_cdf(0.75)
+        slope = (q3 - q1) / (z3 - z1)
+        qq.append({"name": name, "normal": theo, "b": b, "line": (q1 - slope * z1, slope)})
+    return {
+        "fitted": fitted,
+        "resid": resid / snap.sigma,
+        "count": count,
+        "events": res.n_events,
+        "of": res.n_seen,
+        "qq": qq,
     }
 
 
@@ -179,8 +254,9 @@ def _group_name(snap: Snapshot) -> str:
     return parse_formula(snap.formula).group
 
 
-def _save(fig, path: str | os.PathLike) -> str:
-    fig.tight_layout()
+def _save(fig, path: str | os.PathLike, layout: bool = True) -> str:
+    if layout:
+        fig.tight_layout()
     fig.savefig(path)
     import matplotlib.pyplot as plt
 
@@ -240,23 +316,13 @@ def plot_caterpillar(snap: Snapshot, path: str | os.PathLike) -> str:
     return _save(fig, path)
 
 
-def plot_raw_vs_blup(snap: Snapshot, path: str | os.PathLike) -> str:
-    """Raw group means and BLUP-based means against size, arrows towards the mean."""
-    plt = _pyplot()
-    d = raw_vs_blup_data(snap)
-    g = _group_name(snap)
-    ok = np.isfinite(d["raw"]) & (d["n"] > 0)
-    n, raw, blup = d["n"][ok], d["raw"][ok], d["blup"][ok]
-    size = 8 + 80 * np.sqrt(n / n.max()) if len(n) else n
-    fig, ax = plt.subplots(figsize=(7.0, 4.6))
-    ax.axhline(d["mu"], color=GREY, ls="--", lw=1.2, label=f"population mean {d['mu']:.3g}")
-    span = float(np.ptp(np.concatenate([raw, blup]))) if len(n) else 0.0
-    for xi, a, b in zip(n, raw, blup):
-        if abs(a - b) > 0.01 * span:
+def _arrows(ax, n, a, b, span) -> None:
+    for xi, start, end in zip(n, a, b):
+        if abs(start - end) > 0.01 * span:
             ax.annotate(
                 "",
-                xy=(xi, b),
-                xytext=(xi, a),
+                xy=(xi, end),
+                xytext=(xi, start),
                 arrowprops={
                     "arrowstyle": "-|>,head_length=0.3,head_width=0.15",
                     "color": GREY,
@@ -266,13 +332,122 @@ def plot_raw_vs_blup(snap: Snapshot, path: str | os.PathLike) -> str:
                     "shrinkB": 0,
                 },
             )
-    ax.scatter(n, raw, s=size, facecolors="none", edgecolors=ORANGE, lw=1.1, label="raw mean")
-    ax.scatter(n, blup, s=size, color=BLUE, alpha=0.8, lw=0, label="BLUP-based mean")
+
+
+def _pooling_panel(ax, d, g, label, se=None) -> None:
+    """One panel of :func:`plot_pooling`: own estimates (clipped to the scale of most of
+    them, drawn as triangles at the edge), arrows, BLUPs, the population line."""
+    ok = d["identified"] & (d["n"] > 0)
+    n, own, blup = d["n"][ok], d["own"][ok], d["blup"][ok]
+    both = np.concatenate([own, blup])
+    if len(n):
+        lo, hi = np.quantile(own, [0.01, 0.99]) if len(n) >= 20 else (own.min(), own.max())
+        lo, hi = min(lo, blup.min(), d["population"]), max(hi, blup.max(), d["population"])
+        pad = 0.06 * (hi - lo or 1.0)
+        lo, hi = lo - pad, hi + pad
+    else:
+        lo, hi = -1.0, 1.0
+    shown = np.clip(own, lo, hi)
+    off = shown != own
+    ax.axhline(d["population"], color=GREY, ls="--", lw=1.2, label="population (0)")
+    if se is not None:
+        se = se[ok]
+        ax.vlines(n, np.clip(own - se, lo, hi), np.clip(own + se, lo, hi), color=ORANGE,
+                  alpha=0.25, lw=0.8, label="± 1 SE of the own estimate")  # fmt: skip
+    _arrows(ax, n, shown, blup, float(np.ptp(both)) if len(n) else 0.0)
+    ax.scatter(n[~off], own[~off], s=16, facecolors="none", edgecolors=ORANGE, lw=1.0,
+               label="own data alone (no pooling)")  # fmt: skip
+    for side, marker in ((own > hi, "^"), (own < lo, "v")):
+        if side.any():
+            ax.scatter(n[side], shown[side], s=24, marker=marker, facecolors="none",
+                       edgecolors=ORANGE, lw=1.0, label="own estimate off the scale")  # fmt: skip
+    ax.scatter(n, blup, s=16, color=BLUE, alpha=0.85, lw=0, label="BLUP (partial pooling)")
+    ax.set_ylim(lo, hi)
     ax.set_xscale("log")
-    ax.set_xlabel(f"events in the {g} (n, log scale; point size grows with n)")
-    ax.set_ylabel("mean response")
-    ax.set_title(f"Raw {g} means are pulled towards the population mean")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3, frameon=False)
+    ax.set_xlabel(f"events in the {g} (n, log scale)")
+    ax.set_ylabel(label)
+    left = int((~d["identified"]).sum())
+    if left:
+        ax.text(0.01, 0.01, f"{left} {g}s too small to estimate alone", fontsize=8,
+                transform=ax.transAxes, color=GREY)  # fmt: skip
+
+
+def plot_pooling(snap: Snapshot, path: str | os.PathLike) -> str:
+    """What partial pooling does: each group's own estimate of its effect (no pooling,
+    ± 1 SE, at the same fixed effects) and its BLUP (partial pooling) against its size,
+    an arrow from one to the other; one panel per random effect and, with several, one
+    of all of them together (:func:`pooling_distance_data`)."""
+    plt = _pyplot()
+    q = len(snap.re_names)
+    g = _group_name(snap)
+    dist = pooling_distance_data(snap) if q > 1 else None
+    panels = q + (dist is not None)
+    fig, axes = plt.subplots(1, panels, figsize=(max(7.5, 5.4 * panels), 5.2), squeeze=False)
+    for t in range(q):
+        d = pooling_data(snap, t)
+        ax = axes[0][t]
+        _pooling_panel(ax, d, g, f"{d['name']} effect of each {g}", d["own_se"])
+        ax.set_title(f"{d['name']}: toward 0" if q == 1 else d["name"])
+    if dist is not None:
+        ax = axes[0][q]
+        _pooling_panel(ax, dist, g, "distance from the population (prior SDs)")
+        ax.set_title("all effects together: never farther")
+    legend = {}
+    for ax in axes[0]:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=5 if panels > 1 else 2,
+               frameon=False, fontsize=9)  # fmt: skip
+    note = (
+        f"each {g}'s estimate from its own data alone → its BLUP: pulled toward the "
+        "population, the smallest most (at the same fixed effects)."
+    )
+    if q > 1:
+        note += (
+            " The effects are pulled jointly: a single one may move away from 0; their "
+            "distance from the population in the prior's metric never grows (right)."
+        )
+    note = textwrap.fill(note, width=int(15 * fig.get_figwidth()))
+    fig.suptitle(f"What partial pooling does to each {g}\n", fontweight="bold")
+    fig.text(0.5, 0.915, note, ha="center", va="center", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 if panels > 1 else 0.1, 1, 0.9))
+    return _save(fig, path, layout=False)
+
+
+def plot_residuals(snap: Snapshot, path: str | os.PathLike) -> str:
+    """Scaled residuals against fitted values (from the reservoir), and a normal QQ plot
+    of the group effects (one panel per random effect)."""
+    plt = _pyplot()
+    d = residuals_data(snap)
+    g = _group_name(snap)
+    q = len(d["qq"])
+    fig, axes = plt.subplots(1, 1 + q, figsize=(5.2 * (1 + q), 4.6), squeeze=False)
+    ax = axes[0][0]
+    size = 6 + 10 * np.sqrt(d["count"] / max(float(d["count"].max()), 1.0))
+    ax.scatter(d["fitted"], d["resid"], s=size, color=BLUE, alpha=0.35, lw=0)
+    ax.axhline(0.0, color=GREY, lw=1.2)
+    for v in (-2.0, 2.0):
+        ax.axhline(v, color=GREY, lw=0.8, ls=":")
+    ax.set_xlabel("fitted value  x'β̂ + z'b̂")
+    ax.set_ylabel("scaled residual  (y − fitted)/σ̂")
+    exact = d["events"] == d["of"]
+    ax.set_title("Residuals against fitted values")
+    ax.text(
+        0.01, 0.99,
+        f"{d['events']:,.0f} of {d['of']:,.0f} events"
+        + ("" if exact else " (the reservoir's uniform sample)"),
+        transform=ax.transAxes, fontsize=8.5, va="top", color=GREY,
+    )  # fmt: skip
+    for t, qq in enumerate(d["qq"]):
+        ax = axes[0][1 + t]
+        ax.scatter(qq["normal"], qq["b"], s=14, color=ORANGE, alpha=0.8, lw=0)
+        a, b = qq["line"]
+        lim = np.array([qq["normal"].min(), qq["normal"].max()]) if len(qq["b"]) else np.zeros(2)
+        ax.plot(lim, a + b * lim, color=GREY, lw=1.2, label="line through the quartiles")
+        ax.set_xlabel("standard normal quantile")
+        ax.set_ylabel(f"{qq['name']} effect (BLUP)")
+        ax.set_title(f"Normal QQ plot of the {g} effects: {qq['name']}", fontsize=10)
+        ax.legend(loc="upper left", frameon=False, fontsize=8.5)
     return _save(fig, path)
 
 
@@ -327,7 +502,8 @@ def plot_trajectories(snap: Snapshot, path: str | os.PathLike) -> str:
 PLOTS = {
     "shrinkage": plot_shrinkage,
     "caterpillar": plot_caterpillar,
-    "raw_vs_blup": plot_raw_vs_blup,
+    "pooling": plot_pooling,
+    "residuals": plot_residuals,
     "trajectories": plot_trajectories,
 }
 
@@ -338,7 +514,7 @@ def plot_all(snap: Snapshot, out_dir: str | os.PathLike) -> dict[str, str]:
     out.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, fn in PLOTS.items():
-        if name == "raw_vs_blup" and "(Intercept)" not in snap.re_names:
+        if name == "residuals" and (snap.state is None or not len(snap.state.get("res_prio", ()))):
             continue
         if name == "trajectories" and not snap.history:
             continue

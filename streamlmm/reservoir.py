@@ -363,22 +363,44 @@ class Reservoir:
         self.threshold = float(prio[-1]) if m == self.capacity else _NONE
 
     @classmethod
-    def merge(cls, parts: list[tuple[Reservoir, np.ndarray]], k: int) -> Reservoir:
-        """One reservoir from those of disjoint shards; ``parts`` pairs each with the map
-        from its group rows to the merged statistics' rows; ``k`` the union width."""
-        out = cls(max(p.capacity for p, _ in parts))
+    def merge(cls, parts: list[tuple], k: int, *, keys=None, design=None) -> Reservoir:
+        """One reservoir from those of disjoint shards; ``parts`` are triples of a
+        reservoir, the map from its group rows to the merged statistics' rows, and the
+        map ``T`` of its union columns to the merged ones (``a_merged = T a``,
+        :func:`streamlmm.design.align`; ``None``: the same columns); ``k`` is the merged
+        width. Kept rows are carried into the merged columns as the statistics are.
+        Their priorities stay: they read the raw fields, the same in any design, unless
+        a part hashes its union columns (``order_free`` False) and its columns moved:
+        then its rows get the priorities of the merged ``design`` (group ``keys`` of the
+        merged statistics), still a uniform sample, but not the one a single model
+        over every event would keep."""
+        parts = [tuple(part) if len(part) == 3 else (*part, None) for part in parts]
+        out = cls(max(p.capacity for p, _, _ in parts))
         out.widen(k)
-        out.n_seen = sum(p.n_seen for p, _ in parts)
-        out.order_free = all(p.order_free for p, _ in parts)
-        if not any(p.size for p, _ in parts):
+        out.n_seen = sum(p.n_seen for p, _, _ in parts)
+        out.order_free = all(p.order_free for p, _, _ in parts)
+        cat = [(p, m, T) for p, m, T in parts if p.size]
+        if not cat:
             return out
-        cat = [p for p, _ in parts if p.size]
+        prio, rows, A = [], [], []
+        for p, m, T in cat:
+            n = p.size
+            r = m[p.row[:n]]
+            a = _width(p.A[:n], k) if T is None else _width(p.A[:n], T.shape[1]) @ T.T
+            pr = p.prio[:n]
+            if T is not None and not p.order_free:
+                out.sync_keys(keys)
+                pr = np.empty(n)
+                priorities(r, a, p.y[:n], out.khash, out.plan_of(design), pr)
+            prio.append(pr)
+            rows.append(r)
+            A.append(a)
         out._merge_arrays(
-            np.concatenate([p.prio[: p.size] for p in cat]),
-            np.concatenate([m[p.row[: p.size]] for p, m in parts if p.size]),
-            np.concatenate([_width(p.A[: p.size], k) for p in cat]),
-            np.concatenate([p.y[: p.size] for p in cat]),
-            np.concatenate([p.count[: p.size] for p in cat]),
+            np.concatenate(prio),
+            np.concatenate(rows),
+            np.concatenate(A),
+            np.concatenate([p.y[: p.size] for p, _, _ in cat]),
+            np.concatenate([p.count[: p.size] for p, _, _ in cat]),
         )
         return out
 
@@ -392,6 +414,19 @@ class Reservoir:
     def exact(self) -> bool:
         """Whether the sample holds every event offered."""
         return self.n_events == self.n_seen
+
+    def residuals(self, xi, zi, fixef, b) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(fitted, residual, count)`` of the kept events at the fixed effects ``fixef``
+        (one per fixed column at union positions ``xi``; NaN for a dropped one) and the
+        groups' effects ``b`` (rows of the statistics; columns at ``zi``):
+        ``ŷ = x'β̂ + z'b̂_g``, as lme4's ``fitted()``. An event of a group past ``b``'s
+        rows gets the fixed part alone."""
+        n = self.size
+        A, rows = self.A[:n], self.row[:n]
+        fitted = A[:, np.asarray(xi)] @ np.nan_to_num(np.asarray(fixef, dtype=float))
+        ok = rows < b.shape[0]
+        fitted[ok] += np.einsum("ij,ij->i", A[ok][:, np.asarray(zi)], b[rows[ok]])
+        return fitted, self.y[:n] - fitted, self.count[:n].copy()
 
     def to_state(self) -> dict[str, Any]:
         s = self.size

@@ -56,6 +56,10 @@ class Snapshot:
     The attribute names follow lme4: ``fixef``, ``fixef_se`` (``summary()``'s standard
     errors), ``re_cov`` (``VarCorr``: σ²ΛΛ'), ``sigma``, ``theta``
     (``getME(m, "theta")``), ``criterion`` (``REMLcrit()`` or ``deviance()``).
+    Per group (rows in ``keys`` order): ``b`` and ``condvar`` (``ranef(condVar =
+    TRUE)``), ``b_np`` and ``b_np_se`` (the group's own estimate of its effect from its
+    data alone at ``fixef``, no pooling, NaN where its data do not identify it;
+    docs/math.md §4), ``group_n`` and ``group_ybar``.
 
     Examples
     --------
@@ -101,6 +105,8 @@ class Snapshot:
         "keys",
         "b",
         "condvar",
+        "b_np",
+        "b_np_se",
         "state",
         "design",
         "_index",
@@ -128,6 +134,8 @@ class Snapshot:
         condvar,
         group_n=None,
         group_ybar=None,
+        b_np=None,
+        b_np_se=None,
         fixef_vcov=None,
         re_names=None,
         dropped=(),
@@ -167,6 +175,9 @@ class Snapshot:
         put(self, "re_cov", _frozen(re_cov).reshape(q, q))
         put(self, "b", _frozen(b).reshape(len(self.keys), q))
         put(self, "condvar", _frozen(condvar).reshape(len(self.keys), q, q))
+        for name, v in (("b_np", b_np), ("b_np_se", b_np_se)):
+            v = np.full((len(self.keys), q), np.nan) if v is None else v
+            put(self, name, _frozen(v).reshape(len(self.keys), q))
         if group_n is None:
             group_n = np.full(len(self.keys), np.nan)
         put(self, "group_n", _frozen(group_n).reshape(len(self.keys)))
@@ -322,6 +333,8 @@ class Snapshot:
         arrays = {
             "b": self.b,
             "condvar": self.condvar,
+            "b_np": self.b_np,
+            "b_np_se": self.b_np_se,
             "group_n": self.group_n,
             "group_ybar": self.group_ybar,
             "fixef_vcov": self.fixef_vcov,
@@ -397,6 +410,8 @@ class Snapshot:
                 condvar=arrays["condvar"],
                 group_n=arrays["group_n"],
                 group_ybar=arrays["group_ybar"],
+                b_np=arrays.get("b_np"),
+                b_np_se=arrays.get("b_np_se"),
                 fixef_vcov=arrays["fixef_vcov"],
                 re_names=h["re_names"],
                 dropped=h["dropped"],

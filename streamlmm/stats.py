@@ -282,6 +282,44 @@ class GroupStats:
                 M[:, 1 + self.m + self.P[remap[i], remap[j]]] = M0[:, 1 + m0 + P0[i, j]]
         self.M = M
 
+    def realigned(self, spec, T: np.ndarray, chunk: int = 1 << 15) -> GroupStats:
+        """These statistics in the columns of ``spec``, where ``a_new = T a`` for every
+        event learned (:func:`streamlmm.design.align`: another shard's column order,
+        levels and reference levels). The map is affine on ``v`` (the intercept column
+        gives the constant), so each row's means map as ``m' = V m + t`` and its
+        co-moments as ``C' = V C V'``: exact in exact arithmetic, and in floating point
+        whenever ``T`` only moves columns."""
+        out = GroupStats(spec, self.half_life, capacity=max(self.n_groups, 64))
+        G = self.n_groups
+        vi_new, vi_old = out.vpos[: out.k], self.vpos[: self.k]
+        V = np.zeros((out.m, self.m))
+        t = np.zeros(out.m)
+        for i in range(out.k):
+            if vi_new[i] < 0:
+                continue  # the intercept column stays implicit
+            for j in range(self.k):
+                if T[i, j] != 0.0:
+                    if vi_old[j] < 0:
+                        t[vi_new[i]] += T[i, j]
+                    else:
+                        V[vi_new[i], vi_old[j]] += T[i, j]
+        V[-1, -1] = 1.0  # the response
+        iu = np.triu_indices(out.m)
+        for lo in range(0, G, chunk):
+            rows = self.M[lo : min(lo + chunk, G)]
+            means = rows[:, 1 : 1 + self.m]
+            C = rows[:, 1 + self.m + self.P]  # (g, m, m)
+            new = out.M[lo : lo + rows.shape[0]]
+            new[:, 0] = rows[:, 0]
+            new[:, 1 : 1 + out.m] = means @ V.T + t
+            new[:, 1 + out.m + out.P[iu]] = (V @ C @ V.T)[:, iu[0], iu[1]]
+        if self.half_life:
+            out.tg[:G] = self.tg[:G]
+        out.keys = list(self.keys)
+        out.index = dict(self.index)
+        out.now = self.now
+        return out
+
     @classmethod
     def merge(cls, shards: list[GroupStats]) -> GroupStats:
         """Combine shards' statistics exactly (they are additive, docs/design.md).

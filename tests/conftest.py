@@ -326,6 +326,7 @@ _SCRATCH = {
     "_b1",
     "_resid",
     "_fast1",
+    "_fastc",
     "_fastp",
 }
 

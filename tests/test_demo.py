@@ -66,7 +66,7 @@ def check_recovery(
     for name, g in cmp["groups"].items():
         assert g["corr"] > (min_corr or {}).get(name, 0.9), (name, g)
     assert "Compared with the simulated truth:" in stdout
-    for name in ("shrinkage", "caterpillar", "raw_vs_blup", "trajectories"):
+    for name in ("shrinkage", "caterpillar", "pooling", "residuals", "trajectories"):
         assert (out / "plots" / f"{name}.png").stat().st_size > 10_000
     assert (out / "summary.txt").read_text().strip() in stdout
 

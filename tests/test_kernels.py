@@ -183,13 +183,29 @@ def test_pls_sums_do_not_depend_on_the_number_of_chunks():
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
 
 
-@pytest.mark.parametrize("lam", LAMBDAS)
-def test_blups_and_condcov_equal_dense(stats, data, dense_lmm, lam):
-    """b_g = ΛΛ'Z'V⁻¹(y − Xβ) for any β, and K_g = Λ(L_gL_g')⁻¹Λ' = D − DZ'V⁻¹ZD."""
+def _blups(st, c, lam, beta, pool=True):
     f = FORMULA
-    F = stats.cross_products(np.zeros(f.k + 1), f.zi, f.xi).F
-    beta = np.array([0.7, 0.3, -1.2])
-    B, K = kernels.blups(F, f.q, f.p, lam, beta)
+    return kernels.blups(st.M, st.n_groups, st.vpos, c, f.zi, f.xi, f.k, st.P, lam, beta, pool=pool)
+
+
+@pytest.mark.parametrize("which", CENTRES)
+@pytest.mark.parametrize("lam", LAMBDAS)
+def test_blups_and_condcov_equal_dense(stats, data, dense_lmm, lam, which):
+    """b_g = ΛΛ'Z'V⁻¹(y − Xβ) for any β, and K_g = Λ(L_gL_g')⁻¹Λ' = D − DZ'V⁻¹ZD, from
+    the statistics around any centre (b = T_z b̃ moves the centre into the intercept)."""
+    f = FORMULA
+    c = _centre(stats, which)
+    Tz = np.eye(f.q)
+    Tz[0] -= c[f.zi]
+    Tx = np.eye(f.p)
+    Tx[0] -= c[f.xi]
+    beta_u = np.array([0.7, 0.3, -1.2])  # the user's β; the centred one maps onto it
+    beta = np.linalg.solve(Tx, beta_u - c[-1] * np.eye(f.p)[0])
+    lam_c = np.linalg.solve(Tz, lam)  # Λ̃ with T_zΛ̃ = Λ (not triangular in general)
+    lam_c = estimate._blockwise_lower(lam_c, f.blocks)
+    B, K = _blups(stats, c, lam_c, beta)
+    B, K = B @ Tz.T, np.einsum("ij,gjk,lk->gil", Tz, K, Tz)
+    beta = beta_u
     dense = dense_lmm.from_frame(f, data, data.w.to_numpy())
     D = lam @ lam.T
     for key, ix in dense.groups.items():
@@ -202,13 +218,13 @@ def test_blups_and_condcov_equal_dense(stats, data, dense_lmm, lam):
         np.testing.assert_allclose(K[r], C, rtol=1e-10, atol=1e-12)
 
 
-def test_em_sums_equal_numpy(blocks):
-    _, bl = blocks
+def test_em_sums_equal_numpy(blocks, stats):
+    c, bl = blocks
     F, q, p = bl.F, FORMULA.q, FORMULA.p
     lam = LAMBDAS[0]
     beta = np.array([0.7, 0.3, -1.2])
     Sbb, SK, rss, trK, T = kernels.em_sums(F, q, p, lam, beta)
-    B, K = kernels.blups(F, q, p, lam, beta)
+    B, K = _blups(stats, c, lam, beta)
     want_rss = want_trK = 0.0
     want_T = np.zeros(p)
     for r in range(F.shape[0]):
@@ -240,17 +256,17 @@ def test_predict_rows_fixed_part_plus_blup(stats, which):
     st, f = stats, FORMULA
     c = _centre(st, which)
     lam, beta = LAMBDAS[0], np.array([0.7, 0.3, -1.2])
-    B, _ = kernels.blups(st.cross_products(c, f.zi, f.xi).F, f.q, f.p, lam, beta)
+    B, _ = _blups(st, c, lam, beta)
     A = np.array([[1.0, 2.0, -1.0], [1.0, -0.5, 0.25]])
     out = _predict(st, [3, -1], A, c, [1.0, 1.0], lam, beta)
     Ac = A - c[: f.k]
     assert out[0] == pytest.approx(c[-1] + Ac[0, f.xi] @ beta + Ac[0, f.zi] @ B[3], rel=1e-13)
     assert out[1] == pytest.approx(c[-1] + Ac[1, f.xi] @ beta, rel=1e-13)
     # one event at a time gives the same
-    blk = np.empty(st.cross_products(c, f.zi, f.xi).F.shape[1])
+    work = np.empty(kernels.scratch_size(f.q, f.p))
     b = np.empty(f.q)
     one = kernels.predict_event(
-        st.M, 3, A[0], c, 1.0, st.vpos, f.zi, f.xi, f.k, st.P, lam, beta, blk, b
+        st.M, 3, A[0], c, 1.0, st.vpos, f.zi, f.xi, f.k, st.P, lam, beta, b, work
     )
     assert one == out[0]
     np.testing.assert_allclose(b, B[3], rtol=1e-13)
@@ -269,8 +285,10 @@ def test_predict_rows_scales_a_group_by_its_forgetting_factor(stats):
     st, f = stats, FORMULA
     lam, beta = LAMBDAS[0], np.array([0.7, 0.3, -1.2])
     c = np.zeros(f.k + 1)
-    half = st.cross_products(c, f.zi, f.xi).F * 0.5
-    B_half, _ = kernels.blups(half, f.q, f.p, lam, beta)
+    half = st.copy()
+    half.M[:, 0] *= 0.5  # n and the co-moments halve, the means stay
+    half.M[:, 1 + half.m :] *= 0.5
+    B_half, _ = _blups(half, c, lam, beta)
     A = np.array([[1.0, 2.0, -1.0]])
     out = _predict(st, [3], A, c, [0.5], lam, beta)
     assert out[0] == pytest.approx(A[0] @ beta + A[0, f.zi] @ B_half[3], rel=1e-13)

@@ -83,6 +83,52 @@ def test_learn_many_is_bitwise_learn_one(reference, name, helpers):
     _assert_same_fit(s1, s2, rel=0.0)
 
 
+def _hospital_events(n=4_000, seed=2):
+    """Events of ``y ~ age * severity + (1 + age | hospital)`` with int hospital keys; the
+    level "critical" first appears after 60% of the stream, and every 50th age is an int
+    (learn_one's general path takes those)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        levels = ["mild", "moderate", "severe"] + (["critical"] if i > 0.6 * n else [])
+        sev = str(rng.choice(levels))
+        age = float(np.round(rng.normal(50, 12), 1))
+        if i % 50 == 0:
+            age = int(age)
+        h = int(rng.integers(0, 150))
+        y = 2 + 0.03 * age + levels.index(sev) * 0.8 + 0.2 * (h % 9) + rng.normal()
+        rows.append(({"hospital": h, "age": age, "severity": sev}, float(y)))
+    return rows
+
+
+def test_learn_one_with_factors_is_bitwise_learn_many(helpers):
+    """learn_one's fast path for factors (a new level, int ages and weights go the
+    general way) gives the statistics, design, reservoir and fit of learn_many, bit for
+    bit."""
+    formula = "y ~ age * severity + (1 + age | hospital)"
+    events = _hospital_events()
+    one, many = MixedLM(formula, reservoir=500), MixedLM(formula, reservoir=500)
+    for x, y in events:
+        one.learn_one(x, y)
+    assert one._fastc is not None  # the fast path for factors was in use
+    X = pd.DataFrame([x for x, _ in events]).astype({"age": float})
+    yy = pd.Series([y for _, y in events])
+    for start in range(0, len(X), 700):
+        many.learn_many(X.iloc[start : start + 700], yy.iloc[start : start + 700])
+    S1, keys1, _ = helpers.active_stats(one)
+    S2, keys2, _ = helpers.active_stats(many)
+    assert keys1 == keys2 and one.n_events == many.n_events == len(events)
+    np.testing.assert_array_equal(S1, S2)
+    assert one._design.to_state() == many._design.to_state()
+    assert one._design.columns[-2:] == ("severitycritical", "age:severitycritical")
+    r1, r2 = one._res, many._res
+    o1, o2 = np.argsort(r1.prio[: r1.size]), np.argsort(r2.prio[: r2.size])
+    for name in ("prio", "count", "y", "A", "row"):
+        np.testing.assert_array_equal(getattr(r1, name)[o1], getattr(r2, name)[o2])
+    assert r1.n_seen == r2.n_seen
+    _assert_same_fit(one.fit().snapshot(), many.fit().snapshot(), rel=0.0)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 333, 10_000])
 def test_learn_many_chunking_does_not_matter(reference, chunk, helpers):
     case = reference("pub_tiny_intercept_reml")
@@ -349,6 +395,99 @@ def test_from_snapshot_continues_exactly(reference, helpers, through_bytes, half
             resumed._stats.tg[: len(keys_a)], whole._stats.tg[: len(keys_b)]
         )
         assert resumed._stats.now == whole._stats.now
+
+
+# -- merging snapshots --------------------------------------------------------------------------
+def _factor_shards(seed=3):
+    """Two shards of a stream with a factor: shard A meets "moderate" first (its reference
+    level), shard B "severe" first, and only B has "critical"; the groups are disjoint."""
+    rng = np.random.default_rng(seed)
+    effect = {"mild": 0.0, "moderate": 1.0, "severe": 2.5, "critical": 4.0}
+    shards = []
+    for lo, first, levels in (
+        (0, "moderate", ["mild", "moderate", "severe"]),
+        (20, "severe", ["mild", "moderate", "severe", "critical"]),
+    ):
+        rows = []
+        for i in range(1500):
+            g = lo + int(rng.integers(0, 20))
+            sev = first if i == 0 else str(rng.choice(levels))
+            x1 = float(rng.normal(50, 10))
+            y = 3 + 0.1 * x1 + effect[sev] * (1 + 0.01 * x1) + 0.3 * (g % 7) + rng.normal()
+            rows.append(({"g": f"h{g}", "x1": x1, "severity": sev}, float(y)))
+        shards.append(rows)
+    return shards
+
+
+MERGE_FORMULA = "y ~ x1 * severity + (1 + x1 | g)"
+
+
+def _merged_and_whole(formula=MERGE_FORMULA, **kw):
+    shards = _factor_shards()
+    parts = []
+    for i, rows in enumerate(shards):
+        m = MixedLM(formula, **kw)
+        for x, y in rows:
+            m.learn_one(x, y)
+        parts.append(m.snapshot(offsets={f"events:{i}": len(rows)}))
+    whole = MixedLM(formula, **kw)  # one model over both shards: A's levels come first
+    for x, y in shards[0] + shards[1]:
+        whole.learn_one(x, y)
+    return parts, MixedLM.from_snapshots(parts), whole
+
+
+def test_snapshots_of_shards_with_other_reference_levels_merge_exactly(helpers):
+    """Shards met the factor's levels in other orders, so their union columns differ in
+    order, in the levels they hold and in the reference level; the merged statistics are
+    those of one model over every event (the first shard's reference level)."""
+    parts, merged, whole = _merged_and_whole()
+    assert parts[0].state["design"]["levels"]["severity"][0] == "moderate"
+    assert parts[1].state["design"]["levels"]["severity"][0] == "severe"
+    assert merged._design.fixed == whole._design.fixed
+    assert merged._design.factors == whole._design.factors
+    assert merged.n_events == whole.n_events == 3000
+    theta = np.array([1.5, 0.01, 0.02])
+    want = helpers.estimates_at(whole, theta)
+    _assert_same_estimates(helpers.estimates_at(merged, theta), want, rel=1e-9)
+    got, ref = merged.fit().snapshot(), whole.fit().snapshot()
+    assert list(got.fixef) == list(ref.fixef)
+    _assert_same_fit(got, ref, rel=FIT_RTOL)
+    # and the merged model keeps learning in the merged columns
+    x = {"g": "h3", "x1": 47.0, "severity": "critical"}
+    merged.learn_one(x, 9.0)
+    whole.learn_one(x, 9.0)
+    _assert_same_estimates(
+        helpers.estimates_at(merged, theta), helpers.estimates_at(whole, theta), rel=1e-9
+    )
+
+
+def test_merge_refuses_fields_of_other_kinds():
+    a, b = MixedLM("y ~ f + (1 | g)"), MixedLM("y ~ f + (1 | g)")
+    a.learn_one({"g": "a", "f": "lo"}, 1.0)
+    b.learn_one({"g": "b", "f": 2.0}, 1.0)
+    snaps = [a.snapshot(offsets={"t:0": 1}), b.snapshot(offsets={"t:1": 1})]
+    with pytest.raises(ValueError, match="field 'f' is factor in one snapshot and numeric"):
+        MixedLM.from_snapshots(snaps)
+
+
+def test_the_same_snapshot_twice_is_refused_not_counted_twice():
+    parts, _, _ = _merged_and_whole("y ~ x1 + (1 | g)")
+    with pytest.raises(
+        ValueError, match="snapshots 0 and 1 both hold events of Kafka partition 'events:0'"
+    ):
+        MixedLM.from_snapshots([parts[0], parts[0]])
+    # the caller's word overrides the offsets (e.g. two clusters with one topic name)
+    doubled = MixedLM.from_snapshots([parts[0], parts[0]], disjoint=True)
+    assert doubled.n_events == 2 * parts[0].n_events
+
+
+def test_snapshots_without_offsets_merge_only_when_said_disjoint():
+    a, b = MixedLM("y ~ x1 + (1 | g)"), MixedLM("y ~ x1 + (1 | g)")
+    a.learn_one({"g": "a", "x1": 1.0}, 1.0)
+    b.learn_one({"g": "b", "x1": 2.0}, 3.0)
+    with pytest.raises(ValueError, match="snapshot 0 records no source offsets.*disjoint=True"):
+        MixedLM.from_snapshots([a.snapshot(), b.snapshot()])
+    assert MixedLM.from_snapshots([a.snapshot(), b.snapshot()], disjoint=True).n_events == 2
 
 
 def test_from_snapshot_without_state_raises(reference):

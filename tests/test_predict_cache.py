@@ -220,7 +220,7 @@ def test_merged_snapshots_predict_from_the_merged_statistics():
     for x, y in _events(500, 40, seed=9):
         b.learn_one(x, y + 5.0)
     b.fit()
-    m = MixedLM.from_snapshots([a.snapshot(), b.snapshot()])
+    m = MixedLM.from_snapshots([a.snapshot(), b.snapshot()], disjoint=True)
     _current(m)
 
 

@@ -79,6 +79,43 @@ def test_shards_merge_into_the_sample_of_the_whole():
     assert _content(merged) == _content(whole)
 
 
+def _rows_by_name(m: MixedLM):
+    """Each kept event's union values by column name, keyed by priority."""
+    r, cols = m._res, m._design.columns
+    return {
+        p: dict(zip(cols, r.A[i, : len(cols)].tolist()))
+        for i, p in enumerate(r.prio[: r.size].tolist())
+    }
+
+
+def test_shards_with_other_reference_levels_merge_into_the_sample_of_the_whole():
+    """Shard B meets the factor's levels in another order (another reference level and
+    column order): its kept events are carried into the merged columns, as its
+    statistics are, and the merged sample is the whole stream's."""
+    X, y = _data(5_000, 200, 4, factor=True, dup=0.1)
+    first = X.g.str[-1].isin(list("01234"))
+    parts = []
+    for part, lead in ((X[first], "lo"), (X[~first], "hi")):  # the first level seen
+        top = part.index[part.f == lead][:1]
+        parts.append(pd.concat([part.loc[top], part.drop(top)]))
+    formula = "y ~ x * f + (1 | g)"
+    shards = []
+    for i, part in enumerate(parts):
+        m = MixedLM(formula, reservoir=600)
+        m.learn_many(part, y.loc[part.index])
+        shards.append(m.snapshot(offsets={f"t:{i}": len(part)}))
+    assert shards[0].state["design"]["columns"] != shards[1].state["design"]["columns"]
+    merged = MixedLM.from_snapshots(shards)
+    whole = MixedLM(formula, reservoir=600)
+    both = pd.concat(parts)
+    whole.learn_many(both, y.loc[both.index])
+    assert _content(merged) == _content(whole)
+    assert _rows_by_name(merged) == _rows_by_name(whole)
+    assert merged.fit().snapshot().resid_quantiles == pytest.approx(
+        whole.fit().snapshot().resid_quantiles, rel=1e-9
+    )
+
+
 def test_repeats_and_weights_are_counted_and_snapshots_keep_the_sample():
     m = MixedLM("y ~ x + (1 | g)")
     for _ in range(3):

@@ -16,7 +16,9 @@ from streamlmm import MixedLM
 from streamlmm.plot import (
     caterpillar_data,
     plot_all,
-    raw_vs_blup_data,
+    pooling_data,
+    pooling_distance_data,
+    residuals_data,
     shrinkage_data,
     trajectory_data,
 )
@@ -160,7 +162,8 @@ def test_cli_summary_and_plot(fitted, tmp_path):
     assert pl.returncode == 0
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == [
         "caterpillar.png",
-        "raw_vs_blup.png",
+        "pooling.png",
+        "residuals.png",
         "shrinkage.png",
         "trajectories.png",
     ]
@@ -176,7 +179,7 @@ def _png_size(path) -> tuple[int, int]:
 def test_pngs(fitted, tmp_path):
     snap, _ = fitted
     paths = plot_all(snap, tmp_path / "plots")
-    assert set(paths) == {"shrinkage", "caterpillar", "raw_vs_blup", "trajectories"}
+    assert set(paths) == {"shrinkage", "caterpillar", "pooling", "residuals", "trajectories"}
     for p in paths.values():
         w, h = _png_size(p)
         assert 400 <= w <= 2000 and 300 <= h <= 1500
@@ -206,15 +209,87 @@ def test_caterpillar_data(fitted):
         )
 
 
-def test_raw_vs_blup_data(fitted):
-    snap, _ = fitted
-    d = raw_vs_blup_data(snap)
-    assert np.array_equal(d["raw"], snap.group_ybar)
-    assert d["mu"] == pytest.approx(np.mean(snap.group_ybar - snap.b[:, 0]))
-    assert d["blup"] == pytest.approx(d["mu"] + snap.b[:, 0])
-    # shrinkage: each BLUP-based mean lies between the raw mean and the population mean
-    # when the covariates barely differ between groups
-    assert np.mean(np.abs(d["blup"] - d["mu"]) <= np.abs(d["raw"] - d["mu"]) + 0.2) > 0.9
+def _events(snap_formula="y ~ x1 + x2 + (1 | g)", n=3_000, seed=4):
+    """A fitted model of the basic scenario's events, the events, and its snapshot."""
+    sim = scenario("basic", n, seed=seed, n_groups=60)
+    df = pd.DataFrame(list(sim.events))
+    m = MixedLM(snap_formula)
+    m.learn_many(df[["g", "x1", "x2"]], df["y"])
+    return df, m.fit().snapshot()
+
+
+def _own_ols(df, snap, zcols):
+    """Each group's own least-squares fit of its random-effect columns to y − x'β̂ (plain
+    numpy on the raw events, independent of the statistics), its SE from σ̂²(Z'Z)⁻¹;
+    NaN where Z'Z is singular."""
+    beta = snap.fixef
+    r = df["y"] - beta["(Intercept)"] - beta["x1"] * df["x1"] - beta["x2"] * df["x2"]
+    out, se = {}, {}
+    for key, part in df.groupby("g", sort=False):
+        Z = np.column_stack([np.ones(len(part))] + [part[c].to_numpy() for c in zcols])
+        if np.linalg.matrix_rank(Z) < Z.shape[1]:
+            out[key] = se[key] = np.full(Z.shape[1], np.nan)
+            continue
+        out[key] = np.linalg.lstsq(Z, r[part.index].to_numpy(), rcond=None)[0]
+        se[key] = snap.sigma * np.sqrt(np.diag(np.linalg.inv(Z.T @ Z)))
+    return out, se
+
+
+def test_pooling_data_random_intercept_shrinks_each_own_estimate_toward_the_population():
+    """The picture's definition: each group's own estimate ȳ_g − x̄_g'β̂ (no pooling, an
+    independent per-group OLS here) with SE σ̂/√n_g, and its BLUP; for a random intercept
+    BLUP = f·own with f = τ²/(τ² + σ²/n_g) in [0, 1], so every arrow points from the own
+    estimate toward the population value 0 and stops short of it."""
+    df, snap = _events()
+    d = pooling_data(snap)
+    want, want_se = _own_ols(df, snap, [])
+    own = np.array([want[k][0] for k in snap.keys])
+    np.testing.assert_allclose(d["own"], own, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(d["own_se"], [want_se[k][0] for k in snap.keys], rtol=1e-9)
+    np.testing.assert_allclose(d["own_se"], snap.sigma / np.sqrt(snap.group_n), rtol=1e-12)
+    assert d["population"] == 0.0 and d["identified"].all()
+    tau2, s2 = snap.re_cov[0, 0], snap.sigma**2
+    factor = d["blup"] / d["own"]
+    assert np.all((factor >= 0) & (factor <= 1))
+    np.testing.assert_allclose(factor, tau2 / (tau2 + s2 / snap.group_n), rtol=1e-9)
+
+
+def test_pooling_data_random_slopes_are_each_groups_own_fit():
+    """With (1 + x1 | g): each group's own least-squares fit of z = (1, x1) to y − x'β̂,
+    NaN where one group's x1 has no spread; the distance from the population in the
+    prior's metric never grows from the own estimate to the BLUP."""
+    df, snap = _events("y ~ x1 + x2 + (1 + x1 | g)")
+    df.loc[len(df)] = {"g": "lone", "x1": 0.5, "x2": 0.0, "y": 1.0}  # one event: no slope
+    m = MixedLM("y ~ x1 + x2 + (1 + x1 | g)")
+    m.learn_many(df[["g", "x1", "x2"]], df["y"])
+    snap = m.fit().snapshot()
+    want, want_se = _own_ols(df, snap, ["x1"])
+    for t in range(2):
+        d = pooling_data(snap, t)
+        own = np.array([want[k][t] for k in snap.keys])
+        np.testing.assert_allclose(d["own"], own, rtol=1e-8, atol=1e-9)
+        np.testing.assert_allclose(d["own_se"], [want_se[k][t] for k in snap.keys], rtol=1e-8)
+        assert list(d["identified"]) == [k != "lone" for k in snap.keys]
+    dist = pooling_distance_data(snap)
+    ok = dist["identified"]
+    assert np.all(dist["blup"][ok] <= dist["own"][ok] * (1 + 1e-12))
+
+
+def test_residuals_data_are_the_snapshots_residuals_of_every_event():
+    """While the stream fits in the reservoir, the picture's points are every event's
+    (y − x'β̂ − z'b̂_g)/σ̂ against x'β̂ + z'b̂_g, computed here from the raw events."""
+    df, snap = _events("y ~ x1 + x2 + (1 + x1 | g)")
+    d = residuals_data(snap)
+    assert d["events"] == d["of"] == len(df) == d["count"].sum()
+    fitted = np.array([snap.predict(r) for r in df[["g", "x1", "x2"]].to_dict("records")])
+    want = sorted(zip(np.round(fitted, 9), np.round((df["y"] - fitted) / snap.sigma, 9)))
+    got = sorted(zip(np.round(d["fitted"], 9), np.round(d["resid"], 9)))
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=1e-7, atol=1e-7)
+    for t, qq in enumerate(d["qq"]):
+        assert np.array_equal(qq["b"], np.sort(snap.b[:, t]))
+        G = snap.n_groups
+        assert qq["normal"][0] == pytest.approx(-qq["normal"][-1])
+        assert qq["normal"][G // 2] == pytest.approx(0.0, abs=0.05)
 
 
 def test_trajectory_data(fitted):

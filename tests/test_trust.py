@@ -246,3 +246,152 @@ def test_a_transformed_response_beyond_the_limit_is_refused_by_both_paths():
     with pytest.raises(ValueError, match=r"row 0: field 'y': exp\(y\) is not finite"):
         m.learn_many(pd.DataFrame({"g": [1], "x": [1.0]}), pd.Series([400.0]))
     assert m.n_events == 0 and m._stats.n_groups == 0
+
+
+# -- a leverage point ---------------------------------------------------------------------------
+# One event of group g0 has x1 corrupted into 1e4 (leverage_reml) or 1.7e9 (leverage_far_reml,
+# a Unix time) while every other x1 is a day 0..6. The truth is computed here in rationals
+# (fractions) from the raw events, independently of the statistics and the kernels.
+def _fr_solve(A, b):
+    """Solve the small rational system ``A x = b`` (Gaussian elimination, exact)."""
+    n = len(A)
+    M = [list(row) + [v] for row, v in zip(A, b)]
+    for j in range(n):
+        piv = next(i for i in range(j, n) if M[i][j] != 0)
+        M[j], M[piv] = M[piv], M[j]
+        for i in range(n):
+            if i != j and M[i][j] != 0:
+                f = M[i][j] / M[j][j]
+                M[i] = [a - f * c for a, c in zip(M[i], M[j])]
+    return [M[i][n] / M[i][i] for i in range(n)]
+
+
+def _fr_groups(data, cx=0, cy=0):
+    """Per group ``(Z'Z, Z'y)`` of ``z = [1, x1 − cx]`` and ``y − cy`` in rationals."""
+    from fractions import Fraction as Fr
+
+    out = {}
+    for g, x, y in zip(data.g, data.x1, data.y):
+        ZZ, Zy = out.setdefault(g, ([[Fr(0)] * 2 for _ in range(2)], [Fr(0)] * 2))
+        z = [Fr(1), Fr(float(x)) - cx]
+        for i in range(2):
+            Zy[i] += z[i] * (Fr(float(y)) - cy)
+            for j in range(2):
+                ZZ[i][j] += z[i] * z[j]
+    return out
+
+
+def _fr_blup(ZZ, Zy, lam, beta):
+    """``b = D(Z'Z D + I)⁻¹ Z'(y − Zβ)`` with ``D = ΛΛ'`` (here X = Z = [1, x1])."""
+    D = [[sum(lam[i][k] * lam[j][k] for k in range(2)) for j in range(2)] for i in range(2)]
+    Zr = [Zy[i] - sum(ZZ[i][j] * beta[j] for j in range(2)) for i in range(2)]
+    A = [[sum(ZZ[i][k] * D[k][j] for k in range(2)) + (i == j) for j in range(2)] for i in range(2)]
+    v = _fr_solve(A, Zr)
+    return [sum(D[i][k] * v[k] for k in range(2)) for i in range(2)]
+
+
+def _exact_reml(data, theta) -> float:
+    """lme4's REML criterion of ``y ~ x1 + (1 + x1 | g)`` at θ, from rationals (only the
+    final logs in floating point): β profiled through the groups' blocks."""
+    from fractions import Fraction as Fr
+
+    t = [Fr(float(v)) for v in theta]
+    lam = [[t[0], Fr(0)], [t[1], t[2]]]
+    D = [[sum(lam[i][k] * lam[j][k] for k in range(2)) for j in range(2)] for i in range(2)]
+    XX = [[Fr(0)] * 2 for _ in range(2)]
+    Xy = [Fr(0)] * 2
+    yy = sum(Fr(float(y)) ** 2 for y in data.y)
+    logdet, cu2 = 0.0, Fr(0)
+    for ZZ, Zy in _fr_groups(data).values():
+        M = [[sum(lam[k][i] * ZZ[k][m] * lam[m][j] for k in range(2) for m in range(2))
+              + (i == j) for j in range(2)] for i in range(2)]  # fmt: skip
+        logdet += math.log(M[0][0] * M[1][1] - M[0][1] * M[1][0])
+        # the group's share of X'V⁻¹X: Z'Z − Z'Z A Z'Z with A = ΛM⁻¹Λ' = (DZ'Z + I)⁻¹D
+        N = [[sum(D[i][k] * ZZ[k][j] for k in range(2)) + (i == j) for j in range(2)]
+             for i in range(2)]  # fmt: skip
+        A = [_fr_solve(N, [D[0][r], D[1][r]]) for r in range(2)]  # columns; A is symmetric
+        ZAZ = [[sum(ZZ[i][k] * A[k][m] * ZZ[m][j] for k in range(2) for m in range(2))
+                for j in range(2)] for i in range(2)]  # fmt: skip
+        ZAy = [
+            sum(ZZ[i][k] * A[k][m] * Zy[m] for k in range(2) for m in range(2)) for i in range(2)
+        ]
+        cu2 += sum(Zy[k] * A[k][m] * Zy[m] for k in range(2) for m in range(2))
+        for i in range(2):
+            Xy[i] += Zy[i] - ZAy[i]
+            for j in range(2):
+                XX[i][j] += ZZ[i][j] - ZAZ[i][j]
+    beta = _fr_solve(XX, Xy)
+    r2 = yy - cu2 - sum(beta[i] * Xy[i] for i in range(2))
+    dof = len(data) - 2
+    detRX = XX[0][0] * XX[1][1] - XX[0][1] * XX[1][0]
+    return logdet + math.log(detRX) + dof * (1 + math.log(2 * math.pi * float(r2) / dof))
+
+
+def test_a_leverage_point_fits_as_lme4_or_better(reference):
+    """x1 = 1e4 among days 0..6: lme4 fits it, and so do we, at an optimum whose exact
+    REML criterion is no higher than lme4's."""
+    case = _case(reference, "leverage_reml")
+    for path in ("learn_one", "learn_many"):
+        _, snap, _ = _fit(case, path)
+        assert snap.converged
+        for name, value in case.ref["fixef"].items():
+            assert snap.fixef[name] == pytest.approx(value, rel=1e-5), name
+        np.testing.assert_allclose(snap.theta, case.ref["theta"], rtol=1e-4)
+        want = np.array(case.ref["ranef"]["g0"])
+        np.testing.assert_allclose(list(snap.ranef("g0").values()), want, rtol=1e-5)
+    ours, lme4 = _exact_reml(case.data, snap.theta), _exact_reml(case.data, case.ref["theta"])
+    assert ours <= lme4 + 1e-12 * abs(lme4)
+
+
+def test_a_far_leverage_point_is_refused_as_lme4_does(reference):
+    """x1 = 1.7e9: lme4 returns no estimates (NaN, after "very different scales"); the fit
+    here gives no finite estimates either, says so, and is not converged."""
+    case = _case(reference, "leverage_far_reml")
+    assert all(v is None for v in case.ref["fixef"].values())
+    _, snap, warns = _fit(case)
+    assert not snap.converged and all(math.isnan(v) for v in snap.fixef.values())
+    assert any("different scales" in w for w in warns)
+    assert any("no finite estimates" in w for w in warns)
+
+
+@pytest.mark.parametrize("far", [None, 1e12])
+def test_predictions_after_a_leverage_point_are_the_exact_blup(reference, far):
+    """The model fits the ordinary events; then one event lands at x1 = 1.7e9 (or 1e12)
+    in group g0. predict_one, predict_many and the BLUP kernel of snapshots recompute the
+    group's effect at the same parameters: they equal the BLUP computed in rationals
+    from the raw events, to the rounding of β̃·(x1 − c) in double precision (the old
+    normal-equations factor of Λ'Z'ZΛ + I gave 2.7 for 3.5 and cancelled to garbage)."""
+    from fractions import Fraction as Fr
+
+    from streamlmm import kernels
+
+    data = reference("leverage_far_reml").data.copy()
+    if far is not None:
+        data.loc[len(data) - 1, "x1"] = far
+    m = MixedLM("y ~ x1 + (1 + x1 | g)", refit_every=10**9, em_every=10**9)
+    X = data[["g", "x1"]]
+    m.learn_many(X.iloc[:-1], data.y.iloc[:-1])
+    m.fit()
+    m.learn_one(X.iloc[-1].to_dict(), float(data.y.iloc[-1]))
+    par = m._par
+    c = [Fr(float(v)) for v in par.c]  # (Intercept), x1, y
+    lam = [[Fr(float(v)) for v in row] for row in par.lam]
+    beta = [Fr(float(v)) for v in par.beta]
+    ZZ, Zy = _fr_groups(data, cx=c[1], cy=c[2])["g0"]
+    b = _fr_blup(ZZ, Zy, lam, beta)
+    x_far = float(data.x1.iloc[-1])
+    tol = 16 * 2.0**-52 * abs(x_far - float(c[1])) * abs(float(beta[1]))
+    for x1 in (0.0, 3.0, 6.0):
+        d = Fr(x1) - c[1]
+        want = float(c[2] + beta[0] + beta[1] * d + b[0] + b[1] * d)
+        got = m.predict_one({"g": "g0", "x1": x1})
+        assert got == pytest.approx(want, abs=tol), (x1, got, want)
+        many = m.predict_many(pd.DataFrame({"g": ["g0"], "x1": [x1]}))
+        assert many.iloc[0] == pytest.approx(want, abs=tol)
+    st = m._stats
+    B, _ = kernels.blups(st.M, st.n_groups, st.vpos, par.c, par.zi, par.xi, st.k, st.P,
+                         par.lam, par.beta)  # fmt: skip
+    got_b = B[st.index["g0"]]
+    assert got_b[1] == pytest.approx(float(b[1]), abs=tol / 1e3)
+    assert got_b[0] + got_b[1] * 3.0 == pytest.approx(float(b[0] + b[1] * (3 - c[1])) + float(
+        b[1]) * float(c[1]), abs=tol)  # fmt: skip

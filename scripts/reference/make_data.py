@@ -104,6 +104,30 @@ def outlier_first() -> pd.DataFrame:
     return df
 
 
+def _leverage(seed: int, far: float) -> pd.DataFrame:
+    """Days 0..6 per group, then one event whose x1 was corrupted into ``far`` (a Unix
+    time, say) in group g0, last in the stream; its y is an ordinary one."""
+    rng = np.random.default_rng(seed)
+    n_groups = 30
+    b = _re(rng, n_groups, [1.0, 0.3], corr=0.4)
+    g = np.repeat(np.arange(n_groups), 7)
+    x1 = np.tile(np.arange(7.0), n_groups)
+    order = rng.permutation(len(g))
+    g, x1 = g[order], x1[order]
+    y = 2.0 + 0.5 * x1 + b[g, 0] + b[g, 1] * x1 + rng.normal(0.0, 0.5, len(g))
+    df = _round(pd.DataFrame({"g": _labels(g), "x1": x1, "y": y}))
+    last = pd.DataFrame({"g": ["g0"], "x1": [far], "y": [round(float(df.y.mean()), 6)]})
+    return pd.concat([df, last], ignore_index=True)
+
+
+def leverage() -> pd.DataFrame:
+    return _leverage(108, 1e4)
+
+
+def leverage_far() -> pd.DataFrame:
+    return _leverage(109, 1.7e9)
+
+
 def single_level() -> pd.DataFrame:
     rng = np.random.default_rng(106)
     n = 200
@@ -223,6 +247,8 @@ CSVS: dict[str, Callable[[], pd.DataFrame]] = {
     "proportional": proportional,
     "timestamp": timestamp,
     "outlier_first": outlier_first,
+    "leverage": leverage,
+    "leverage_far": leverage_far,
     "single_level": single_level,
     "one_obs_per_group": one_obs_per_group,
     "few_groups": few_groups,

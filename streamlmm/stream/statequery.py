@@ -8,10 +8,10 @@ O(q³) (docs/math.md §4), so any machine can answer for every group without the
 snapshot. The lookups mirror :class:`~streamlmm.snapshot.Snapshot`'s (``ranef``,
 ``ranef_cov``, ``n``, and the model-level fields), for the HTTP service to serve.
 
-The BLUP is the core's (``kernels.group_row`` then ``kernels.blups``) in the user's
-coordinates: the group's blocks ``Z'Z``, ``Z'X``, ``Z'y`` formed from its means and
-co-moments around 0, then ``u = L'⁻¹(cu − RZX β)``, ``b = Λu`` and
-``Var(b | y) = σ² Λ (L L')⁻¹ Λ'``.
+The BLUP is the core's (``kernels.blups``, one group's ``kernels.group_effect``) in the
+user's coordinates: from a square root of the group's means and co-moments around 0,
+``u`` minimising ``‖r_g − Z_gΛu‖² + ‖u‖²``, ``b = Λu`` and
+``Var(b | y) = σ² Λ (L L')⁻¹ Λ'`` (docs/math.md §4).
 
 """
 
@@ -71,12 +71,21 @@ def group_blup(
     st = GroupStats(design)  # the core's layout and kernels, one row
     zi, xi = np.asarray(design.zi), np.asarray(design.xi)
     kept = np.isfinite(beta)  # a dropped (aliased) column contributes nothing
-    q, p = zi.shape[0], int(kept.sum())
-    F = np.empty((1, q * q + q * p + q))
-    kernels.group_row(M, st.vpos, np.zeros(st.k + 1), zi, xi[kept], st.k, st.P, F[0])
+    q = zi.shape[0]
     lam = np.zeros((q, q))
     lam[theta_index(design.blocks, q)] = theta
-    B, K = kernels.blups(F, q, p, lam, np.asarray(beta, dtype=float)[kept])
+    B, K = kernels.blups(
+        M[None, :],
+        1,
+        st.vpos,
+        np.zeros(st.k + 1),
+        zi,
+        xi[kept],
+        st.k,
+        st.P,
+        lam,
+        np.asarray(beta, dtype=float)[kept],
+    )
     return B[0], sigma2 * K[0]
 
 
@@ -311,10 +320,11 @@ class StateView:
         kept = np.isfinite(beta)
         zi, xi = np.asarray(design.zi), np.asarray(design.xi)[kept]
         q = zi.shape[0]
-        blocks = st.cross_products(np.zeros(st.k + 1), zi, xi)
         lam = np.zeros((q, q))
         lam[theta_index(design.blocks, q)] = np.asarray(p["theta"], dtype=float)
-        B, K = kernels.blups(blocks.F, q, int(kept.sum()), lam, beta[kept])
+        B, K = kernels.blups(
+            st.M, st.n_groups, st.vpos, np.zeros(st.k + 1), zi, xi, st.k, st.P, lam, beta[kept]
+        )
         sigma = _num(p["sigma"])
         return Snapshot(
             formula=p["formula"],

@@ -266,3 +266,25 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path):
     p = run_cli("--source", "jsonl:-", env=env)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and b"missing required settings" in err and b"Traceback" not in err
+
+
+def test_snapshots_of_one_file_do_not_merge_but_of_two_files_do(tmp_path):
+    """Two engines over one file (the second after it grew) hold its first lines twice:
+    merging them would count those events twice, so it is refused, naming the file.
+    Engines over two different files hold disjoint events and merge."""
+    events = list(simulate(400, 20, seed=3))
+    src = tmp_path / "events.jsonl"
+    write_events(src, events[:180])
+    run_to_end(src, tmp_path / "a")
+    with src.open("a") as f:  # the same file, grown
+        f.write("".join(json.dumps(e) + "\n" for e in events[180:200]))
+    run_to_end(src, tmp_path / "b")
+    a, b = Snapshot.load(tmp_path / "a"), Snapshot.load(tmp_path / "b")
+    assert (a.n_events, b.n_events) == (180, 200)
+    with pytest.raises(ValueError, match=f"both hold events of JSON-lines file {src}"):
+        MixedLM.from_snapshots([a, b])
+    other = tmp_path / "more.jsonl"
+    write_events(other, events[200:])
+    run_to_end(other, tmp_path / "c")
+    merged = MixedLM.from_snapshots([b, Snapshot.load(tmp_path / "c")])
+    assert merged.n_events == 400 and merged._stats.n_obs == 400.0
