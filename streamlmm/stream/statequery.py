@@ -8,7 +8,7 @@ O(q³) (docs/math.md §4), so any machine can answer for every group without the
 snapshot. The lookups mirror :class:`~streamlmm.snapshot.Snapshot`'s (``ranef``,
 ``ranef_cov``, ``n``, and the model-level fields), for the HTTP service to serve.
 
-The BLUP is the core's (``kernels.group_row`` then ``kernels.blups``) in the user's
+The BLUP is the core's (``kernels.group_row`` then ``estimate.group_conditionals``) in the user's
 coordinates: the group's blocks ``Z'Z``, ``Z'X``, ``Z'y`` formed from its means and
 co-moments around 0, then ``u = L'⁻¹(cu − RZX β)``, ``b = Λu`` and
 ``Var(b | y) = σ² Λ (L L')⁻¹ Λ'``.
@@ -28,7 +28,7 @@ import numpy as np
 
 from streamlmm import kernels
 from streamlmm.design import Design
-from streamlmm.estimate import theta_index
+from streamlmm.estimate import group_conditionals, theta_index
 from streamlmm.keys import check_key
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats
@@ -76,8 +76,8 @@ def group_blup(
     kernels.group_row(M, st.vpos, np.zeros(st.k + 1), zi, xi[kept], st.k, st.P, F[0])
     lam = np.zeros((q, q))
     lam[theta_index(design.blocks, q)] = theta
-    B, K = kernels.blups(F, q, p, lam, np.asarray(beta, dtype=float)[kept])
-    return B[0], sigma2 * K[0]
+    B, V = group_conditionals(F, q, p, lam, np.asarray(beta, dtype=float)[kept], sigma2)
+    return B[0], V[0]
 
 
 class StateView:
@@ -314,8 +314,8 @@ class StateView:
         blocks = st.cross_products(np.zeros(st.k + 1), zi, xi)
         lam = np.zeros((q, q))
         lam[theta_index(design.blocks, q)] = np.asarray(p["theta"], dtype=float)
-        B, K = kernels.blups(blocks.F, q, int(kept.sum()), lam, beta[kept])
         sigma = _num(p["sigma"])
+        B, V = group_conditionals(blocks.F, q, int(kept.sum()), lam, beta[kept], sigma**2)
         return Snapshot(
             formula=p["formula"],
             method=p["method"],
@@ -332,7 +332,7 @@ class StateView:
             n_events=sum(int(e) for _, _, e in rows.values()),
             keys=keys,
             b=B,
-            condvar=sigma**2 * K,
+            condvar=V,
             group_n=st.counts(),
             group_ybar=st.means()[:, -1],
             re_names=design.random,
