@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "0")
 os.environ.setdefault("KMP_BLOCKTIME", "0")
 
-from streamlmm.checks import FitWarning
+from streamlmm.checks import FitWarning, SamplingWarning
 from streamlmm.design import Design
 from streamlmm.formula import Formula, parse_formula
 from streamlmm.model import MixedLM
@@ -27,6 +27,7 @@ __all__ = [
     "Formula",
     "Design",
     "FitWarning",
+    "SamplingWarning",
     "parse_formula",
 ]
 __version__ = "0.1.0"
