@@ -163,6 +163,17 @@ def _prior(code, a, b, c, x):  # pragma: no cover - numba
     return 0.0, 0.0
 
 
+@njit(**_OPTS)
+def _prior_kernel(code, a, b, c, x):  # pragma: no cover - numba
+    return _prior(code, a, b, c, x)
+
+
+def _prior_np(d: pri.Dist, x: float) -> tuple[float, float]:
+    """The compiled prior's x-dependent log density and derivative (for tests)."""
+    row = _code_row(d)
+    return _prior_kernel(int(row[0]), row[1], row[2], row[3], float(x))
+
+
 # -- the log posterior ------------------------------------------------------------------------
 @njit(inline="always", **_OPTS)
 def _forward(x, fd, ix, q, s, LR, lamp, lamt, beta_t):  # pragma: no cover - numba

@@ -326,7 +326,15 @@ def resolve(
     given = dict(priors or {})
     keys = _valid_keys(params)
     parsed: dict[str, Dist] = {}
+    has_cor = any(p.cls == "cor" for p in params)
     for key, text in given.items():
+        if isinstance(key, str) and (key == "cor" or key.startswith("cor_")) and not has_cor:
+            terms = ", ".join(sorted({p.group for p in params if p.cls == "sd"}))
+            raise ValueError(
+                f"prior {key!r}: lkj is a prior for the correlations of a term with several "
+                f"coefficients, and every random-effect term on {terms} has one coefficient "
+                "(no correlation)"
+            )
         if not isinstance(key, str) or key not in keys:
             raise ValueError(_unknown_key(key, keys, params))
         try:
@@ -414,12 +422,6 @@ def _check_fit(key: str, cls: str, d: Dist, params: list[Param]) -> None:
             raise ValueError(f"prior {key!r}: correlations take lkj(eta), got {d}")
         return
     if d.family == "lkj":
-        sd = [p for p in params if p.cls == "sd" and (key == p.name or key == f"sd_{p.group}")]
-        if cls == "sd" and sd and not any(p.cls == "cor" for p in params):
-            raise ValueError(
-                f"prior {key!r}: lkj is a prior for correlations, and this term has one "
-                "coefficient (no correlation)"
-            )
         raise ValueError(f"prior {key!r}: lkj is a prior for correlations ('cor'), not {cls}")
     if cls in ("b", "Intercept") and d.family in POSITIVE:
         raise ValueError(

@@ -234,11 +234,18 @@ STATS = {
 # -- the model handed to nutpie --------------------------------------------------------------------
 def nutpie_model(lp: density.LogPosterior, backend: str = "compiled", init=None):
     """nutpie's compiled model of ``lp``. ``init(seed) -> x`` gives each chain's initial
-    point (``None``: nutpie's default, jittered around 0)."""
+    point (``None``: uniform on (−2, 2) in the unconstrained coordinates, as Stan)."""
     import nutpie  # noqa: F401  (fails early with a clear ImportError)
 
     n = lp.n_dim
     Fb, fd, ix = lp.pack()
+    if init is None:
+
+        def init(seed):
+            """Stan's default: uniform on (−2, 2) in the unconstrained coordinates."""
+            rng = np.random.default_rng(seed)
+            return rng.uniform(-2.0, 2.0, n)
+
     if backend == "python":
         from nutpie.compiled_pyfunc import from_pyfunc
 
@@ -283,12 +290,6 @@ def nutpie_model(lp: density.LogPosterior, backend: str = "compiled", init=None)
         dtype=np.int64,
     )
     keep = (Fb, fd, ix)  # the arrays the pointers point into live as long as the model
-    if init is None:
-
-        def init(seed):
-            rng = np.random.default_rng(seed)
-            return rng.uniform(-2.0, 2.0, n)
-
     return CompiledPyMCModel(
         dims={"x": ("unconstrained",)},
         _n_dim=n,
