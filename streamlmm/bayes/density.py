@@ -36,13 +36,14 @@ posterior). Fixed effects map exactly: ``β̃ = A θ_b + a₀`` with ``A = I −
 and ``a₀ = −c_y e_int`` (``m`` the columns' means, a Jacobian of 1), and ``b_Intercept``
 (lme4's intercept) is ``Intercept − m'b``.
 
-**The same bits from any order.** Groups are taken in the order of their keys, and the
-statistics, centre and means are rounded to a grid of ``2^-ROUND_BITS`` of each
-column's largest magnitude (:func:`canonical`), so that learning the same events in
-another order (whose sums differ in their last bits) gives the same log density, bit
-for bit, unless a value lies within its rounding noise of a grid point (about 2^-20
-odds per value on small data). The change to the data is far below any posterior's
-width.
+**The same bits from any order.** The statistics are taken with the groups in the order
+of their keys and each per-group row rounded (:func:`canonical_stats`: counts and
+co-moments to 2^-30 of their column's largest magnitude, means to 2^-36), so that
+learning the same events in another order (Welford's updates then differ in their last
+bits) gives the same log density, bit for bit, unless a value lies within that noise of
+a rounding boundary: about 2^-14 odds per value on small data, more for groups of
+millions of events. The rounded rows are those of an actual, slightly moved data set
+(far below any posterior's width), so everything formed from them stays consistent.
 
 Examples
 --------
@@ -64,6 +65,7 @@ True
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 from collections.abc import Mapping
@@ -79,7 +81,8 @@ from streamlmm.formula import INTERCEPT
 
 __all__ = ["LogPosterior", "canonical", "ROUND_BITS", "log_posterior", "constrain_draws"]
 
-ROUND_BITS = 30
+ROUND_BITS = 30  # counts and co-moments (relative to their column's largest)
+MEAN_BITS = 36  # means (relative to their column's largest magnitude)
 _OPTS = {"cache": True, "nogil": True, "error_model": "numpy"}
 _SUMS = {**_OPTS, "fastmath": {"contract", "arcp", "reassoc"}}
 _LOG2PI = math.log(2.0 * math.pi)
@@ -94,12 +97,25 @@ _O_XX, _O_XY, _O_YY, _O_A, _O_A0, _O_S, _O_PRI, _O_ETA, _O_LKJ = 11, 12, 13, 14,
 _XINT = 20  # the intercept's position among the fixed columns (-1: none)
 
 
-def canonical(a: np.ndarray, bits: int | None = None, axis: int | None = 0) -> np.ndarray:
-    """``a`` rounded to a grid of ``2^(e − bits)`` where ``2^e`` bounds the largest
-    magnitude along ``axis`` (per column for ``axis=0``; ``None``: the whole array).
+_PHI = 0.6180339887498949  # the grid's offset, in steps (see canonical)
 
-    >>> canonical(np.array([[1.0 + 2**-40, 3.0], [2.0, 3.0 - 2**-45]]), axis=0).tolist()
-    [[1.0, 3.0], [2.0, 3.0]]
+
+def canonical(
+    a: np.ndarray, bits: int | None = None, axis: int | None = 0, shift: bool = True
+) -> np.ndarray:
+    """``a`` rounded to the nearest point of a grid of step ``2^(e − bits)``, where
+    ``2^e`` bounds the largest magnitude along ``axis`` (per column for ``axis=0``;
+    ``None``: the whole array). With ``shift`` the grid is offset by an irrational
+    fraction of a step (``(k + φ)·step``), so that the midpoints between grid points are
+    never dyadic rationals: values that are exact fractions (means of indicator columns
+    over 2^k events) never sit on a tie, where the last bits of an order-dependent sum
+    would decide. Without it, 0 stays 0 (co-moments of a one-event group).
+
+    >>> a = np.array([[1.0 + 2**-40, 3.0], [2.0, 3.0 - 2**-45]])
+    >>> bool(np.array_equal(canonical(a), canonical(np.array([[1.0, 3.0], [2.0, 3.0]]))))
+    True
+    >>> float(np.max(np.abs(canonical(a) - a))) < 2.0**-29
+    True
 
     """
     a = np.asarray(a, dtype=float)
@@ -109,7 +125,9 @@ def canonical(a: np.ndarray, bits: int | None = None, axis: int | None = 0) -> n
     big = np.max(np.abs(a), axis=axis, keepdims=axis is not None)
     _, e = np.frexp(np.where(big > 0, big, 1.0))
     step = np.ldexp(1.0, e - bits)
-    return np.round(a / step) * step
+    if not shift:
+        return np.round(a / step) * step
+    return (np.round(a / step - _PHI) + _PHI) * step
 
 
 # -- priors, compiled ---------------------------------------------------------------------------
@@ -415,9 +433,8 @@ class LogPosterior:
         if G == 0 or not stats.n_obs > 0:
             raise ValueError("the model has learned no events yet: nothing to sample")
         f = design.formula
-        keys = list(stats.keys)
-        order = sorted(range(G), key=lambda r: _key_order(keys[r]))
-        c, means = _centre(stats, design, np.asarray(order))
+        stats = canonical_stats(stats)
+        c, means = _centre(stats, design)
         perm = _intercept_last(design)
         spec = types.SimpleNamespace(
             xi=np.asarray(design.xi),
@@ -433,12 +450,7 @@ class LogPosterior:
                 + ", ".join(dropped)
                 + "): drop them from the formula before sampling"
             )
-        F = canonical(prob.F[np.asarray(order)])
-        XX = canonical(prob.XX, axis=None)
-        XX = (XX + XX.T) / 2
-        Xy = canonical(prob.Xy, axis=None)
-        yy = float(canonical(np.array([prob.yy]), axis=None)[0])
-        prob = _replace_problem(prob, F, XX, Xy, yy)
+        prob = dataclasses.replace(prob, parallel=False)
         has_int = bool(f.fixed_intercept) and prob.xint >= 0
         params = pri.model_params(design.fixed, design.random, design.blocks, f.group, has_int)
         if resolved is None:
@@ -462,7 +474,7 @@ class LogPosterior:
             model_formula=model.formula,
             design=design,
             group=f.group,
-            keys=[keys[r] for r in order],
+            keys=list(stats.keys),
             prob=prob,
             perm=perm,
             centre=c,
@@ -706,20 +718,45 @@ def _key_order(key) -> tuple:
     return (1, key) if isinstance(key, str) else (0, key)
 
 
-def _centre(stats, design, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def canonical_stats(stats):
+    """A copy of the statistics with the groups in the order of their keys and every
+    row rounded (:func:`canonical`): counts and centred co-moments to ``2^-ROUND_BITS``
+    of their column's largest magnitude (0 stays 0), means to ``2^-MEAN_BITS`` of
+    theirs. Learning the same events in another order changes only the last bits of
+    the rows (Welford's updates round differently), which this removes, unless a value
+    lies within that noise of a rounding boundary (about ``2^-14`` odds per value on
+    small data, more for very large groups); the change to the data is far below any
+    posterior's width, and the rounded rows are those of an actual (slightly moved)
+    data set, so every quantity formed from them stays consistent."""
+    st = stats.copy()
+    st.decay_to_now()
+    G = st.n_groups
+    order = sorted(range(G), key=lambda r: _key_order(st.keys[r]))
+    M = st.M[:G][order]
+    m = st.m
+    M[:, :1] = canonical(M[:, :1], shift=False)
+    M[:, 1 : 1 + m] = canonical(M[:, 1 : 1 + m], bits=MEAN_BITS)
+    M[:, 1 + m :] = canonical(M[:, 1 + m :], shift=False)
+    st.M = np.ascontiguousarray(M)
+    if st.half_life:
+        st.tg = st.tg[order].copy()
+    st.keys = [st.keys[r] for r in order]
+    st.index = {k: i for i, k in enumerate(st.keys)}
+    return st
+
+
+def _centre(stats, design) -> tuple[np.ndarray, np.ndarray]:
     """The centre ``c`` (each shiftable column and the response at its mean over the
-    events, 0 elsewhere) and every union column's mean (the intercept's is 1), summed in
-    key order and rounded (:func:`canonical`) so that they do not depend on the order
-    of arrival."""
+    events, 0 elsewhere) and every union column's mean (the intercept's is 1)."""
     k = stats.k
-    n = stats.counts()[order]
-    mu = stats.means()[order]
+    n = stats.counts()
+    mu = stats.means()
     tot = float(np.sum(n))
     col = np.ones(k + 1)  # the intercept's mean is 1
     for i in range(k + 1):
         v = stats.vpos[i]
         if v >= 0:
-            col[i] = float(canonical(np.array([np.sum(n * mu[:, v]) / tot]), axis=None)[0])
+            col[i] = float(np.sum(n * mu[:, v]) / tot)
     mask = np.asarray(design.shiftable, dtype=bool)
     c = np.where(mask & (stats.vpos >= 0), col, 0.0)
     return c, col[:k]
@@ -734,10 +771,3 @@ def _intercept_last(design) -> np.ndarray:
         ints = [a for a in cols if design.random[a] == INTERCEPT]
         perm.extend([a for a in cols if a not in ints] + ints)
     return np.array(perm, dtype=np.int64)
-
-
-def _replace_problem(prob, F, XX, Xy, yy):
-    import dataclasses
-
-    new = dataclasses.replace(prob, F=np.ascontiguousarray(F), XX=XX, Xy=Xy, yy=yy, parallel=False)
-    return new
