@@ -248,7 +248,7 @@ def mixture_quantiles(mean: np.ndarray, sd: np.ndarray, probs) -> np.ndarray:
     bisection on its CDF to 1e-10 of its spread): the posterior quantiles of one
     coefficient of a group's effect, Rao-Blackwellised over the draws.
 
-    >>> [round(float(v), 4) for v in mixture_quantiles(np.zeros(3), np.ones(3), [0.025, 0.5])]
+    >>> [round(float(v), 4) + 0.0 for v in mixture_quantiles(np.zeros(3), np.ones(3), [0.025, 0.5])]
     [-1.96, 0.0]
 
     """

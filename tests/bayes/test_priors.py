@@ -219,7 +219,7 @@ def test_lkj_normalising_constant_integrates_to_one(K, eta):
     from streamlmm.bayes.transforms import corr_from_unconstrained
 
     n = K * (K - 1) // 2
-    grid = np.linspace(-7, 7, 141 if n == 3 else 2001)
+    grid = np.linspace(-7, 7, 61 if n == 3 else 2001)
     h = grid[1] - grid[0]
     const = pri.lkj_log_norm(K, eta)
     mesh = np.stack(np.meshgrid(*[grid] * n, indexing="ij"), -1).reshape(-1, n)
