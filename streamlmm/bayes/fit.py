@@ -131,6 +131,7 @@ def sample(
         meta={
             "created": time.time(),
             "total_seconds": time.perf_counter() - t0,
+            "gradients": r.n_grad,
             "n_groups": len(lp.keys),
             "n_obs": float(lp.prob.n),
         },

@@ -210,13 +210,15 @@ class SamplerSettings:
 class Run:
     """One sampler run: the unconstrained draws ``x`` (chains, draws, n_dim), the
     sampler's statistics per draw (``stats``: name → (chains, draws)), the last
-    warm-up step size per chain, and the seconds it took."""
+    warm-up step size per chain, the seconds it took and the number of gradients
+    (leapfrog steps, warm-up included) it evaluated."""
 
     x: np.ndarray
     stats: dict[str, np.ndarray]
     step_size: np.ndarray
     seconds: float
     settings: SamplerSettings
+    n_grad: int = 0
 
 
 STATS = {
@@ -360,10 +362,17 @@ def run(
     ss = trace["sample_stats"]
     stats = {k: np.asarray(ss[v].values) for k, v in STATS.items() if v in ss}
     wss = trace["warmup_sample_stats"] if settings.warmup else None
+    n_grad = int(np.sum(stats["n_steps"]))
     if wss is not None and "step_size" in wss:
         step = np.asarray(wss["step_size"].values)[:, -1]
+        n_grad += int(np.sum(np.asarray(wss["n_steps"].values)))
     else:
         step = stats["step_size"][:, 0]
     return Run(
-        x=x, stats=stats, step_size=np.asarray(step, float), seconds=seconds, settings=settings
+        x=x,
+        stats=stats,
+        step_size=np.asarray(step, float),
+        seconds=seconds,
+        settings=settings,
+        n_grad=n_grad,
     )
