@@ -51,6 +51,29 @@ def _to_user(Tz, bt, K, s2, b, V, q):  # pragma: no cover - numba
             V[a, c] = s2 * t
 
 
+@njit(**_OPTS)
+def _moments_q1(F, r0, r1, q, p, lam, beta, sig, Tz, mean, cov):  # pragma: no cover
+    return _moments_body(F, r0, r1, 1, p, lam, beta, sig, Tz, mean, cov)
+
+
+@njit(**_OPTS)
+def _moments_q2(F, r0, r1, q, p, lam, beta, sig, Tz, mean, cov):  # pragma: no cover
+    return _moments_body(F, r0, r1, 2, p, lam, beta, sig, Tz, mean, cov)
+
+
+@njit(**_OPTS)
+def _moments_q3(F, r0, r1, q, p, lam, beta, sig, Tz, mean, cov):  # pragma: no cover
+    return _moments_body(F, r0, r1, 3, p, lam, beta, sig, Tz, mean, cov)
+
+
+@njit(**_OPTS)
+def _moments_qn(F, r0, r1, q, p, lam, beta, sig, Tz, mean, cov):  # pragma: no cover
+    return _moments_body(F, r0, r1, q, p, lam, beta, sig, Tz, mean, cov)
+
+
+_MOMENTS = {1: _moments_q1, 2: _moments_q2, 3: _moments_q3}
+
+
 def moments(
     F: np.ndarray,
     q: int,
@@ -76,7 +99,7 @@ def moments(
         np.ascontiguousarray(sig, dtype=float),
         np.ascontiguousarray(Tz, dtype=float),
     )
-    _in_runs(_moments_kernel, G, threads, args, (mean, cov))
+    _in_runs(_MOMENTS.get(int(q), _moments_qn), G, threads, args, (mean, cov))
     return mean, cov
 
 
@@ -98,8 +121,8 @@ def _in_runs(kernel, G: int, threads: int, args, outs) -> None:
             f.result()
 
 
-@njit(**_OPTS)
-def _moments_kernel(F, r0, r1, q, p, lam, beta, sig, Tz, mean, cov):  # pragma: no cover
+@njit(inline="always", **_OPTS)
+def _moments_body(F, r0, r1, q, p, lam, beta, sig, Tz, mean, cov):  # pragma: no cover
     """Rows r0..r1-1 of :func:`moments`: per group, Welford's running mean and
     co-moment of the conditional means over the draws, and the running mean of the
     conditional covariances; ``cov = E[V] + M2/D``."""
