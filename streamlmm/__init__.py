@@ -28,6 +28,16 @@ __all__ = [
     "Design",
     "FitWarning",
     "SamplingWarning",
+    "Posterior",
     "parse_formula",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the Bayesian layer sits above the core and loads only when asked for
+    if name == "Posterior":
+        from streamlmm.bayes.posterior import Posterior
+
+        return Posterior
+    raise AttributeError(f"module 'streamlmm' has no attribute {name!r}")

@@ -196,3 +196,19 @@ def test_offsets_priors_and_settings_are_recorded():
     assert post.priors["resolved"]["sd_g__Intercept"] == "normal(0, 3)"
     assert post.settings["seed"] == 9 and post.seed == 9
     assert post.n_events == 240
+
+
+def test_the_core_does_not_import_the_bayesian_layer():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, streamlmm\n"
+        "from streamlmm import MixedLM\n"
+        "m = MixedLM('y ~ x + (1 | g)')\n"
+        "for i in range(30): m.learn_one({'g': i % 3, 'x': float(i)}, float(i % 5))\n"
+        "m.fit().snapshot()\n"
+        "assert not [k for k in sys.modules if k.startswith(('streamlmm.bayes', 'nutpie', 'arviz'))]\n"
+        "assert streamlmm.Posterior.__name__ == 'Posterior'\n"
+    )
+    subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
