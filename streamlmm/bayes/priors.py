@@ -458,13 +458,6 @@ def _warn_improper(pr: ResolvedPriors, n_groups: int) -> None:
                 UserWarning,
                 stacklevel=4,
             )
-        if p.cls == "sd" and d.family == "flat" and n_groups >= 5:
-            warnings.warn(
-                f"prior of {p.name} is flat: proper only because the data identify it; "
-                "the posterior near sd = 0 and for few groups can be improper",
-                UserWarning,
-                stacklevel=4,
-            )
         if p.cls == "sigma" and d.family == "flat":
             warnings.warn(
                 "prior of sigma is flat (improper): the posterior is proper only with "

@@ -212,3 +212,24 @@ def test_the_core_does_not_import_the_bayesian_layer():
         "assert streamlmm.Posterior.__name__ == 'Posterior'\n"
     )
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], check=True)
+
+
+@pytest.mark.parametrize("kw", [{}, {"half_life": 50.0, "time_key": "t"}, {"method": "ML"}])
+def test_sample_at_any_point_of_a_stream(kw):
+    """From the first events on (one group, three events), with forgetting, either method:
+    a proper posterior whose every group has a summary."""
+    m = MixedLM("y ~ x + (1 | g)", **kw)
+    rng = np.random.default_rng(1)
+    posts = []
+    for i in range(60):
+        m.learn_one(
+            {"g": f"k{i % 4}" if i >= 3 else "k0", "x": float(i % 5), "t": float(i)},
+            float(rng.normal(2.0)),
+        )
+        if i in (2, 59):
+            posts.append(_post(m, draws=100, warmup=100))
+    first, last = posts
+    assert first.keys == ("k0",) and last.keys == ("k0", "k1", "k2", "k3")
+    for p in posts:
+        assert np.all(np.isfinite(p.summary()["mean"]))
+        assert np.all(np.isfinite(p.ranef()["sd"]))
