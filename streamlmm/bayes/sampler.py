@@ -79,8 +79,9 @@ _EXPAND_SIG = types.int64(
 # user data: [addr Fb, blocks, entries, addr fd, len fd, addr ix, len ix, n_dim]
 @njit(inline="always", **_CF)
 def _finish(v, g, out):  # pragma: no cover - numba
-    """Store the density; nutpie's codes: 0 fine, 4 a non-finite density, 3 a non-finite
-    gradient (both count as divergences)."""
+    """Store the density; the code for nutpie: 0 fine, 4 a non-finite density, 3 a
+    non-finite gradient. nutpie treats a positive code as a recoverable failure of the
+    step (a divergence) and a negative one (-1: a wrong dimension) as fatal."""
     out[0] = v
     if not math.isfinite(v):
         return 4
@@ -95,7 +96,8 @@ _k1, _k2, _k3, _kn = density.logp_q1, density.logp_q2, density.logp_q3, density.
 
 @cfunc(_LOGP_SIG, **_CF)
 def c_logp_q1(dim, x_, g_, lp_, ud_):  # pragma: no cover - numba
-    """nutpie's log density for q = 1 (see :func:`_cbody`)."""
+    """nutpie's log density for q = 1: reads the model through the user data (see the
+    module's text) and returns :func:`_finish`'s code."""
     ud = carray(ud_, (8,), dtype=np.int64)
     if dim != ud[7]:
         return -1
