@@ -394,8 +394,20 @@ class Posterior:
         from ``N(0, Σ)``); ``draws`` thins the posterior evenly (``None``: all)."""
         from streamlmm.bayes import predictive
 
+        A, keys = predictive.design_rows(self._design(), X, self.group)
+        return self.predictive_at(A, keys, draws=draws, seed=seed)
+
+    def predictive_at(self, A: np.ndarray, keys, draws: int | None = 200, seed: int | None = None):
+        """:meth:`posterior_predictive` at rows given as union columns ``A`` (the design's
+        columns, e.g. the model's reservoir ``m._res.A``) and their group keys."""
+        from streamlmm.bayes import predictive
+
         design = self._design()
-        A, keys = predictive.design_rows(design, X, self.group)
+        A = np.asarray(A, dtype=float)
+        if A.ndim != 2 or A.shape[1] != len(design.columns) or len(keys) != A.shape[0]:
+            raise ValueError(
+                f"A must be (rows, {len(design.columns)}) union columns with one key per row"
+            )
         par = self.parameter_draws(draws)
         idx = par["index"]
         rng = np.random.default_rng(self.seed if seed is None else seed)

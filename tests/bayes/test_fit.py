@@ -174,6 +174,13 @@ def test_predictive_draws():
         post.posterior_predictive(rows.drop(columns="g"))
     with pytest.raises(ValueError, match="field 'x'"):
         post.posterior_predictive(rows.drop(columns="x"))
+    # at the reservoir's rows (union columns and keys), as the pictures will use
+    res = m._res
+    keys = [m._stats.keys[r] for r in res.row[: res.size]]
+    at = post.predictive_at(res.A[: res.size], keys, draws=50)
+    assert at.shape == (50, res.size)
+    with pytest.raises(ValueError, match="union columns"):
+        post.predictive_at(res.A[: res.size, :1], keys)
 
 
 def test_sampling_warnings_fire_on_a_bad_run():
