@@ -12,7 +12,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("GOMP_SPINCOUNT", "0")
 os.environ.setdefault("KMP_BLOCKTIME", "0")
 
-from streamlmm.checks import FitWarning
+from streamlmm.checks import FitWarning, SamplingWarning
 from streamlmm.design import Design
 from streamlmm.formula import Formula, parse_formula
 from streamlmm.model import MixedLM
@@ -27,6 +27,17 @@ __all__ = [
     "Formula",
     "Design",
     "FitWarning",
+    "SamplingWarning",
+    "Posterior",
     "parse_formula",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # the Bayesian layer sits above the core and loads only when asked for
+    if name == "Posterior":
+        from streamlmm.bayes.posterior import Posterior
+
+        return Posterior
+    raise AttributeError(f"module 'streamlmm' has no attribute {name!r}")

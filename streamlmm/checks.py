@@ -14,13 +14,19 @@ import warnings
 
 import numpy as np
 
-__all__ = ["FitWarning", "fit_messages", "warn_all", "SCALE_TOL"]
+__all__ = ["FitWarning", "SamplingWarning", "fit_messages", "warn_all", "SCALE_TOL"]
 
 SCALE_TOL = 1e3  # lme4's check.scaleX: column SDs, or their ratios, beyond this
 
 
 class FitWarning(UserWarning):
     """A fit or snapshot found something lme4 would warn about (or refuse)."""
+
+
+class SamplingWarning(UserWarning):
+    """A Bayesian posterior's sampler diagnostics fail a check (R-hat, effective sample
+    size, divergences, tree depth, E-BFMI): the message says what it means and what to
+    try (:mod:`streamlmm.bayes.posterior`)."""
 
 
 def fit_messages(

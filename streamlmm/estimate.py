@@ -22,7 +22,7 @@ import dataclasses
 import functools
 import math
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -33,6 +33,8 @@ from streamlmm.stats import GroupStats
 __all__ = [
     "Problem",
     "Profile",
+    "GradientParts",
+    "group_conditionals",
     "OptSummary",
     "Estimates",
     "make_problem",
@@ -238,7 +240,7 @@ class Problem:
         """
         theta = np.asarray(theta, dtype=float)
         s = kernels.pls_sums(
-            self.F, self.q, self.p, self.lam(theta), self.parallel, grad, Fb=self.Fb
+            self.F, self.q, self.p, self.lam(theta), self.parallel, grad, Fb=self.Fb, ww=self.reml
         )
         if not math.isfinite(s.logdet):  # huge θ: Λ'ZZΛ + I lost its positive definiteness
             return None
@@ -251,12 +253,15 @@ class Problem:
             theta.copy(), float(d), beta, float(sigma2), RX, s.logdet, self.n, self.reml, s
         )
 
-    def gradient(self, prof: Profile) -> np.ndarray:
-        """∂d/∂θ at ``prof.theta``, analytically from the sums of its pass.
+    def gradient_parts(self, prof: Profile) -> GradientParts:
+        """The criterion's pieces differentiated in θ at ``prof.theta``, from the sums of
+        its pass (:func:`kernels.gradient_terms`, :func:`kernels.gradient_parts`).
 
-        For θ_k = Λ[i, j] the pieces are ``∂Σlog|M_g| = 2 Σ (M_g⁻¹Λ'ZZ_g)[j, i]``,
-        ``∂log|RX'RX| = −2 Σ (Λ'B_gC⁻¹B_g')[j, i]`` and ``∂r² = −2 Σ (Z_g'res_g)[i] u_g[j]``
-        (β and u are optimal: the envelope theorem; see :func:`kernels.gradient_terms`).
+        For θ_k = Λ[i, j] they are ``∂Σlog|M_g| = 2 Σ (M_g⁻¹Λ'ZZ_g)[j, i]`` (``Σ 2
+        log|L_g|``), ``∂log|RX'RX| = −2 Σ (Λ'B_gC⁻¹B_g')[j, i]`` (``2 log|RX|``; zero
+        unless the problem is REML) and ``∂r² = −2 Σ (Z_g'res_g)[i] u_g[j]`` at β̂ (β and
+        u are optimal: the envelope theorem). The Bayesian log density adds its priors to
+        the same pieces at any β (:mod:`streamlmm.bayes.density`).
         """
         if prof.sums is None or prof.sums.T is None:
             prof = self.profile(prof.theta, grad=True)
@@ -265,13 +270,27 @@ class Problem:
         G1, G2, G3 = kernels.gradient_terms(
             prof.sums, self.q, self.p, lam, prof.beta, RXinv @ RXinv.T
         )
+        rows, cols = self.tindex
+        return GradientParts(*kernels.gradient_parts(G1, G2, G3, rows, cols))
+
+    def gradient(self, prof: Profile) -> np.ndarray:
+        """∂d/∂θ at ``prof.theta`` from :meth:`gradient_parts`: ``∂Σlog|M| + (dof/r²)∂r²``,
+        plus ``∂log|RX'RX|`` for REML."""
+        parts = self.gradient_parts(prof)
         dof = prof.n - self.p if prof.reml else prof.n
         r2 = prof.sigma2 * dof
-        rows, cols = self.tindex
-        g = 2.0 * G1[cols, rows] - 2.0 * (dof / r2) * G3[rows, cols]
+        g = parts.logdet_L + (dof / r2) * parts.r2
         if prof.reml:
-            g -= 2.0 * G2[cols, rows]
+            g += parts.logdet_RX
         return g
+
+
+class GradientParts(NamedTuple):
+    """∂/∂θ of the profiled criterion's pieces (:meth:`Problem.gradient_parts`)."""
+
+    logdet_L: np.ndarray  # ∂ Σ_g 2 log|L_g| (= ∂ Σ_g log|M_g|)
+    logdet_RX: np.ndarray  # ∂ 2 log|RX| (= ∂ log|RX'RX|)
+    r2: np.ndarray  # ∂ r², β held where it is
 
 
 def _blockwise_lower(F: np.ndarray, blocks) -> np.ndarray:
@@ -825,6 +844,40 @@ def group_estimates(prob: Problem, pr: Profile, *, pool: bool) -> tuple[np.ndarr
 
 def _no_groups(q: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros((0, q)), np.zeros((0, q, q))
+
+
+def group_conditionals(
+    F: np.ndarray,
+    q: int,
+    p: int,
+    lam: np.ndarray,
+    beta: np.ndarray,
+    sigma2: float,
+    Tz: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Every group's conditional mean and covariance of ``b_g`` given (β, Λ, σ²), from
+    its blocks (rows of ``F``): ``b_g = Λu_g`` and ``σ²Λ(L_gL_g')⁻¹Λ'`` (docs/math.md
+    §4; lme4's ``ranef(condVar = TRUE)`` at the estimates). ``Tz`` maps the blocks'
+    coordinates to the user's (``b = T_z b̃``, covariances ``T_z V T_z'``); ``None``:
+    the blocks are around 0 already.
+
+    From the blocks (:func:`kernels.group_conditional`); the fit's estimates, the
+    scale-out lookups and the server take each group's effect from its statistics
+    row instead (:func:`group_estimates`, :func:`kernels.group_effect`), which keeps
+    its digits where the blocks lose them (a leverage point).
+
+    Examples
+    --------
+    >>> F = np.array([[4.0, 8.0, 6.0]])  # one group, q = p = 1: ZZ = 4, ZX = 8, Zy = 6
+    >>> b, V = group_conditionals(F, 1, 1, np.array([[1.0]]), np.array([0.5]), 2.0)
+    >>> round(float(b[0, 0]), 6), round(float(V[0, 0, 0]), 6)  # (6 − 8·0.5)/(4 + 1), 2/5
+    (0.4, 0.4)
+
+    """
+    B, K = kernels.block_conditionals(F, q, p, lam, beta)
+    if Tz is not None and not np.array_equal(Tz, np.eye(q)):
+        return B @ Tz.T, sigma2 * np.einsum("ij,gjk,lk->gil", Tz, K, Tz)
+    return B, sigma2 * K
 
 
 # -- the ML log-likelihood at given parameters, and EM ----------------------------------------

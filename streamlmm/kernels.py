@@ -49,6 +49,10 @@ __all__ = [
     "PlsSums",
     "pls_sums",
     "gradient_terms",
+    "gradient_parts",
+    "contract_g3",
+    "theta_parts",
+    "group_conditional",
     "blups",
     "em_sums",
     "group_effect",
@@ -468,6 +472,23 @@ def _cond_cov_into(L, lam, Linv, out, q):  # pragma: no cover - numba
 
 
 @njit(inline="always", **_OPTS)
+def group_conditional(Fr, q, p, lam, beta, L, RZX, cu, W, u, b, K):  # pragma: no cover
+    """One group's conditional mean and covariance given (β, Λ), from its blocks ``Fr``
+    (docs/math.md §4): ``u = L'⁻¹(cu − RZX β)``, ``b = Λu`` and ``K = Λ(LL')⁻¹Λ'``, so
+    that ``Var(b | y, β, Λ, σ) = σ²K``. Returns ``log|L|``. ``L`` (the group's factor,
+    kept for draws ``u + σL'⁻¹z``), ``RZX, cu, W, u`` are scratch of
+    :func:`_scratch`'s shapes.
+
+    The one computation of a group's conditional: every caller (the BLUPs of a fit, the
+    scale-out lookups, the Bayesian posterior's draws) goes through it.
+    """
+    ld = group_factor(Fr, q, p, lam, L, RZX, cu, W)
+    _blup_into(L, RZX, cu, lam, beta, u, b, q, p)
+    _cond_cov_into(L, lam, W, K, q)
+    return ld
+
+
+@njit(inline="always", **_OPTS)
 def _scratch(q, p):  # pragma: no cover - numba
     """One group's work arrays: ``L, W`` (q×q), ``RZX`` (q×p), ``cu, u, b`` (q)."""
     return (
@@ -667,11 +688,12 @@ def _grad_block(S, q, p, ZZlam, L, dinv, V, Y, W, X, T):  # pragma: no cover - n
 def _eval_chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
     """Add groups lo..hi-1 into ``out`` (offsets: :func:`_layout`), block by block.
 
-    Always ``Σ log|L|, Σ‖cu‖², Σ RZX'RZX, Σ RZX'cu``. With ``grad``, also the sums the
-    gradient needs at *any* β, so that criterion and gradient take one pass: with
-    ``Y_g = L'⁻¹[RZX | cu]`` and ``W_g = [ZX | Zy] − ZZ Λ Y_g`` (q×(p+1) each), ``u_g =
-    Y_g β̃`` and ``Z_g'res_g = W_g β̃`` for ``β̃ = (−β, 1)``; returns ``Σ M_g⁻¹Λ'ZZ_g``,
-    ``Σ vec(W_g)vec(Y_g)'`` and the upper triangle of ``Σ vec(W_g)vec(W_g)'``.
+    Always ``Σ log|L|, Σ‖cu‖², Σ RZX'RZX, Σ RZX'cu``. With ``grad`` ≥ 1 (an int), also
+    the sums the gradient needs at *any* β, so that criterion and gradient take one
+    pass: with ``Y_g = L'⁻¹[RZX | cu]`` and ``W_g = [ZX | Zy] − ZZ Λ Y_g`` (q×(p+1)
+    each), ``u_g = Y_g β̃`` and ``Z_g'res_g = W_g β̃`` for ``β̃ = (−β, 1)``; returns
+    ``Σ M_g⁻¹Λ'ZZ_g``, ``Σ vec(W_g)vec(Y_g)'`` and, with ``grad`` = 2 (only REML's
+    ``log|RX|`` needs it), the upper triangle of ``Σ vec(W_g)vec(W_g)'``.
 
     ``Σ log|L_g|`` is taken as the log of products of pivots, lane by lane (one log per
     lane and chunk, not one per pivot), logged early if a product would leave
@@ -710,18 +732,36 @@ def _eval_chunk(Fb, lo, hi, q, p, lam, grad, out):  # pragma: no cover - numba
                     out[oc + i] += s
                 else:
                     out[1] += s
-        if not grad:
+        if grad == 0:
             continue
         _grad_block(S, q, p, ZZlam, L, dinv, V, Y, W, X, out[oT:oWY])
         _gram(W, Y, m4, False, AWY)
-        _gram(W, W, m4, True, AWW)
+        if grad > 1:
+            _gram(W, W, m4, True, AWW)
     out[0] += _log_lanes(P, 4)
-    if grad:
+    if grad > 0:
         for i in range(m):
             for j in range(m):
                 out[oWY + i * m + j] += AWY[i, j]
                 if j >= i:
                     out[oWW + i * m + j] += AWW[i, j]
+
+
+@njit(inline="always", **_OPTS)
+def _block_conditionals_all(F, q, p, lam, beta):  # pragma: no cover - numba
+    """All groups' ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (see :func:`block_conditionals`)."""
+    G = F.shape[0]
+    L, W, RZX, cu, u, _ = _scratch(q, p)
+    B = np.empty((G, q))
+    V = np.empty((G, q, q))
+    for r in range(G):
+        group_conditional(F[r], q, p, lam, beta, L, RZX, cu, W, u, B[r], V[r])
+    return B, V
+
+
+@njit(**_OPTS)
+def _block_conditionals_kernel(F, q, p, lam, beta):  # pragma: no cover - numba
+    return _block_conditionals_all(F, q, p, lam, beta)
 
 
 @njit(inline="always", **_OPTS)
@@ -839,8 +879,8 @@ def _sums(parts, q, p, grad):  # pragma: no cover - numba
     for ch in range(1, parts.shape[0]):
         for i in range(s.shape[0]):
             s[i] += parts[ch, i]
-    m = q * (p + 1) if grad else 0
-    qg = q if grad else 0
+    m = q * (p + 1) if grad > 0 else 0
+    qg = q if grad > 0 else 0
     oc = 2 + p * p
     oT = oc + p
     oWY = oT + q * q
@@ -927,7 +967,7 @@ _POOL: list = []  # [size, executor]: the threads of parallel passes, made on fi
 
 
 def _chunks_in_threads(
-    evaluate, Fb, q: int, p: int, lam, grad: bool, parts: np.ndarray, threads: int
+    evaluate, Fb, q: int, p: int, lam, grad: int, parts: np.ndarray, threads: int
 ) -> None:
     """Chunks split into ``threads`` contiguous runs, one per thread, each run by the one
     compiled ``evaluate`` (it releases the GIL). Every chunk's sums are the serial pass's
@@ -989,6 +1029,7 @@ def pls_sums(
     grad: bool = False,
     *,
     Fb: np.ndarray | None = None,
+    ww: bool = True,
 ) -> PlsSums:
     """The sums over groups that the profiled deviance (and, with ``grad``, its gradient)
     needs at Λ: one pass over ``F``, in chunks summed in chunk order; ``parallel``
@@ -996,11 +1037,13 @@ def pls_sums(
     changes no bit of the result.
 
     ``Fb`` is ``F`` in the blocked layout (:func:`by_block`), if the caller keeps it
-    across evaluations; else it is made here.
+    across evaluations; else it is made here. ``ww=False`` leaves out the sums that only
+    REML's ``∂log|RX|`` needs (``WW`` is then zero): the ML criterion and the log
+    likelihood at any β (:mod:`streamlmm.bayes.density`) do without them.
     """
     evaluate = _pass_kernels(q).evaluate
     Fb = by_block(F) if Fb is None else Fb
-    grad = bool(grad)
+    grad = (2 if ww else 1) if grad else 0
     parts = np.zeros(((Fb.shape[0] + _PER_CHUNK - 1) // _PER_CHUNK, _layout(q, p)["size"]))
     threads = min(parts.shape[0], _threads(parallel)) if parallel else 1
     q, p = int(q), int(p)
@@ -1009,7 +1052,7 @@ def pls_sums(
     else:
         evaluate(Fb, q, p, lam, grad, parts, 0, parts.shape[0])
     s = _sums_kernel(parts, q, p, grad)
-    return PlsSums(*s) if grad else PlsSums(*s[:4])
+    return PlsSums(*s) if grad > 0 else PlsSums(*s[:4])
 
 
 def _threads(parallel: bool | int) -> int:
@@ -1021,11 +1064,9 @@ def _threads(parallel: bool | int) -> int:
     return max(1, int(parallel))
 
 
-@njit(**_OPTS)
-def _contract(WY, WW, lam, beta, Cinv):  # pragma: no cover - numba
-    """``G2 = Λ' Σ_jk BB[:, j, :, k] C⁻¹[j, k]`` (``BB``: the first p columns of each
-    block of ``WW``) and ``G3 = Σ_jk WY[:, j, :, k] β̃_j β̃_k`` for ``β̃ = (−β, 1)``."""
-    q = lam.shape[0]
+@njit(inline="always", **_OPTS)
+def contract_g3(WY, beta, q):  # pragma: no cover - numba
+    """``G3 = Σ_jk WY[:, j, :, k] β̃_j β̃_k = Σ_g (Z_g'res_g) u_g'`` at β, for ``β̃ = (−β, 1)``."""
     p = beta.shape[0]
     k = p + 1
     bt = np.empty(k)
@@ -1033,20 +1074,64 @@ def _contract(WY, WW, lam, beta, Cinv):  # pragma: no cover - numba
         bt[j] = -beta[j]
     bt[p] = 1.0
     G3 = np.zeros((q, q))
-    H = np.zeros((q, q))
     for a in range(q):
         for c in range(q):
             for j in range(k):
                 for l in range(k):
                     G3[a, c] += WY[a * k + j, c * k + l] * bt[j] * bt[l]
-                    if j < p and l < p:
-                        H[a, c] += WW[a * k + j, c * k + l] * Cinv[j, l]
+    return G3
+
+
+@njit(inline="always", **_OPTS)
+def _contract_g2(WW, lam, Cinv):  # pragma: no cover - numba
+    """``G2 = Λ' Σ_jk BB[:, j, :, k] C⁻¹[j, k]`` (``BB``: the first p columns of each
+    block of ``WW``)."""
+    q = lam.shape[0]
+    p = Cinv.shape[0]
+    k = p + 1
+    H = np.zeros((q, q))
+    for a in range(q):
+        for c in range(q):
+            for j in range(p):
+                for l in range(p):
+                    H[a, c] += WW[a * k + j, c * k + l] * Cinv[j, l]
     G2 = np.zeros((q, q))
     for a in range(q):
         for c in range(q):
             for d in range(a, q):  # Λ lower triangular: (Λ')[a, d] = Λ[d, a]
                 G2[a, c] += lam[d, a] * H[d, c]
-    return G2, G3
+    return G2
+
+
+@njit(**_OPTS)
+def _contract(WY, WW, lam, beta, Cinv):  # pragma: no cover - numba
+    """``(G2, G3)`` of :func:`gradient_terms`."""
+    return _contract_g2(WW, lam, Cinv), contract_g3(WY, beta, lam.shape[0])
+
+
+@njit(inline="always", **_OPTS)
+def theta_parts(G1, G2, G3, rows, cols):  # pragma: no cover - numba
+    """The criterion's pieces differentiated in each θ entry ``θ_k = Λ[rows[k], cols[k]]``
+    (docs/math.md §3), from :func:`gradient_terms`' sums: ``(∂Σ log|M_g|, ∂log|RX'RX|,
+    ∂r²) = (2 G1[j, i], −2 G2[j, i], −2 G3[i, j])``. ``∂r²`` holds β (and u) fixed: it is
+    the derivative of the penalised residual sum of squares ``Q(β)`` at the β of
+    ``G3``, which at β̂ is the whole derivative of r² (the envelope theorem)."""
+    n = rows.shape[0]
+    dM = np.empty(n)
+    dRX = np.empty(n)
+    dr2 = np.empty(n)
+    for t in range(n):
+        i = rows[t]
+        j = cols[t]
+        dM[t] = 2.0 * G1[j, i]
+        dRX[t] = -2.0 * G2[j, i]
+        dr2[t] = -2.0 * G3[i, j]
+    return dM, dRX, dr2
+
+
+@njit(**_OPTS)
+def _theta_parts_kernel(G1, G2, G3, rows, cols):  # pragma: no cover - numba
+    return theta_parts(G1, G2, G3, rows, cols)
 
 
 def gradient_terms(s: PlsSums, q: int, p: int, lam, beta, Cinv):
@@ -1056,7 +1141,7 @@ def gradient_terms(s: PlsSums, q: int, p: int, lam, beta, Cinv):
     ZZ_gΛu_g`` and ``B_g = ZX_g − ZZ_gΛL_g'⁻¹RZX_g`` (the first p columns of ``W_g``),
     returns ``(Σ M_g⁻¹Λ'ZZ_g, Σ Λ'B_g C⁻¹B_g', Σ (Z_g'res_g) u_g')`` for ``C⁻¹ =
     (RX'RX)⁻¹``. A θ entry at Λ[i, j] then has derivative ``2 G1[j, i]`` in Σ log|M_g|,
-    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r².
+    ``−2 G2[j, i]`` in log|RX'RX| and ``−2 G3[i, j]`` in r² (:func:`gradient_parts`).
     """
     G2, G3 = _contract(s.WY, s.WW, lam, np.asarray(beta, dtype=float), Cinv)
     return s.T, G2, G3
@@ -1068,6 +1153,18 @@ def blups(M, G: int, vpos, c, zi, xi, k: int, P, lam, beta, *, pool: bool = True
     without, each group's own least-squares estimate at β and ``(Z_g'Z_g)⁻¹`` (times σ²:
     its covariance), NaN where the group alone does not identify it."""
     return _blups_kernel(M, int(G), vpos, c, zi, xi, int(k), P, lam, beta, bool(pool))
+
+
+def gradient_parts(G1, G2, G3, rows, cols) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`theta_parts` of :func:`gradient_terms`' sums, for the θ entries at
+    ``Λ[rows, cols]``: ``(∂Σ log|M_g|, ∂log|RX'RX|, ∂r²)``."""
+    return _theta_parts_kernel(G1, G2, G3, rows, cols)
+
+
+def block_conditionals(F, q: int, p: int, lam, beta):
+    """All groups' ``b_g = Λu_g`` and ``Λ(L_gL_g')⁻¹Λ'`` (times σ² = condVar) from their
+    blocks ``F`` (:func:`group_conditional`)."""
+    return _block_conditionals_kernel(F, int(q), int(p), lam, np.asarray(beta, dtype=float))
 
 
 def em_sums(F, q: int, p: int, lam, beta, *, Fb: np.ndarray | None = None):

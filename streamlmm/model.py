@@ -781,6 +781,57 @@ class MixedLM(base.MiniBatchRegressor):
             out[r] = self.predict_one({c: v[r] for c, v in cols.items()})
         return pd.Series(out, index=X.index)
 
+    # -- Bayesian posterior (streamlmm.bayes, imported when called) -----------------------
+    def sample(
+        self,
+        priors: Mapping[str, str] | None = None,
+        chains: int = 4,
+        draws: int = 1000,
+        warmup: int | None = None,
+        seed: int | None = None,
+        **kwargs: Any,
+    ):
+        """The Bayesian posterior at the current statistics (:mod:`streamlmm.bayes`).
+
+        ``priors`` maps brms classes (``Intercept``, ``b``, ``sd``, ``sigma``, ``cor``)
+        or one parameter's brms name (``b_x``, ``sd_g__x``) to a Stan-style prior
+        (``"normal(0, 20)"``); a missing class gets brms's default. NUTS samples the
+        global parameters with the group effects integrated out; every group's effect
+        is summarised exactly. Called again after more events, it warm-starts from the
+        previous posterior (``warm_start=False`` to start cold); ``warmup`` defaults to
+        1000, or 300 warm. Other keywords go to :func:`streamlmm.bayes.sample`
+        (``target_accept``, ``max_depth``, ``cores``, ``keep_ranef``, ``offsets``, …).
+        Returns an immutable :class:`~streamlmm.bayes.Posterior`; failed sampler checks
+        are :class:`~streamlmm.SamplingWarning` s.
+        """
+        from streamlmm.bayes import fit
+
+        warm = kwargs.pop("warm_start", True)
+        init = getattr(self, "_posterior", None) if warm else None
+        if init is not None and init.formula != self.formula:
+            init = None
+        post = fit.sample(
+            self, priors, chains=chains, draws=draws, warmup=warmup, seed=seed, init=init, **kwargs
+        )
+        self._posterior = post
+        return post
+
+    def default_priors(self, priors: Mapping[str, str] | None = None):
+        """The resolved priors as brms's ``get_prior()`` shows them (a DataFrame: prior,
+        class, coef, group, lb, source), brms's defaults from the reservoir's response
+        (its median and MAD, exact while the stream fits in it)."""
+        from streamlmm.bayes import fit
+
+        return fit.default_priors(self, priors)
+
+    def prior_predictive(
+        self, X, priors: Mapping[str, str] | None = None, draws: int = 100, seed=None
+    ):
+        """Responses simulated from the priors at the rows of ``X`` (draws × rows)."""
+        from streamlmm.bayes import fit
+
+        return fit.prior_predictive(self, X, priors, draws=draws, seed=seed)
+
     # -- results --------------------------------------------------------------------------
     @property
     def n_unseen_levels(self) -> int:

@@ -38,6 +38,64 @@ class SnapshotError(ValueError):
     """A snapshot's bytes are corrupt, truncated or of an unknown format."""
 
 
+# -- the container: magic | u32 version | u64 header length | JSON header | arrays | sha256
+def _lay_out(arrays: Mapping[str, np.ndarray]) -> tuple[list[dict], list[bytes]]:
+    """The arrays as little-endian float64 blobs, and their layout for the header."""
+    layout, blobs, offset = [], [], 0
+    for name, a in arrays.items():
+        a = np.asarray(a)
+        data = np.ascontiguousarray(a, dtype="<f8").tobytes()
+        layout.append({"name": name, "shape": list(a.shape), "offset": offset})
+        blobs.append(data)
+        offset += len(data)
+    return layout, blobs
+
+
+def _seal(magic: bytes, version: int, header: dict, blobs: list[bytes]) -> bytes:
+    hbytes = json.dumps(header, allow_nan=True, separators=(",", ":")).encode()
+    body = _PREFIX.pack(magic, version, len(hbytes)) + hbytes + b"".join(blobs)
+    return body + hashlib.sha256(body).digest()
+
+
+def seal_container(magic: bytes, version: int, header: dict, arrays: Mapping) -> bytes:
+    """Bytes of a checksummed container (the snapshot format, no pickle): ``header`` as
+    JSON (it gains an ``arrays`` layout) and ``arrays`` as float64 blobs. Used by
+    snapshots and by posteriors (:mod:`streamlmm.bayes.posterior`)."""
+    layout, blobs = _lay_out(arrays)
+    return _seal(magic, version, {**header, "arrays": layout}, blobs)
+
+
+def open_container(
+    data: bytes, magic: bytes, version: int, what: str = "snapshot"
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """Verify and parse :func:`seal_container`'s bytes: ``(header, arrays)`` (the arrays
+    are read-only views of ``data``). ``SnapshotError`` names what is wrong."""
+    if len(data) < _PREFIX.size + 32:
+        raise SnapshotError(f"{what} truncated")
+    body, digest = data[:-32], data[-32:]
+    if hashlib.sha256(body).digest() != digest:
+        raise SnapshotError(f"{what} checksum mismatch (corrupt or partial file)")
+    got, v, hlen = _PREFIX.unpack_from(body)
+    if got != magic:
+        raise SnapshotError(f"not a streamlmm {what}")
+    if v != version:
+        raise SnapshotError(f"{what} format version {v} is not {version}")
+    if hlen > _MAX_HEADER or _PREFIX.size + hlen > len(body):
+        raise SnapshotError(f"{what} header length out of range")
+    try:
+        h = json.loads(body[_PREFIX.size : _PREFIX.size + hlen])
+        base = _PREFIX.size + hlen
+        arrays = {}
+        for a in h["arrays"]:
+            count = math.prod(a["shape"])
+            arrays[a["name"]] = np.frombuffer(
+                body, dtype="<f8", count=count, offset=base + a["offset"]
+            ).reshape(a["shape"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise SnapshotError(f"{what} header is malformed: {e}") from e
+    return h, arrays
+
+
 def _frozen(a: Any) -> np.ndarray:
     if isinstance(a, np.ndarray) and a.dtype == np.float64 and not a.flags.writeable:
         root = a
@@ -353,41 +411,15 @@ class Snapshot:
         }
         header["has_state"] = self.state is not None
         header["design"] = dict(self.design) if self.design is not None else None
-        layout, blobs, offset = [], [], 0
-        for name, a in self._arrays().items():
-            data = np.ascontiguousarray(a, dtype="<f8").tobytes()
-            layout.append({"name": name, "shape": list(a.shape), "offset": offset})
-            blobs.append(data)
-            offset += len(data)
+        layout, blobs = _lay_out(self._arrays())
         header["arrays"] = layout
-        hbytes = json.dumps(header, allow_nan=True, separators=(",", ":")).encode()
-        body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(hbytes)) + hbytes + b"".join(blobs)
-        return body + hashlib.sha256(body).digest()
+        return _seal(MAGIC, FORMAT_VERSION, header, blobs)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Snapshot:
         """Parse and verify bytes from :meth:`to_bytes`; ``SnapshotError`` if invalid."""
-        if len(data) < _PREFIX.size + 32:
-            raise SnapshotError("snapshot truncated")
-        body, digest = data[:-32], data[-32:]
-        if hashlib.sha256(body).digest() != digest:
-            raise SnapshotError("snapshot checksum mismatch (corrupt or partial file)")
-        magic, version, hlen = _PREFIX.unpack_from(body)
-        if magic != MAGIC:
-            raise SnapshotError("not a streamlmm snapshot")
-        if version != FORMAT_VERSION:
-            raise SnapshotError(f"snapshot format version {version} is not {FORMAT_VERSION}")
-        if hlen > _MAX_HEADER or _PREFIX.size + hlen > len(body):
-            raise SnapshotError("snapshot header length out of range")
+        h, arrays = open_container(data, MAGIC, FORMAT_VERSION, "snapshot")
         try:
-            h = json.loads(body[_PREFIX.size : _PREFIX.size + hlen])
-            base = _PREFIX.size + hlen
-            arrays = {}
-            for a in h["arrays"]:
-                count = math.prod(a["shape"])
-                arrays[a["name"]] = np.frombuffer(
-                    body, dtype="<f8", count=count, offset=base + a["offset"]
-                ).reshape(a["shape"])
             state = None
             if h["has_state"]:
                 state = dict(h["state"])

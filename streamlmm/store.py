@@ -28,7 +28,6 @@ from streamlmm.snapshot import Snapshot, SnapshotError
 __all__ = ["LocalStore", "save_snapshot", "load_snapshot"]
 
 log = logging.getLogger(__name__)
-_NAME = re.compile(r"^snapshot-(\d{12})\.slmm$")
 
 
 class LocalStore:
@@ -43,6 +42,11 @@ class LocalStore:
     create
         Make the directory if it is missing (a writer's store). Without it, a missing
         directory is an error when read and is made only by :meth:`write`.
+    kind, reader
+        The files' name (``{kind}-NNNNNNNNNNNN.slmm``) and how to read one
+        (``reader(bytes)``, raising :class:`SnapshotError` if invalid): snapshots by
+        default; posteriors (:class:`streamlmm.bayes.Posterior`) live beside them as
+        ``posterior-…`` files.
 
     Examples
     --------
@@ -67,9 +71,14 @@ class LocalStore:
 
     """
 
-    def __init__(self, directory, keep: int = 3, create: bool = False):
+    def __init__(
+        self, directory, keep: int = 3, create: bool = False, kind: str = "snapshot", reader=None
+    ):
         self.dir = pathlib.Path(directory)
         self.keep = max(1, int(keep))
+        self.kind = kind
+        self._name = re.compile(rf"^{re.escape(kind)}-(\d{{12}})\.slmm$")
+        self._reader = reader or Snapshot.from_bytes
         if self.dir.exists() and not self.dir.is_dir():
             raise NotADirectoryError(f"snapshot directory {self.dir} is a file, not a directory")
         if create:
@@ -87,17 +96,18 @@ class LocalStore:
             raise FileNotFoundError(f"snapshot directory {self.dir} does not exist")
         out = []
         for p in self.dir.iterdir():
-            m = _NAME.match(p.name)
+            m = self._name.match(p.name)
             if m:
                 out.append((int(m.group(1)), p))
         return sorted(out)
 
-    def write(self, snapshot: Snapshot) -> pathlib.Path:
-        """Write ``snapshot`` atomically as the newest file; returns its path."""
+    def write(self, snapshot) -> pathlib.Path:
+        """Write ``snapshot`` (anything with ``to_bytes()``) atomically as the newest
+        file; returns its path."""
         self.dir.mkdir(parents=True, exist_ok=True)
         files = self._files()
         seq = files[-1][0] + 1 if files else 1
-        path = self.dir / f"snapshot-{seq:012d}.slmm"
+        path = self.dir / f"{self.kind}-{seq:012d}.slmm"
         tmp = self.dir / f".{path.name}.tmp-{os.getpid()}"
         data = snapshot.to_bytes()
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -121,16 +131,16 @@ class LocalStore:
         finally:
             os.close(fd)
 
-    def latest(self) -> Snapshot | None:
+    def latest(self):
         """The newest snapshot that verifies, or ``None`` if there is none (also when
         the directory does not exist: nothing is created)."""
         if not self.dir.exists():
             return None
         for _, path in reversed(self._files()):
             try:
-                return Snapshot.from_bytes(path.read_bytes())
+                return self._reader(path.read_bytes())
             except (OSError, SnapshotError) as e:
-                log.warning("skipping invalid snapshot %s: %s", path.name, e)
+                log.warning("skipping invalid %s %s: %s", self.kind, path.name, e)
         return None
 
 

@@ -15,7 +15,7 @@ uses one core). A second run finds everything cached and takes a few seconds.
 Examples
 --------
 >>> sorted(TASKS)
-['core_q1', 'core_q2', 'core_q3', 'core_qn', 'fetch', 'keys', 'stream']
+['bayes', 'core_q1', 'core_q2', 'core_q3', 'core_qn', 'fetch', 'keys', 'stream']
 
 """
 
@@ -144,6 +144,39 @@ def _keys() -> None:
         m.learn_many(X.assign(g=keys), y)
 
 
+def _bayes() -> None:
+    """The Bayesian paths (``MixedLM.sample`` and the posterior's group effects and
+    predictive draws) for q = 1, 2, 3 and any other q: the log posterior's kernels and
+    the C functions nutpie calls. Skipped when the ``bayes`` extra (nutpie, ArviZ) is
+    not installed."""
+    import importlib.util
+    import warnings
+
+    if importlib.util.find_spec("nutpie") is None or importlib.util.find_spec("arviz") is None:
+        print(
+            "streamlmm.warm: nutpie/arviz not installed: Bayesian kernels skipped", file=sys.stderr
+        )
+        return
+    from streamlmm import MixedLM, SamplingWarning
+
+    warnings.simplefilter("ignore", SamplingWarning)
+    X, y = _frame(300, 3)
+    for formula in (
+        "y ~ x + (1 | g)",
+        "y ~ x + (1 + x | g)",
+        "y ~ x1 + x2 + (1 + x1 + x2 | g)",
+        "y ~ x1 + (1 + x1 + x2 + x3 | g)",
+    ):
+        m = MixedLM(formula)
+        m.learn_many(X, y)
+        priors = {"b": "normal(0, 5)", "sd": "normal(0, 2)", "sigma": "exponential(1)"}
+        post = m.sample(priors, chains=2, draws=20, warmup=20, seed=1)
+        post.ranef(post.keys[0])
+        post.posterior_predictive(X.iloc[:5], draws=5)
+        m.prior_predictive(X.iloc[:5], priors, draws=3)
+        m.sample(priors, chains=1, draws=5, warmup=5, seed=1, backend="python", keep_ranef=True)
+
+
 TASKS = {
     "core_q1": lambda: _core("y ~ x + (1 | g)"),
     "core_q2": lambda: _core("y ~ x + f + (1 + x | g)"),
@@ -152,9 +185,10 @@ TASKS = {
     "stream": _stream,
     "fetch": _fetch,
     "keys": _keys,
+    "bayes": _bayes,
 }
 # two lists of about equal compile time (measured): one per process
-_SPLIT = (["core_q2", "core_qn", "fetch", "keys"], ["core_q1", "core_q3", "stream"])
+_SPLIT = (["core_q2", "core_qn", "fetch", "keys"], ["core_q1", "core_q3", "stream", "bayes"])
 
 
 def _run(names: list[str]) -> None:
