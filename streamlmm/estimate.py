@@ -922,3 +922,175 @@ def em_step(
         ix = np.ix_(blk, blk)
         lam_new[ix] = _chol_psd(D[ix] / sigma2_new)
     return prob.theta(lam_new), beta_new, sigma2_new
+
+
+# -- the model builder (lme4's mkMerMod) -------------------------------------------------------
+QUANTILES = (("min", 0.0), ("1Q", 0.25), ("median", 0.5), ("3Q", 0.75), ("max", 1.0))
+
+
+def residual_quantiles(res, design, fixef, b, sigma: float) -> dict[str, float]:
+    """Quantiles of the scaled residuals ``(y − x'β − z'b_g)/σ`` of a reservoir's events
+    (each counted as often as it was seen), at ``fixef`` (every fixed column; NaN for a
+    dropped one) and the groups' BLUPs ``b`` (rows of the statistics): R's type-7
+    quantiles, as lme4's ``summary()`` computes them from every residual. ``events`` is
+    how many events they cover and ``of`` how many the stream had."""
+    from streamlmm.reservoir import weighted_quantiles
+
+    _, resid, count = res.residuals(design.xi, design.zi, fixef, b)
+    q = weighted_quantiles(resid / sigma, count, [p for _, p in QUANTILES])
+    out = {name: float(v) for (name, _), v in zip(QUANTILES, q)}
+    out.update(events=res.n_events, of=res.n_seen)
+    return out
+
+
+def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:
+    """Last good estimates laid out for the fixed columns ``names`` (columns that
+    appeared since get NaN)."""
+    if good is None or tuple(good["names"]) == tuple(names):
+        return good
+    pos = {n: i for i, n in enumerate(good["names"])}
+    ix = [pos.get(n, -1) for n in names]
+    p = len(names)
+    fixef, vcov, keep = np.full(p, np.nan), np.full((p, p), np.nan), np.zeros(p, dtype=bool)
+    for i, j in enumerate(ix):
+        if j >= 0:
+            fixef[i], keep[i] = good["fixef"][j], good["keep"][j]
+            for i2, j2 in enumerate(ix):
+                if j2 >= 0:
+                    vcov[i, i2] = good["vcov"][j, j2]
+    return {**good, "names": tuple(names), "fixef": fixef, "vcov": vcov, "keep": keep}
+
+
+@dataclasses.dataclass
+class ModelParts:
+    """What :func:`mk_snapshot` builds a snapshot from, besides the estimates."""
+
+    formula: str
+    method: str
+    design: Any
+    stats: GroupStats
+    n_events: int
+    reservoir: Any = None
+    summary: OptSummary | None = None  # the last refit's, when the parameters are its
+    converged: bool = False  # the parameters are a verified optimum of these data
+    colinfo: dict = dataclasses.field(default_factory=dict)
+    history: list = dataclasses.field(default_factory=list)
+    state: dict | None = None
+
+
+def mk_snapshot(
+    parts: ModelParts,
+    prob: Problem | None,
+    theta: np.ndarray | None,
+    last_good: dict[str, Any] | None,
+    offsets=None,
+    meta=None,
+):
+    """The snapshot at θ (lme4's ``mkMerMod``): β̂ and σ̂ profiled at θ from the current
+    statistics, every group's BLUP, conditional covariance and own (no-pooling)
+    estimate, lme4's checks as :class:`~streamlmm.checks.FitWarning` s, and the scaled
+    residual quantiles from the reservoir. Where no finite estimates exist at θ (too few
+    events), the last finite ones (``last_good``) are kept and the snapshot says it is
+    not converged. Returns ``(snapshot, last_good)``, the latter updated.
+    """
+    from streamlmm import checks
+    from streamlmm.snapshot import Snapshot
+
+    st, f = parts.stats, parts.design
+    G = st.n_groups
+    est = None
+    if prob is not None and theta is not None:
+        pr = prob.profile(theta)
+        if pr is not None:
+            est = estimates_at(prob, pr)
+            if not (np.all(np.isfinite(est.b)) and math.isfinite(est.sigma2)):
+                est = None
+    if est is not None:
+        good = {
+            "names": f.fixed,
+            "fixef": est.fixef,
+            "vcov": est.vcov,
+            "theta": est.theta,
+            "re_cov": est.re_cov,
+            "sigma2": est.sigma2,
+            "criterion": est.criterion,
+            "keep": est.keep,
+        }
+        last_good = good
+        b, condvar, b_np, b_np_se = est.b, est.condvar, est.b_np, est.b_np_se
+    else:
+        good = _reindexed(last_good, f.fixed)
+        if good is None:
+            nan = math.nan
+            good = {
+                "fixef": np.full(f.p, nan),
+                "vcov": np.full((f.p, f.p), nan),
+                "theta": np.full(len(theta_index(f.blocks, f.q)[0]), nan),
+                "re_cov": np.full((f.q, f.q), nan),
+                "sigma2": nan,
+                "criterion": nan,
+                "keep": np.ones(f.p, dtype=bool),
+                "names": f.fixed,
+            }
+        b = np.zeros((G, f.q))
+        condvar = np.broadcast_to(good["re_cov"], (G, f.q, f.q)).copy()
+        b_np = b_np_se = np.full((G, f.q), math.nan)
+    lam_u = np.zeros((f.q, f.q))
+    lam_u[theta_index(f.blocks, f.q)] = good["theta"]
+    singular = bool(np.any(np.diag(lam_u) < SINGULAR_TOL))
+    dropped = tuple(name for name, k in zip(f.fixed, good["keep"]) if not k)
+    warns = checks.fit_messages(
+        group=f.formula.group,
+        n_obs=st.n_obs,
+        n_groups=G,
+        q=f.q,
+        re_names=f.random,
+        dropped=dropped,
+        singular=singular and est is not None,
+        summary=parts.summary,
+        fixed_sd=parts.colinfo.get("sd", {}),
+    )
+    if est is None and G:
+        warns.append(
+            "no finite estimates at the current data (too few observations, or the "
+            "criterion is undefined): the snapshot keeps the last finite ones"
+        )
+    checks.warn_all(warns, stacklevel=4)  # the caller of the model's snapshot()
+    identified = not any("refuses" in w for w in warns)
+    res = parts.reservoir
+    rq = {}
+    if res is not None and res.size and est is not None:
+        rq = residual_quantiles(res, f, est.fixef, est.b, math.sqrt(good["sigma2"]))
+    snap = Snapshot(
+        formula=parts.formula,
+        method=parts.method,
+        fixef=dict(zip(f.fixed, good["fixef"])),
+        fixef_se=dict(zip(f.fixed, np.sqrt(np.diag(good["vcov"])))),
+        fixef_vcov=good["vcov"],
+        re_cov=good["re_cov"],
+        sigma=math.sqrt(good["sigma2"]),
+        theta=good["theta"],
+        criterion=good["criterion"],
+        n_obs=st.n_obs,
+        singular=singular,
+        converged=bool(est is not None and parts.converged and identified),
+        n_events=parts.n_events,
+        keys=st.keys,
+        b=b,
+        condvar=condvar,
+        b_np=b_np,
+        b_np_se=b_np_se,
+        group_n=st.counts(),
+        group_ybar=st.means()[:, -1].copy(),
+        re_names=f.random,
+        dropped=dropped,
+        warnings=warns,
+        optinfo=parts.summary.to_dict() if parts.summary is not None else {},
+        history=parts.history,
+        resid_quantiles=rq,
+        offsets=offsets,
+        meta={"created": time.time(), **(meta or {})},
+        design=f.to_state(),
+        state=parts.state,
+    )
+    return snap, last_good

@@ -1,17 +1,21 @@
 """MixedLM: the river face of the streaming mixed-model core.
 
-Learning only accumulates statistics (O(1) per event). Parameters are refreshed on a
-schedule driven by cost: a warm-started exact REML/ML refit whenever its amortised cost
-per event since the last one falls under ``refresh_budget`` microseconds (and whenever
-the stream has doubled, so a young stream refits at 1, 2, 4, … events), and a cheap
-ML-EM step in between under half that budget. Costs come from a deterministic model of
-the work (passes over the groups), not the clock, so two identical streams refresh
-identically. With few groups refits are cheap and frequent; with many, rare. Fixed
-counts (``refit_every``, ``em_every``) override it. The refresh runs lazily, when a
-prediction or snapshot needs the parameters, so ``learn_many`` and a ``learn_one`` loop
-reach the same state.
-A prediction always recomputes its group's BLUP from that group's current statistics,
-so every event moves its group's prediction at once.
+A :class:`MixedLM` is three parts and a builder, each in a module of its own:
+
+- a :class:`~streamlmm.learner.Learner`: events in, sufficient statistics out (O(1) per
+  event; the design, its factor levels, the sample of events);
+- a :class:`~streamlmm.schedule.Schedule`: when the parameters are refreshed, by a
+  deterministic cost model (a warm-started exact REML/ML refit when its cost fits
+  ``refresh_budget`` per event, an ML-EM step in between);
+- a :class:`~streamlmm.predictor.Predictor`: the fixed part plus the group's effect,
+  from the group's current statistics at the last refresh's parameters;
+- :func:`streamlmm.estimate.mk_snapshot`: the estimates at θ as an immutable
+  :class:`~streamlmm.snapshot.Snapshot` (lme4's ``mkMerMod``).
+
+The refresh runs lazily, when a prediction or snapshot needs the parameters, so
+``learn_many`` and a ``learn_one`` loop reach the same state. A prediction always
+recomputes its group's BLUP from that group's current statistics, so every event moves
+its group's prediction at once.
 
 """
 
@@ -21,37 +25,28 @@ import math
 import os
 import time
 from collections.abc import Mapping
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 from river import base
 
-from streamlmm import checks, estimate, kernels
+from streamlmm import estimate, kernels
 from streamlmm.coverage import check_disjoint
 from streamlmm.design import Design, align
-from streamlmm.keys import MAX_KEY_LEN
-from streamlmm.reservoir import CAPACITY, Reservoir, priority_one, weighted_quantiles
+from streamlmm.learner import Learner
+from streamlmm.predictor import Predictor
+from streamlmm.reservoir import CAPACITY, Reservoir
 from streamlmm.rows import RowReader
+from streamlmm.schedule import REFRESH_BUDGET_US, Schedule
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats, check_key
-from streamlmm.values import MAX_ABS, overflow_message
+from streamlmm.values import MAX_ABS
 
 __all__ = ["MixedLM"]
 
 METHODS = ("REML", "ML")
-# A scheduled refit (inside predict_one/snapshot) stops after this many passes and
-# continues warm at the next one, so no single call stalls; fit() itself runs to the end.
-SCHEDULED_REFIT_EVALS = 12
-# ... and at most about this much estimated work (µs; the cost model below), but never
-# fewer passes than one Newton step needs (the gradient and a differenced Hessian)
-SCHEDULED_REFIT_US = 8_000.0
-# The schedule's cost model, µs per pass over the groups: overhead + per group. Measured
-# on the benchmark machine (scripts/bench_core.py); only the schedule depends on it.
-PASS_COST_US = (150.0, 0.1)
-EM_PASS_COST_US = (400.0, 0.25)  # a whole em_step(): set-up, two profiles, adopt
-REFRESH_BUDGET_US = 100.0  # default refresh_budget: µs of refresh work per event, amortised
 HISTORY_MAX = 256  # model-level records kept for trajectories
-_LO = -MAX_ABS  # the fast paths' lower bound, without negating MAX_ABS per value
+_LO = -MAX_ABS  # the fast path's lower bound, without negating MAX_ABS per value
 
 
 class MixedLM(base.MiniBatchRegressor):
@@ -127,11 +122,6 @@ class MixedLM(base.MiniBatchRegressor):
     ):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        for name, v in (("em_every", em_every), ("refit_every", refit_every)):
-            if v is not None and not (isinstance(v, int) and v >= 1):
-                raise ValueError(f"{name} must be a positive int or None, got {v!r}")
-        if not (isinstance(refresh_budget, (int, float)) and refresh_budget > 0):
-            raise ValueError(f"refresh_budget must be a positive number, got {refresh_budget!r}")
         if threads is None and os.environ.get("STREAMLMM_THREADS"):
             threads = int(os.environ["STREAMLMM_THREADS"])
         if threads is not None and not (isinstance(threads, int) and threads >= 1):
@@ -146,37 +136,30 @@ class MixedLM(base.MiniBatchRegressor):
         self.threads = threads
         self.refresh_budget = refresh_budget
         self.levels = levels
-        if not (isinstance(reservoir, int) and reservoir >= 0):
-            raise ValueError(f"reservoir must be an int >= 0, got {reservoir!r}")
         self.reservoir = reservoir
-        self._design = Design(formula, levels)
+        self._schedule = Schedule(refresh_budget, em_every, refit_every)
+        self._pred = Predictor()
+        self._learner = Learner(
+            formula,
+            levels,
+            half_life,
+            time_key,
+            missing,
+            reservoir,
+            forget=self._pred.coefs,
+            on_layout=self._relaid,
+        )
         # once per process: no learn_one/predict_one below stalls on loading a kernel
-        kernels.preload(sum(r.intercept + len(r.terms) for r in self._design.formula.random_terms))
-        self._formula = self._design.formula
-        self._reader = RowReader(self._design, time_key, missing)
-        self._stats = GroupStats(self._design, half_life)
-        self._par: _Params | None = None  # parameters in the last fit's coordinates
+        kernels.preload(sum(r.intercept + len(r.terms) for r in self._formula.random_terms))
         self._lam_u: np.ndarray | None = None  # Λ in the user's coordinates (warm starts)
         self._param_source: tuple[str, int] = ("", -1)
         self._last_good: dict[str, Any] | None = None  # last finite snapshot estimates
         self._colinfo: dict[str, Any] = {}
         self.opt_summary: estimate.OptSummary | None = None
-        self.n_events = 0
-        self.n_skipped = 0
         self.n_refits = 0
         self.n_em_steps = 0
         self.last_refit: dict[str, Any] = {}
         self._history: list[dict[str, Any]] = []
-        self._next_refit = 1
-        self._next_em = math.inf
-        self._refreshed_at = -1
-        self._res = Reservoir(reservoir) if reservoir else None
-        self._fast1 = None  # learn_one's fast path (see _fast_layout)
-        self._fastc = None  # learn_one's fast path for formulas with factors (_learn_coded)
-        self._fastp = None  # predict_one's fast path (see _predict_layout)
-        self._coefs: dict[str | int, _Coefs] = {}  # predict_one's per-group cache
-        self._blk = np.empty(0)  # predict_one scratch, sized by the parameters' q and p
-        self._b1 = np.empty(0)
 
     @classmethod
     def _unit_test_params(cls):
@@ -200,234 +183,59 @@ class MixedLM(base.MiniBatchRegressor):
     def _multiclass(self):
         return False
 
+    # -- the parts --------------------------------------------------------------------------
+    @property
+    def _design(self) -> Design:
+        return self._learner.design
+
+    @property
+    def _formula(self):
+        return self._learner.formula
+
+    @property
+    def _stats(self) -> GroupStats:
+        return self._learner.stats
+
+    @property
+    def _res(self) -> Reservoir | None:
+        return self._learner.res
+
+    @property
+    def _reader(self) -> RowReader:
+        return self._learner.reader
+
+    @property
+    def _par(self):
+        return self._pred.par
+
+    @property
+    def n_events(self) -> int:
+        """Events learned (of positive weight)."""
+        return self._learner.n_events
+
+    @property
+    def n_skipped(self) -> int:
+        """Events skipped for a missing value (``missing="skip"``)."""
+        return self._learner.n_skipped
+
+    def _relaid(self, k_old: int) -> None:
+        """The learner's union columns (or statistics) changed: predictions follow."""
+        self._pred.widened(k_old, self._learner.stats.k)
+
     # -- learning -------------------------------------------------------------------------
     def learn_one(self, x: Mapping[str, Any], y: float, w: float = 1.0) -> None:
         """Accumulate one event. Invalid input raises ``ValueError`` and changes nothing."""
-        fast = self._fast1
-        if fast and w == 1.0 and type(y) is float and _LO <= y <= MAX_ABS:
-            # the common event of a plain numeric formula: the same rules as the general
-            # path below (which handles everything else), without its calls
-            group, direct, a, st, coefs, res, plan = fast
-            key = x.get(group)
-            if type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN):
-                for i, c in direct:
-                    v = x.get(c)
-                    if type(v) is float and _LO <= v <= MAX_ABS:
-                        a[i] = v
-                    else:
-                        break
-                else:
-                    r = st.index.get(key)
-                    if r is None:
-                        r = st._new_row(key)
-                        if res is not None:
-                            res.new_key(r, key)
-                    if res is None:
-                        kernels.accumulate_unit(st.M, r, a, y, st.vi, st.P)
-                    else:
-                        prio = kernels.accumulate_unit_sampled(
-                            st.M, r, a, y, st.vi, st.P, res.khash, plan
-                        )
-                        res.n_seen += 1.0
-                        if prio <= res.threshold:
-                            res._add(prio, r, a, y, 1.0)
-                    coefs.pop(key, None)
-                    self.n_events += 1
-                    return
-        elif self._fastc is not None and w == 1.0 and type(y) is float:
-            if _LO <= y <= MAX_ABS and self._learn_coded(x, y):
-                return
-        self._learn_one(x, y, w)
-
-    def _learn_coded(self, x: Mapping[str, Any], y: float) -> bool:
-        """:meth:`learn_one`'s fast path for formulas with factors (see
-        :meth:`_fast_layout`): True if it learned the event, False if the general path
-        must (a new level, a missing or mistyped value, a long key)."""
-        group, nums, facs, vals, codes, recipe, a, st, coefs, res, plan, khash = self._fastc
-        key = x.get(group)
-        if not (type(key) is int or (type(key) is str and len(key) <= MAX_KEY_LEN)):
-            return False
-        j = 0
-        for c in nums:
-            v = x.get(c)
-            if type(v) is not float or not _LO <= v <= MAX_ABS:
-                return False
-            vals[j] = v
-            j += 1
-        j = 0
-        for c, table in facs:
-            v = x.get(c)
-            code = table.get(v) if type(v) is str else None
-            if code is None:
-                return False
-            codes[j] = code
-            j += 1
-        r = st.index.get(key)
-        if r is None:
-            r = st._new_row(key)
-            if res is not None:
-                res.new_key(r, key)
-        if res is None:
-            kernels.accumulate_coded(st.M, r, vals, codes, recipe, a, y, st.vi, st.P, khash, plan)
-        else:
-            prio = kernels.accumulate_coded(
-                st.M, r, vals, codes, recipe, a, y, st.vi, st.P, res.khash, plan
-            )
-            res.n_seen += 1.0
-            if prio <= res.threshold:
-                res._add(prio, r, a, y, 1.0)
-        coefs.pop(key, None)
-        self.n_events += 1
-        return True
-
-    def _fast_layout(self):
-        """What :meth:`learn_one`'s fast paths need (and sets ``_fastc``, the path for
-        formulas with factors), or ``()`` when the plain one does not apply: plain
-        numeric columns known, the response a plain field, no time key or forgetting.
-        The path for factors (:meth:`_learn_coded`) needs the same, and columns that
-        :meth:`Design.coded_recipe` can fill."""
-        d = self._design
-        self._fastc = None
-        if (
-            not self._formula.response_expr.is_field
-            or self.time_key is not None
-            or self.half_life is not None
-            or d.k != self._stats.k
-        ):
-            return ()
-        coded = d.coded_recipe() if d.plain is None else None
-        if d.plain is None and coded is None:
-            return ()
-        if self._reader.a.shape[0] < d.k:
-            self._reader.a = np.empty(d.k)
-        a = self._reader.a
-        for i in d.ones:
-            a[i] = 1.0
-        res = self._res
-        if res is not None:
-            res.sync_keys(self._stats.keys)
-            res.widen(d.k)
-        plan = res.plan_of(d) if res is not None else None
-        if coded is not None:
-            nums, facs, recipe = coded
-            self._fastc = (
-                self._formula.group,
-                nums,
-                facs,
-                np.empty(max(len(nums), 1)),
-                np.empty(max(len(facs), 1), dtype=np.int64),
-                recipe,
-                a,
-                self._stats,
-                self._coefs,
-                res,
-                plan if plan is not None else _NO_PLAN,
-                _NO_KEYS,
-            )
-            return ()
-        return self._formula.group, d.plain, a, self._stats, self._coefs, res, plan
-
-    def _learn_one(self, x: Mapping[str, Any], y: float, w: float) -> None:
-        reader = self._reader
-        wt = reader.weight(w)
-        t = reader.time(x) if self.time_key is not None else float(self.n_events + 1)
-        if wt == 0.0:
-            return
-        design = self._design
-        before = design.to_state() if wt > 1.0 else None
-        key = reader.read(x, y)
-        if key is None:
-            self.n_skipped += 1
-            return
-        a = reader.a
-        if wt > 1.0:  # |v| ≤ MAX_ABS, so only a weight above 1 can overflow w·v·v'
-            try:
-                self._check_products(a[None, : design.k], np.array([reader.y]), np.array([wt]))
-            except ValueError:
-                self._restore_design(before)
-                raise
-        if design.k != self._stats.k:
-            self._widen()
-        self._stats.add_one(key, a, reader.y, wt, t)
-        self._coefs.pop(key, None)
-        self.n_events += 1
-        res = self._res
-        if res is not None:
-            st = self._stats
-            res.sync_keys(st.keys)
-            res.widen(design.k)
-            r = st.index[key]
-            prio = priority_one(res.khash[r], a, reader.y, res.plan_of(design))
-            res.offer_one(prio, r, a[: design.k], reader.y, wt)
-        if self._fast1 is None:
-            self._fast1 = self._fast_layout()
-
-    def _restore_design(self, before: dict[str, Any]) -> None:
-        """Put the design back to ``before`` if a failed call taught it anything."""
-        if self._design.to_state() != before:
-            self._set_design(Design.from_state(self.formula, before))
-
-    def _set_design(self, design: Design) -> None:
-        """Adopt ``design`` (a restored one: a failed batch must leave no level behind)."""
-        self._design = design
-        self._formula = design.formula
-        self._fast1 = self._fastc = None
-        self._drop_predictions()
-        self._reader.design = design
-        self._stats.spec = design
-
-    def _widen(self) -> None:
-        """New union columns (a factor level seen for the first time): widen the
-        statistics with exact zeros, and the fit's centre with zeros too."""
-        k_old = self._stats.k
-        self._stats.widen(self._design)
-        if self._res is not None:
-            self._res.widen(self._stats.k)
-        self._fast1 = self._fastc = None
-        self._drop_predictions()
-        if self._par is not None:
-            c = self._par.c
-            grown = np.concatenate([c[:k_old], np.zeros(self._stats.k - k_old), c[k_old:]])
-            self._par = self._par._replace(c=grown)
-
-    def _check_products(self, A, y, w) -> None:
-        """``ValueError`` naming the row and field whose weighted products would overflow."""
-        e = self._stats.check(A, y, w, self._design.columns)
-        if e < 0:
-            return
-        names = [*self._design.columns, self._formula.response_field]
-        where = f"row {e}: " if A.shape[0] > 1 else ""
-        raise ValueError(where + overflow_message(names, np.append(A[e], y[e]), w[e]))
+        self._learner.learn_one(x, y, w)
 
     def learn_many(self, X, y, w=None) -> None:
-        """Accumulate a batch (pandas DataFrame and Series), exactly as a ``learn_one`` loop.
+        """Accumulate a batch (pandas DataFrame; ``y`` and ``w`` a Series, array or list of
+        one value per row), exactly as a ``learn_one`` loop.
 
         With ``missing="raise"`` one bad row rejects the whole batch (``ValueError``
         naming the row and field) and nothing changes; with ``"skip"`` rows with a
         missing value are dropped and counted in ``n_skipped``.
         """
-        cols, yv, wv = _batch_columns(X, y, w, self._formula.group)
-        n = len(yv)
-        before = self._design.to_state()
-        try:
-            codes, uniques, A, yk, wk, tk, kept = self._reader.read_columns(cols, yv, wv)
-            self._check_products(A, yk, wk)
-        except ValueError:
-            self._restore_design(before)
-            raise
-        if self._design.k != self._stats.k:
-            self._widen()
-        self.n_skipped += n - kept.shape[0]
-        # new groups get rows in the order of their first kept event, as in a learn_one loop
-        if kept.shape[0] == n and (wv is None or (wk > 0).all()):
-            urows = self._stats.rows(uniques)  # factorize orders by first appearance
-            touched = uniques
-        else:
-            idx = _first_order(codes[wk > 0])
-            touched = [uniques[j] for j in idx.tolist()]
-            urows = np.full(len(uniques), -1, dtype=np.int64)
-            urows[idx] = self._stats.rows(touched)
-        self._accumulate(urows[codes], A, yk, wk, tk, touched)
+        self._learner.learn_many(X, y, w)
 
     def learn_batch(self, keys, A, y, w, t=None) -> None:
         """Accumulate a batch that is already validated (the stream engine's path).
@@ -435,62 +243,13 @@ class MixedLM(base.MiniBatchRegressor):
         ``keys`` are checked group keys, ``A`` the union columns (``formula.columns``),
         ``t`` the event times (``None`` without ``time_key``).
         """
-        self._check_products(A, y, w)
-        if self._design.k != self._stats.k:
-            self._widen()
-        keep = w > 0
-        rows = np.full(len(keys), -1, dtype=np.int64)
-        idx = np.flatnonzero(keep)
-        touched = [keys[i] for i in idx]
-        rows[idx] = self._stats.rows(touched)
-        self._accumulate(rows, A, y, w, t, touched)
+        self._learner.learn_batch(keys, A, y, w, t)
 
-    def _accumulate(self, rows, A, y, w, t, keys: list) -> None:
-        """Add validated events into their group rows; ``keys`` are the groups whose
-        statistics change (repeats allowed), whose cached predictions are dropped."""
-        keep = w > 0
-        if not keep.all():
-            rows, A, y, w = rows[keep], A[keep], y[keep], w[keep]
-            t = None if t is None else t[keep]
-        n = rows.shape[0]
-        if n == 0:
-            return
-        if t is None:  # time = event count (read only under forgetting)
-            t = float(self.n_events) + 1.0 + np.arange(n if self.half_life else 0, dtype=float)
-        self._stats.add(rows, A, y, w, t)
-        self._forget_groups(keys)
-        self.n_events += n
-        res = self._res
-        if res is not None:
-            res.sync_keys(self._stats.keys)
-            res.offer(rows, A, y, w, self._design)
-
-    def _forget_groups(self, keys: list) -> None:
-        """Drop the cached prediction coefficients of groups ``keys`` (their statistics
-        changed); all of them at once when that is cheaper."""
-        coefs = self._coefs
-        if len(keys) >= len(coefs):
-            coefs.clear()
-        else:
-            for key in keys:
-                coefs.pop(key, None)
-
-    def _drop_predictions(self) -> None:
-        """Forget predict_one's fast path and every cached coefficient (new parameters,
-        design or statistics)."""
-        self._fastp = None
-        self._coefs.clear()
-
-    def _predict_rows(self, rows: np.ndarray, A: np.ndarray) -> np.ndarray:
-        """Predictions for union values ``A`` in group rows ``rows`` (-1: unseen)."""
-        st, par = self._stats, self._par
-        n = rows.shape[0]
-        fac = np.array([st.decay_factor(r) for r in rows]) if st.half_life else np.ones(n)
-        out = np.empty(n)
-        kernels.predict_rows(
-            st.M, rows, A, par.c, fac, st.vpos, par.zi, par.xi, st.k, st.P, par.lam, par.beta, out
-        )
-        return out
+    def learn_coded(self, uniques, codes, A, y, w, t=None) -> None:
+        """Accumulate a validated batch whose group keys are coded (the stream engine's
+        path): event ``i`` is in group ``uniques[codes[i]]`` (see
+        :meth:`Learner.learn_coded <streamlmm.learner.Learner.learn_coded>`)."""
+        self._learner.learn_coded(uniques, codes, A, y, w, t)
 
     # -- parameters -----------------------------------------------------------------------
     @property
@@ -511,18 +270,16 @@ class MixedLM(base.MiniBatchRegressor):
     def _adopt(self, prob: estimate.Problem, prof: estimate.Profile, source: str) -> bool:
         """Take the parameters at ``prof`` if they are finite; a failed step never
         replaces good parameters."""
-        lam = prob.lam(prof.theta)
-        if not (np.all(np.isfinite(lam)) and np.all(np.isfinite(prof.beta))):
+        if not self._pred.adopt(prob, prof):
             return False
-        if not (math.isfinite(prof.sigma2) and prof.sigma2 > 0):
-            return False
-        self._par = _Params(prob.c, prob.xi, prob.zi, lam, prof.beta, prof.sigma2)
-        q, p = prob.q, prob.p
-        self._blk, self._b1 = np.empty(kernels.scratch_size(q, p)), np.empty(q)
-        self._lam_u = prob.to_user_lam(lam)
+        self._lam_u = prob.to_user_lam(self._pred.par.lam)
         self._param_source = (source, self.n_events)
-        self._drop_predictions()  # new parameters: every cached coefficient is stale
         return True
+
+    def _shape(self) -> tuple[int, int, int]:
+        """``(groups, q, p)``: what the schedule's cost model reads."""
+        d = self._design
+        return self._stats.n_groups, d.q, d.p
 
     def fit(self, max_evals: int = 500) -> MixedLM:
         """Exact REML/ML optimum from the current statistics (warm-started); returns self.
@@ -548,15 +305,9 @@ class MixedLM(base.MiniBatchRegressor):
             "seconds": time.perf_counter() - t0,
             "ok": bool(ok),
         }
-        n = self.n_events
         passes = summary.evals + summary.em_steps
-        gap = self._gap(passes, PASS_COST_US, 1.0, self.refit_every) if ok else 1
-        if self.refit_every is None:  # and whenever the stream has doubled (a young one)
-            gap = min(gap, max(n, 1))
-        self._next_refit = n + gap
-        self._next_em = n + self._gap(1, EM_PASS_COST_US, 0.5, self.em_every)
-        self._refreshed_at = n
-        self._fastp = None  # the schedule moved, and predict_one's horizon with it
+        self._schedule.refitted(self.n_events, passes, bool(ok), *self._shape())
+        self._pred.fast = None  # the schedule moved, and predict_one's horizon with it
         self._record_history("refit")
         return self
 
@@ -573,44 +324,19 @@ class MixedLM(base.MiniBatchRegressor):
             if new is not None:
                 self._adopt(prob, new, "em")
         self.n_em_steps += 1
-        self._next_em = self.n_events + self._gap(1, EM_PASS_COST_US, 0.5, self.em_every)
-        self._refreshed_at = self.n_events
-        self._fastp = None  # the schedule moved, and predict_one's horizon with it
+        self._schedule.em_stepped(self.n_events, *self._shape())
+        self._pred.fast = None  # the schedule moved, and predict_one's horizon with it
         self._record_history("em")
         return self
 
-    def _gap(self, passes: int, cost: tuple[float, float], share: float, fixed) -> int:
-        """Events until the next refresh of a kind: ``fixed`` if set, else until the
-        estimated cost (µs) of this one, spread over them, fits ``share`` of the budget."""
-        if fixed is not None:
-            return fixed
-        us = passes * self._pass_us(cost)
-        return max(1, math.ceil(us / (share * self.refresh_budget)))
-
-    def _pass_us(self, cost: tuple[float, float] = PASS_COST_US) -> float:
-        """Estimated µs of one pass over the groups: overhead + per group, the per-group
-        cost scaled by :func:`pass_cost_ratio` for models larger than the benchmark's."""
-        d = self._design
-        per_group = cost[1] * pass_cost_ratio(d.q, d.p)
-        return cost[0] + per_group * self._stats.n_groups
-
-    def _scheduled_evals(self) -> int:
-        """Passes a scheduled refit may take in one call: :data:`SCHEDULED_REFIT_EVALS`,
-        fewer where passes are dear (:data:`SCHEDULED_REFIT_US`), never fewer than one
-        Newton step needs. The count comes from the cost model, not the clock, so two
-        identical streams refresh identically."""
-        n_theta = len(estimate.theta_index(self._design.blocks, self._design.q)[0])
-        fit = int(SCHEDULED_REFIT_US // self._pass_us())
-        return max(n_theta + 2, min(SCHEDULED_REFIT_EVALS, fit))
-
     def refresh(self) -> bool:
         """Run whatever the schedule says is due (refit first, else EM); True if any ran."""
-        n = self.n_events
-        if n == self._refreshed_at or n == 0:
-            return False
-        if n >= self._next_refit:
-            self.fit(max_evals=self._scheduled_evals())
-        elif n >= self._next_em:
+        due = self._schedule.due(self.n_events)
+        if due == "refit":
+            G, q, p = self._shape()
+            n_theta = len(estimate.theta_index(self._design.blocks, q)[0])
+            self.fit(max_evals=self._schedule.scheduled_evals(G, q, p, n_theta))
+        elif due == "em":
             self.em_step()
         else:
             return False
@@ -639,14 +365,14 @@ class MixedLM(base.MiniBatchRegressor):
 
         Under ``missing="skip"`` a missing feature takes its reference value.
         """
-        fast = self._fastp
+        fast = self._pred.fast
         if fast is not None:
             # a plain numeric formula with parameters and no refresh due: the group's
             # cached ``ŷ = K + Σ b·x`` (dropped whenever its statistics change)
             group, until, coefs = fast
             key = x.get(group)
-            if self.n_events < until and (type(key) is int or type(key) is str):
-                coef = coefs.get(key) or self._cache_coefficients(key)
+            if self._learner.n_events < until and (type(key) is int or type(key) is str):
+                coef = coefs.get(key) or self._pred.cached(self._stats, self._design, key)
                 if coef is not None:
                     yhat, terms = coef
                     for c, b in terms:
@@ -666,90 +392,20 @@ class MixedLM(base.MiniBatchRegressor):
             return fallback
         a = self._reader.features(x, impute=self._reader.skip)
         r = self._group_row(x)
-        fast = self._fastp
-        if fast is None or self.n_events >= fast[1]:
-            self._fastp = self._predict_layout()
-        return self._predict_union(a, r)
-
-    def _predict_layout(self) -> tuple[str, float, dict[str | int, _Coefs]] | None:
-        """What :meth:`predict_one`'s fast path needs, or ``None`` when it does not apply
-        (a plain numeric design, no forgetting, parameters): the group field, the event
-        count at which a refresh is due, and the per-group coefficient cache."""
-        d = self._design
-        if d.plain is None or self.half_life is not None or self._par is None:
-            return None
-        if d.k != self._stats.k:
-            return None
-        return self._formula.group, min(self._next_refit, self._next_em), self._coefs
-
-    def _cache_coefficients(self, key: str | int) -> _Coefs | None:
-        """The coefficients of group ``key`` (int or str), cached if the group is seen;
-        ``None`` for a key :meth:`_predict_one` must reject (too long)."""
-        r = self._stats.index.get(key)
-        if r is None:
-            if type(key) is str and len(key) > MAX_KEY_LEN:
-                return None
-            return self._unseen_coefficients()
-        coef = self._coefs[key] = self._group_coefficients(r)
-        return coef
-
-    def _unseen_coefficients(self) -> _Coefs:
-        """The fixed part's coefficients (an unseen group), cached under a key no group
-        can have."""
-        coef = self._coefs.get(_UNSEEN)
-        if coef is None:
-            coef = self._coefs[_UNSEEN] = self._group_coefficients(-1)
-        return coef
-
-    def _group_coefficients(self, r: int) -> _Coefs:
-        """``(K, ((field, c_f), …))`` with ``ŷ = K + Σ_f c_f x_f`` for group row ``r``
-        (-1: unseen), from ``ŷ = c_y + Σ (a_x − c_x)β̃ + Σ (a_z − c_z)b̃``, the intercept
-        folded into K."""
-        st, par = self._stats, self._par
-        coef = np.zeros(st.k)
-        coef[par.xi] += par.beta
-        if r >= 0:
-            kernels.group_effect(
-                st.M[r],
-                st.vpos,
-                par.c,
-                par.zi,
-                par.xi,
-                st.k,
-                st.P,
-                st.decay_factor(r),
-                par.lam,
-                par.beta,
-                True,
-                self._b1,
-                _NO_COV,
-                self._blk,
+        pred = self._pred
+        if pred.fast is None or self.n_events >= pred.fast[1]:
+            pred.layout(
+                self._design,
+                self._stats,
+                self._formula.group,
+                self._schedule.horizon,
+                self.half_life is not None,
             )
-            np.add.at(coef, par.zi, self._b1)
-        K = float(par.c[st.k] - coef @ par.c[: st.k])
-        ones = list(self._design.ones)
-        K += float(coef[ones].sum())
-        return K, tuple((c, float(coef[i])) for i, c in self._design.plain)
+        return pred.union(self._stats, a, r)
 
     def _predict_union(self, a: np.ndarray, r: int) -> float:
         """The prediction for union values ``a`` in group row ``r`` (-1: unseen)."""
-        st, par = self._stats, self._par
-        return kernels.predict_event(
-            st.M,
-            r,
-            a,
-            par.c,
-            st.decay_factor(r),
-            st.vpos,
-            par.zi,
-            par.xi,
-            st.k,
-            st.P,
-            par.lam,
-            par.beta,
-            self._b1,
-            self._blk,
-        )
+        return self._pred.union(self._stats, a, r)
 
     def predict_many(self, X):
         """Predictions for a DataFrame, equal to ``predict_one`` row by row."""
@@ -776,7 +432,7 @@ class MixedLM(base.MiniBatchRegressor):
         if fallback is not None:
             out[:] = fallback
         else:
-            out = self._predict_rows(rows, A)
+            out = self._pred.rows(self._stats, rows, A)
         for r in holes:  # a missing feature (missing="skip") takes its centre value
             out[r] = self.predict_one({c: v[r] for c, v in cols.items()})
         return pd.Series(out, index=X.index)
@@ -863,114 +519,25 @@ class MixedLM(base.MiniBatchRegressor):
         :meth:`from_snapshot` resumes from it.
         """
         self.refresh()
-        st, f = self._stats, self._design
-        G = st.n_groups
-        est = None
-        prob = self._problem() if G else None
-        if prob is not None and self._lam_u is not None:
-            theta = self._warm_theta(prob)
-            pr = prob.profile(theta) if theta is not None else None
-            if pr is not None:
-                est = estimate.estimates_at(prob, pr)
-                if not (np.all(np.isfinite(est.b)) and math.isfinite(est.sigma2)):
-                    est = None
-        if est is not None:
-            good = {
-                "names": f.fixed,
-                "fixef": est.fixef,
-                "vcov": est.vcov,
-                "theta": est.theta,
-                "re_cov": est.re_cov,
-                "sigma2": est.sigma2,
-                "criterion": est.criterion,
-                "keep": est.keep,
-            }
-            self._last_good = good
-            b, condvar, b_np, b_np_se = est.b, est.condvar, est.b_np, est.b_np_se
-        else:
-            good = _reindexed(self._last_good, f.fixed)
-            if good is None:
-                nan = math.nan
-                good = {
-                    "fixef": np.full(f.p, nan),
-                    "vcov": np.full((f.p, f.p), nan),
-                    "theta": np.full(len(estimate.theta_index(f.blocks, f.q)[0]), nan),
-                    "re_cov": np.full((f.q, f.q), nan),
-                    "sigma2": nan,
-                    "criterion": nan,
-                    "keep": np.ones(f.p, dtype=bool),
-                    "names": f.fixed,
-                }
-            b = np.zeros((G, f.q))
-            condvar = np.broadcast_to(good["re_cov"], (G, f.q, f.q)).copy()
-            b_np = b_np_se = np.full((G, f.q), math.nan)
-        lam_u = np.zeros((f.q, f.q))
-        lam_u[estimate.theta_index(f.blocks, f.q)] = good["theta"]
-        singular = bool(np.any(np.diag(lam_u) < estimate.SINGULAR_TOL))
-        dropped = tuple(name for name, k in zip(f.fixed, good["keep"]) if not k)
-        warns = checks.fit_messages(
-            group=self._formula.group,
-            n_obs=st.n_obs,
-            n_groups=G,
-            q=f.q,
-            re_names=f.random,
-            dropped=dropped,
-            singular=singular and est is not None,
-            summary=self.opt_summary if self._param_source[0] == "refit" else None,
-            fixed_sd=self._colinfo.get("sd", {}),
-        )
-        if est is None and G:
-            warns.append(
-                "no finite estimates at the current data (too few observations, or the "
-                "criterion is undefined): the snapshot keeps the last finite ones"
-            )
-        checks.warn_all(warns)
-        identified = not any("refuses" in w for w in warns)
-        return Snapshot(
+        prob = self._problem() if self._stats.n_groups else None
+        theta = self._warm_theta(prob) if prob is not None else None
+        parts = estimate.ModelParts(
             formula=self.formula,
             method=self.method,
-            fixef=dict(zip(f.fixed, good["fixef"])),
-            fixef_se=dict(zip(f.fixed, np.sqrt(np.diag(good["vcov"])))),
-            fixef_vcov=good["vcov"],
-            re_cov=good["re_cov"],
-            sigma=math.sqrt(good["sigma2"]),
-            theta=good["theta"],
-            criterion=good["criterion"],
-            n_obs=st.n_obs,
-            singular=singular,
-            converged=bool(est is not None and self.converged and identified),
+            design=self._design,
+            stats=self._stats,
             n_events=self.n_events,
-            keys=st.keys,
-            b=b,
-            condvar=condvar,
-            b_np=b_np,
-            b_np_se=b_np_se,
-            group_n=st.counts(),
-            group_ybar=self._group_ybar(),
-            re_names=f.random,
-            dropped=dropped,
-            warnings=warns,
-            optinfo=self.opt_summary.to_dict() if self.opt_summary is not None else {},
+            reservoir=self._res,
+            summary=self.opt_summary if self._param_source[0] == "refit" else None,
+            converged=self.converged,
+            colinfo=self._colinfo,
             history=self._history,
-            resid_quantiles=self._residual_quantiles(est, good),
-            offsets=offsets,
-            meta={"created": time.time(), **meta},
-            design=f.to_state(),
             state=self._state(),
         )
-
-    def _residual_quantiles(self, est, good) -> dict[str, float]:
-        """lme4's "Scaled residuals": quantiles of ``(y − x'β̂ − z'b̂_g)/σ̂`` over the
-        reservoir's events at these estimates (exact while the stream fits in it), with
-        how many events they cover (``events``) out of the stream's (``of``)."""
-        res = self._res
-        if res is None or res.size == 0 or est is None:
-            return {}
-        return residual_quantiles(res, self._design, est.fixef, est.b, math.sqrt(good["sigma2"]))
-
-    def _group_ybar(self) -> np.ndarray:
-        """Each group's raw (weighted, decayed) mean response, from the statistics."""
-        return self._stats.means()[:, -1].copy()
+        snap, self._last_good = estimate.mk_snapshot(
+            parts, prob, theta, self._last_good, offsets=offsets, meta=meta
+        )
+        return snap
 
     def _record_history(self, kind: str) -> None:
         """Append a small model-level record (bounded: thinned by half when full)."""
@@ -990,21 +557,13 @@ class MixedLM(base.MiniBatchRegressor):
             self._history = self._history[::2]
 
     def _state(self) -> dict[str, Any]:
-        st = self._stats.to_state()
         return {
-            **st,
-            "design": self._design.to_state(),
+            **self._learner.to_state(),
+            **self._schedule.to_state(),
             "lam_user": self._lam_u.ravel().copy() if self._lam_u is not None else np.zeros(0),
-            "time_key": self.time_key,
-            "missing": self.missing,
             "levels": self.levels,
-            "em_every": self.em_every,
-            "refit_every": self.refit_every,
-            "refresh_budget": self.refresh_budget,
-            "n_skipped": self.n_skipped,
             "n_refits": self.n_refits,
             "history": self._history,
-            **(self._res.to_state() if self._res is not None else {"res_capacity": 0}),
         }
 
     @classmethod
@@ -1046,29 +605,26 @@ class MixedLM(base.MiniBatchRegressor):
                 o._stats if T is None else o._stats.realigned(design, T)
                 for o, T in zip(models, maps)
             ]
-            m._set_design(design)
-            m._stats = GroupStats.merge(stats)
-            m._stats.spec = design
+            merged = GroupStats.merge(stats)
+            res = None
             if m._res is not None:
-                index = m._stats.index
-                m._res = Reservoir.merge(
+                index = merged.index
+                res = Reservoir.merge(
                     [
                         (o._res, np.array([index[key] for key in o._stats.keys], np.int64), T)
                         for o, T in zip(models, maps)
                         if o._res is not None
                     ],
-                    m._stats.k,
-                    keys=m._stats.keys,
+                    merged.k,
+                    keys=merged.keys,
                     design=design,
                 )
-            m.n_events = sum(o.n_events for o in models)
-            m.n_skipped = sum(o.n_skipped for o in models)
-            m._fast1 = m._fastc = None
-        m._refreshed_at = m.n_events
-        m._next_refit = m.n_events + (
-            m._gap(20, PASS_COST_US, 1.0, m.refit_every) if m._lam_u is not None else 1
-        )
-        m._next_em = m.n_events + m._gap(1, EM_PASS_COST_US, 0.5, m.em_every)
+            lr = m._learner
+            lr.set_design(design)
+            lr.set_stats(merged, res, sum(o.n_events for o in models))
+            lr.n_skipped = sum(o.n_skipped for o in models)
+        G, q, p = m._shape()
+        m._schedule.resumed(m.n_events, m._lam_u is not None, G, q, p)
         if m._lam_u is not None and m.n_events:
             m._restore_params()
         return m
@@ -1080,16 +636,16 @@ class MixedLM(base.MiniBatchRegressor):
         the state topic and fits through this model, so there is one path through the
         core. The warm start (Λ) is kept; the next :meth:`fit` or :meth:`snapshot`
         works on the new statistics. ``stats`` must be laid out for ``design.columns``.
+        The sample of events is emptied: the statistics came without their events.
         """
         if tuple(stats.columns) != tuple(design.columns):
             raise ValueError("the statistics are not laid out for the design's columns")
-        self._set_design(design)
-        self._stats = stats
-        stats.spec = design
-        if self._res is not None:  # the statistics came without events
-            self._res = Reservoir(self._res.capacity)
-        self._par = None  # parameters of other statistics: refit or restore first
-        self.n_events = int(n_events)
+        lr = self._learner
+        lr.set_design(design)
+        res = Reservoir(lr.res.capacity) if lr.res is not None else None
+        lr.set_stats(stats, res, n_events)
+        self._pred.par = None  # parameters of other statistics: refit or restore first
+        self._pred.drop()
         return self
 
     def _restore_params(self) -> None:
@@ -1117,167 +673,10 @@ class MixedLM(base.MiniBatchRegressor):
             refresh_budget=s.get("refresh_budget", REFRESH_BUDGET_US),
             reservoir=int(s.get("res_capacity", CAPACITY)),
         )
-        m._set_design(Design.from_state(snap.formula, s["design"]))
-        m._stats = GroupStats.from_state(m._design, snap.keys, s)
-        if m._res is not None:
-            m._res = Reservoir.from_state(s, m._stats.k)
-        m.n_events = snap.n_events
-        m.n_skipped = s["n_skipped"]
+        m._learner.load_state(s, snap.keys, snap.n_events)
         m.n_refits = s["n_refits"]
         m._history = [dict(h) for h in s.get("history", [])]
         lam = np.asarray(s["lam_user"], dtype=float)
         if lam.size:
             m._lam_u = lam.reshape(m._design.q, m._design.q)
         return m
-
-    def learn_coded(self, uniques, codes, A, y, w, t=None) -> None:
-        """Accumulate a validated batch whose group keys are coded (the stream engine's
-        path): event ``i`` is in group ``uniques[codes[i]]``. ``uniques`` may be a list
-        that only grows between calls (a decoder's key table): the row of each code is
-        kept, so only keys new to the model are looked up. Otherwise as
-        :meth:`learn_batch`: new groups get rows in the order of their first event of
-        positive weight.
-        """
-        self._check_products(A, y, w)
-        if self._design.k != self._stats.k:
-            self._widen()
-        rows = self._code_rows(uniques)
-        pos = w > 0
-        new = _first_order(codes[pos & (rows[codes] < 0)])
-        if new.shape[0]:
-            rows[new] = self._stats.rows([uniques[j] for j in new.tolist()])
-        touched = [uniques[j] for j in np.unique(codes[pos]).tolist()] if self._coefs else []
-        self._accumulate(rows[codes], A, y, w, t, touched)
-
-    def _code_rows(self, uniques) -> np.ndarray:
-        """The statistics row of each code of ``uniques`` (-1: not looked up yet), kept
-        while ``uniques`` and the statistics are the same objects."""
-        cache = getattr(self, "_coded", None)
-        if cache is None or cache[0] is not uniques or cache[1] is not self._stats:
-            cache = (uniques, self._stats, np.empty(0, dtype=np.int64))
-        rows = cache[2]
-        if rows.shape[0] < len(uniques):
-            rows = np.full(max(len(uniques), 2 * rows.shape[0]), -1, dtype=np.int64)
-            rows[: cache[2].shape[0]] = cache[2]
-        self._coded = (uniques, self._stats, rows)
-        return rows
-
-
-def pass_cost_ratio(q: int, p: int) -> float:
-    """A pass's cost per group relative to the benchmark model's (q = 2, p = 3), at least 1.
-
-    The pass's per-group work is the q×q factor (q³), the q×(p+1) solves (q²(p+1)) and the
-    gradient's Gram sums over ``m = q(p+1)`` entries (m², which dominates for large p);
-    the weights were fitted to ``scripts/bench_core.py``-style timings of the pass at
-    20k groups (q = 1-3, p = 2-19). Smaller models keep the benchmark's cost, so their
-    schedule is as before.
-
-    >>> pass_cost_ratio(2, 3), round(pass_cost_ratio(3, 19), 1)
-    (1.0, 8.9)
-
-    """
-    m = q * (p + 1)
-    per_group = 5.0 + 0.13 * m * m + 8.0 * q**3
-
-    return max(1.0, per_group / (5.0 + 0.13 * 64 + 64.0))
-
-
-QUANTILES = (("min", 0.0), ("1Q", 0.25), ("median", 0.5), ("3Q", 0.75), ("max", 1.0))
-
-
-def residual_quantiles(res: Reservoir, design: Design, fixef, b, sigma: float) -> dict[str, float]:
-    """Quantiles of the scaled residuals ``(y − x'β − z'b_g)/σ`` of a reservoir's events
-    (each counted as often as it was seen), at ``fixef`` (every fixed column; NaN for a
-    dropped one) and the groups' BLUPs ``b`` (rows of the statistics): R's type-7
-    quantiles, as lme4's ``summary()`` computes them from every residual. ``events`` is
-    how many events they cover and ``of`` how many the stream had."""
-    _, resid, count = res.residuals(design.xi, design.zi, fixef, b)
-    r = resid / sigma
-    q = weighted_quantiles(r, count, [p for _, p in QUANTILES])
-    out = {name: float(v) for (name, _), v in zip(QUANTILES, q)}
-    out.update(events=res.n_events, of=res.n_seen)
-    return out
-
-
-def _first_order(codes: np.ndarray) -> np.ndarray:
-    """The distinct codes in the order of their first appearance (new groups get rows
-    in the order of their first event, as in a ``learn_one`` loop).
-
-    >>> _first_order(np.array([3, 1, 3, 0, 1])).tolist()
-    [3, 1, 0]
-
-    """
-    seen, first = np.unique(codes, return_index=True)
-    return seen[np.argsort(first)]
-
-
-def _batch_columns(X, y, w, group: str | None = None):
-    """Columns of ``X`` and the arrays of ``y`` and ``w``, with errors that name what is
-    wrong: ``X`` must be a DataFrame; ``y`` and ``w`` one value per row, aligned with
-    ``X``'s index when they have one (never matched by position silently)."""
-    if not hasattr(X, "columns"):
-        raise ValueError(
-            f"learn_many expects a pandas DataFrame for X, got {type(X).__name__}"
-            + (
-                " (use learn_one for dicts, or pandas.DataFrame(rows))"
-                if isinstance(X, list)
-                else ""
-            )
-        )
-    out = []
-    for name, v in (("y", y), ("w", w)):
-        if v is None:
-            out.append(None)
-            continue
-        if hasattr(v, "columns"):
-            raise ValueError(f"{name} must be a Series or a 1-d array, got a DataFrame")
-        if hasattr(v, "index") and not v.index.equals(X.index):
-            raise ValueError(
-                f"{name}'s index differs from X's: align them (e.g. {name}.loc[X.index]) — "
-                "rows are never matched by position"
-            )
-        arr = v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v)
-        if arr.ndim != 1 or arr.shape[0] != len(X):
-            raise ValueError(
-                f"{name} has shape {arr.shape}; expected ({len(X)},), one per row of X"
-            )
-        out.append(arr)
-    # the group column stays a Series: pandas factorizes its own string arrays fastest
-    return {c: X[c] if c == group else X[c].to_numpy() for c in X.columns}, out[0], out[1]
-
-
-def _reindexed(good: dict[str, Any] | None, names) -> dict[str, Any] | None:
-    """Last good estimates laid out for the fixed columns ``names`` (columns that
-    appeared since get NaN)."""
-    if good is None or tuple(good["names"]) == tuple(names):
-        return good
-    pos = {n: i for i, n in enumerate(good["names"])}
-    ix = [pos.get(n, -1) for n in names]
-    p = len(names)
-    fixef, vcov, keep = np.full(p, np.nan), np.full((p, p), np.nan), np.zeros(p, dtype=bool)
-    for i, j in enumerate(ix):
-        if j >= 0:
-            fixef[i], keep[i] = good["fixef"][j], good["keep"][j]
-            for i2, j2 in enumerate(ix):
-                if j2 >= 0:
-                    vcov[i, i2] = good["vcov"][j, j2]
-    return {**good, "names": tuple(names), "fixef": fixef, "vcov": vcov, "keep": keep}
-
-
-# predict_one's cached coefficients of a group: ``(K, ((field, c_f), …))``
-_Coefs = tuple[float, tuple[tuple[str, float], ...]]
-_UNSEEN = ("unseen",)  # the fixed part's cache key: a tuple, never a group key
-_NO_COV = np.empty((0, 0))  # kernels.group_effect: the effect alone
-_NO_PLAN = np.empty(0, dtype=np.int64)  # kernels.accumulate_coded: no reservoir
-_NO_KEYS = np.empty(0, dtype=np.int64)
-
-
-class _Params(NamedTuple):
-    """What a prediction needs, in the coordinates of the fit that produced it."""
-
-    c: np.ndarray
-    xi: np.ndarray
-    zi: np.ndarray
-    lam: np.ndarray
-    beta: np.ndarray
-    sigma2: float

@@ -315,24 +315,22 @@ class Snapshot:
         """Fixed part plus the group's BLUP (the fixed part alone for an unseen group).
 
         ``x`` is an event as learned (factors as strings, raw fields of transforms);
-        missing features, or a factor level the model never saw, raise ``ValueError``
-        naming the field. Dropped (aliased) columns contribute nothing.
+        missing features raise ``ValueError`` naming the field; a factor level the model
+        never saw has effect 0 (the reference level's). Dropped (aliased) columns
+        contribute nothing. The formula is the one of every prediction
+        (:func:`streamlmm.predictor.coefficients`).
         """
+        from streamlmm.predictor import coefficients, linear_predictor
+
         d = self._encoder()
         try:
             a = d.encode_one(x, np.empty(max(d.k, 1)), learn=False)
         except ValueError as e:  # Missing included
             raise ValueError(str(e)) from None
-        cols = {c: i for i, c in enumerate(d.columns)}
-        yhat = 0.0
-        for name, v in self.fixef.items():
-            if v == v and name in cols:
-                yhat += v * a[cols[name]]
         r = self._row(x.get(self._formula.group))
-        if r >= 0:
-            for i, name in enumerate(self.re_names):
-                yhat += self.b[r, i] * a[cols[name]]
-        return float(yhat)
+        b = self.b[r] if r >= 0 else None
+        coef = coefficients(d.k, d.xi, list(self.fixef.values()), d.zi, b)
+        return linear_predictor(a, coef)
 
     def _encoder(self):
         """The formula's encoder at this snapshot's factor levels (built once)."""

@@ -312,28 +312,29 @@ def estimates_at(model, theta_user) -> dict[str, Any]:
 
 
 # -- state comparison -------------------------------------------------------------------------
-# per-call buffers are not the model's statistical state; the reservoir is compared by
-# its content (sorted by priority), not by the slots its events happen to occupy
-_SCRATCH = {
-    "_res",
-    "_A1",
-    "_row1",
-    "_y1",
-    "_w1",
-    "_t1",
-    "_out1",
-    "_blk",
-    "_b1",
-    "_resid",
-    "_fast1",
-    "_fastc",
-    "_fastp",
-}
+# A model's statistical state: its own fields, and its parts' (the learner's statistics,
+# design and counts; the schedule; the predictor's parameters), without per-call scratch
+# and caches. The reservoir is compared by its content (sorted by priority), not by the
+# slots its events happen to occupy.
+_PARTS = {"_learner", "_pred", "_schedule"}
 
 
 def model_state(model) -> bytes:
     """Pickled bytes of everything a model holds except its per-call scratch buffers."""
-    state = {k: v for k, v in vars(model).items() if k not in _SCRATCH}
+    state = {k: v for k, v in vars(model).items() if k not in _PARTS}
+    lr = model._learner
+    st = lr.stats
+    state["_learner"] = {
+        "design": lr.design.to_state(),
+        "M": st.active.tobytes(),
+        "keys": list(st.keys),
+        "tg": st.tg[: st.n_groups].tobytes(),
+        "now": st.now,
+        "n_events": lr.n_events,
+        "n_skipped": lr.n_skipped,
+    }
+    state["_schedule"] = dict(vars(model._schedule))
+    state["_par"] = model._pred.par
     res = model._res
     if res is not None:
         o = np.argsort(res.prio[: res.size], kind="stable")

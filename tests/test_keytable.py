@@ -126,7 +126,7 @@ def _one_loop(X: pd.DataFrame, y: pd.Series, missing: str = "raise") -> MixedLM:
     m = MixedLM(SLOPES, missing=missing)
     for i, x in enumerate(X.to_dict("records")):
         if x["g"] is None or x["g"] != x["g"]:
-            m.n_skipped += 1  # learn_one refuses a missing key; learn_many skips it
+            m._learner.n_skipped += 1  # learn_one refuses a missing key; learn_many skips it
             continue
         m.learn_one(x, float(y.iat[i]))
     return m

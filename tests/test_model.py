@@ -110,7 +110,7 @@ def test_learn_one_with_factors_is_bitwise_learn_many(helpers):
     one, many = MixedLM(formula, reservoir=500), MixedLM(formula, reservoir=500)
     for x, y in events:
         one.learn_one(x, y)
-    assert one._fastc is not None  # the fast path for factors was in use
+    assert one._learner._fastc is not None  # the fast path for factors was in use
     X = pd.DataFrame([x for x, _ in events]).astype({"age": float})
     yy = pd.Series([y for _, y in events])
     for start in range(0, len(X), 700):
@@ -771,7 +771,7 @@ def test_predict_one_fast_path_equals_the_kernel():
         for g in [0, 5, 39, 1000, "new"]:
             x = {"g": g, "x1": 0.3 * trial - 0.2, "x2": 1.5}
             got = m.predict_one(x)
-            assert m._fastp is not None
+            assert m._pred.fast is not None
             assert got == pytest.approx(kernel(x), rel=1e-12, abs=1e-12)
         m.learn_one({"g": 5, "x1": 2.0, "x2": 0.0}, 9.0)  # group 5 changes
         if trial == 1:

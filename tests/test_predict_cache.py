@@ -42,8 +42,7 @@ def _trained(**kw) -> MixedLM:
 def _fresh(m: MixedLM, x: dict) -> float:
     """``x``'s prediction by a copy of ``m`` that recomputes its coefficients."""
     c = copy.deepcopy(m)
-    c._fastp = None
-    c._coefs.clear()
+    c._pred.drop()
     c.predict_one(x)  # the kernel, and the fast path's layout
     return c.predict_one(x)  # the coefficients, computed afresh
 
@@ -69,7 +68,7 @@ def _cached(m: MixedLM, x: dict = X5) -> float:
     """Predict ``x`` twice, so its group's coefficients are cached; check the cache."""
     m.predict_one(x)
     p = m.predict_one(x)
-    assert m._fastp is not None and x["g"] in m._coefs
+    assert m._pred.fast is not None and x["g"] in m._pred.coefs
     assert p == pytest.approx(_kernel(m, x), rel=1e-12, abs=1e-12)
     return p
 
@@ -153,7 +152,7 @@ def test_a_scheduled_refresh_runs_before_the_cache_is_used():
     for x, y in _events(10, 40, seed=4):  # other groups' events: group 5 may be untouched
         if x["g"] != 5:
             m.learn_one(x, y)
-    while m.n_events < m._next_refit:
+    while m.n_events < m._schedule.next_refit:
         m.learn_one({"g": 6, "x1": 0.0, "x2": 0.0}, 1.0)
     assert _current(m) != before
     assert m.n_refits == refits + 1
@@ -166,7 +165,7 @@ def test_a_failed_refit_moves_the_horizon(monkeypatch):
     _cached(m)
     monkeypatch.setattr(m, "_adopt", lambda *a: False)
     m.fit()
-    assert m._next_refit == m.n_events + 1
+    assert m._schedule.next_refit == m.n_events + 1
     _cached(m)
     monkeypatch.undo()
     m.learn_one({"g": 6, "x1": 0.0, "x2": 0.0}, 1.0)

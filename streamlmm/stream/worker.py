@@ -48,6 +48,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 
 from streamlmm.keys import key_to_json
 from streamlmm.model import MixedLM
+from streamlmm.predictor import coefficients, linear_predictor
 from streamlmm.stats import GroupStats
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled, distinct_partitions
 from streamlmm.stream.engine import parse_levels
@@ -604,16 +605,13 @@ class Worker:
             raise LookupError("no global estimates yet: the fitter has not published any")
         d = self.design
         a = d.encode_one(x, np.empty(max(d.k, 1)), learn=False)
-        beta = self._global_beta()
-        kept = np.isfinite(beta)
-        yhat = float(a[np.asarray(d.xi)[kept]] @ beta[kept])
         key = x.get(self.model._formula.group)
+        b = None
         for part in self.parts.values():
             if key in part.stats.index:
-                b = self._effects(key, part.stats)["ranef"]
-                yhat += float(a[np.asarray(d.zi)] @ np.array(list(b.values())))
+                b = list(self._effects(key, part.stats)["ranef"].values())
                 break
-        return yhat
+        return linear_predictor(a, coefficients(d.k, d.xi, self._global_beta(), d.zi, b))
 
     # -- loop ------------------------------------------------------------------------------
     def run(self, install_signals: bool = True) -> int:
