@@ -1020,6 +1020,8 @@ def _batch_columns(X, y, w, group: str | None = None):
     """Columns of ``X`` and the arrays of ``y`` and ``w``, with errors that name what is
     wrong: ``X`` must be a DataFrame; ``y`` and ``w`` one value per row, aligned with
     ``X``'s index when they have one (never matched by position silently)."""
+    import pandas as pd
+
     if not hasattr(X, "columns"):
         raise ValueError(
             f"learn_many expects a pandas DataFrame for X, got {type(X).__name__}"
@@ -1036,15 +1038,25 @@ def _batch_columns(X, y, w, group: str | None = None):
             continue
         if hasattr(v, "columns"):
             raise ValueError(f"{name} must be a Series or a 1-d array, got a DataFrame")
-        if hasattr(v, "index") and not v.index.equals(X.index):
+        index = getattr(v, "index", None)
+        if isinstance(index, pd.Index) and not index.equals(X.index):  # a Series
             raise ValueError(
                 f"{name}'s index differs from X's: align them (e.g. {name}.loc[X.index]) — "
                 "rows are never matched by position"
             )
-        arr = v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v)
-        if arr.ndim != 1 or arr.shape[0] != len(X):
+        if isinstance(v, (str, bytes, Mapping)) or not hasattr(v, "__len__"):
             raise ValueError(
-                f"{name} has shape {arr.shape}; expected ({len(X)},), one per row of X"
+                f"{name} must be a Series, a 1-d array or a list with one value per row of "
+                f"X, got {type(v).__name__}"
+            )
+        try:
+            arr = v.to_numpy() if hasattr(v, "to_numpy") else np.asarray(v)
+        except ValueError as e:  # a ragged list
+            raise ValueError(f"{name} is not a 1-d sequence of values: {e}") from None
+        if arr.ndim != 1 or arr.shape[0] != len(X):
+            what = f"{arr.shape[0]} values" if arr.ndim == 1 else f"shape {arr.shape}"
+            raise ValueError(
+                f"{name} has {what}; expected {len(X)}, one per row of X ({name} must be 1-d)"
             )
         out.append(arr)
     # the group column stays a Series: pandas factorizes its own string arrays fastest
