@@ -28,7 +28,7 @@ from river import base
 
 from streamlmm import checks, estimate, kernels
 from streamlmm.design import Design
-from streamlmm.keys import MAX_KEY_LEN
+from streamlmm.keys import MAX_KEY_LEN, text_problem
 from streamlmm.reservoir import CAPACITY, Reservoir, priority_one, weighted_quantiles
 from streamlmm.rows import RowReader
 from streamlmm.snapshot import Snapshot
@@ -214,6 +214,8 @@ class MixedLM(base.MiniBatchRegressor):
                 else:
                     r = st.index.get(key)
                     if r is None:
+                        if type(key) is str and not key.isascii() and text_problem(key):
+                            return self._learn_one(x, y, w)  # refuses it, naming the field
                         r = st._new_row(key)
                         if res is not None:
                             res.new_key(r, key)
@@ -573,11 +575,11 @@ class MixedLM(base.MiniBatchRegressor):
     def _predict_one(self, x: Mapping[str, Any]) -> float:
         """:meth:`predict_one` through the kernel: refreshes first if due, validates
         ``x`` (raising ``ValueError`` as ``learn_one`` does), imputes under "skip"."""
+        r = self._group_row(x)  # a bad key is refused, with parameters or without
         fallback = self._fallback()
         if fallback is not None:
             return fallback
         a = self._reader.features(x, impute=self._reader.skip)
-        r = self._group_row(x)
         fast = self._fastp
         if fast is None or self.n_events >= fast[1]:
             self._fastp = self._predict_layout()
@@ -599,7 +601,9 @@ class MixedLM(base.MiniBatchRegressor):
         ``None`` for a key :meth:`_predict_one` must reject (too long)."""
         r = self._stats.index.get(key)
         if r is None:
-            if type(key) is str and len(key) > MAX_KEY_LEN:
+            if type(key) is str and (
+                len(key) > MAX_KEY_LEN or (not key.isascii() and text_problem(key))
+            ):
                 return None
             return self._unseen_coefficients()
         coef = self._coefs[key] = self._group_coefficients(r)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from streamlmm.formula import parse_formula
+from streamlmm.keys import key_label
 from streamlmm.snapshot import Snapshot
 
 __all__ = [
@@ -230,7 +231,7 @@ def plot_caterpillar(snap: Snapshot, path: str | os.PathLike) -> str:
         ax.set_title(d["name"])
         ax.grid(axis="y", visible=False)
         if len(y) <= 30:
-            ax.set_yticks(y, [str(k) for k in d["keys"]], fontsize=8)
+            ax.set_yticks(y, [key_label(k) for k in d["keys"]], fontsize=8)
         else:
             ax.set_yticks([])
             ax.set_ylabel(f"{len(y)} groups ({g}), sorted by effect")

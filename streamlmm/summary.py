@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from streamlmm.formula import parse_formula
+from streamlmm.keys import key_label
 from streamlmm.snapshot import Snapshot
 
 __all__ = [
@@ -215,7 +216,9 @@ def compare_with_truth(snap: Snapshot, truth: Mapping[str, Any]) -> dict[str, An
     out: dict[str, Any] = {"rows": rows, "groups": recovery}
     drift = truth.get("drift")
     if drift:
-        est = snap.ranef(drift["group"]).get(drift["term"], math.nan)
+        est = math.nan  # the drifting group may not be in the snapshot (yet)
+        if drift["group"] in snap:
+            est = snap.ranef(drift["group"]).get(drift["term"], math.nan)
         out["drift"] = dict(drift, estimate=float(est))
     return out
 
@@ -393,7 +396,7 @@ def _format_groups(snap: Snapshot) -> list[str]:
     head.append("shrinkage")
     body = []
     for r in rows:
-        cells = [str(r["group"]), f"{r['n']:g}", _num(r["raw_mean"], dec)]
+        cells = [key_label(r["group"]), f"{r['n']:g}", _num(r["raw_mean"], dec)]
         for n in names:
             cells += [_num(r["ranef"][n], dec), _num(r["cond_sd"][n], dec)]
         cells.append(f"{r['shrinkage'][names[0]]:.3f}")

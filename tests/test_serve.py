@@ -208,7 +208,9 @@ def test_unknown_group_404_and_population_fallback(served):
     assert status == 404 and "nope" in body["error"] and body["status"] == 404
     status, g = get(port, "/v1/groups/nope?fallback=population")
     assert status == 200 and not g["found"] and g["fallback"] == "population"
-    assert g["ranef"] == {"(Intercept)": 0.0, "x1": 0.0} == snap.ranef("nope")
+    assert (
+        g["ranef"] == {"(Intercept)": 0.0, "x1": 0.0} == snap.ranef("nope", fallback="population")
+    )
     assert g["ranef_cov"] == snap.re_cov.tolist() and g["n"] == 0.0
     assert g["shrinkage"] == {"(Intercept)": 0.0, "x1": 0.0}
     assert get(port, "/v1/groups/a?fallback=population")[1]["found"]
@@ -263,7 +265,7 @@ def test_predict_values(served):
         assert p["prediction"] == pytest.approx(snap.predict(ev), rel=0, abs=0)
         xr = np.array([1.0, ev["x1"], ev["x2"]])
         zr = np.array([1.0, ev["x1"]])
-        C = snap.ranef_cov(ev.get("g", "unseen"))
+        C = snap.ranef_cov(ev.get("g"), fallback="population")
         se = math.sqrt(xr @ V @ xr + zr @ C @ zr + snap.sigma**2)
         assert p["se"] == pytest.approx(se, rel=1e-12)
         assert p["lower"] == pytest.approx(p["prediction"] - Z95 * se, rel=1e-12)
@@ -545,6 +547,36 @@ def test_not_ready_until_a_snapshot_appears(tmp_path):
         assert get(port, "/v1/groups/1")[1]["ranef"]["x1"] == 4.0
     finally:
         stop(proc)
+
+
+def test_a_stored_key_that_is_not_valid_unicode_is_answered_never_a_500(helpers):
+    """A snapshot written before keys with a lone surrogate were refused at the input:
+    every endpoint answers with JSON (the key in ASCII escapes), none with a 500."""
+    from streamlmm.serve.server import start_server
+
+    m = MixedLM("y ~ x1 + (1 | g)")
+    for i in range(80):
+        m.learn_one({"g": ["a", "b", "zzzzzz", 7][i % 4], "x1": float(i % 5)}, float(i % 3 + i % 4))
+    snap = helpers.with_lone_surrogate(m.fit().snapshot(), "zzzzzz")
+    server = start_server(port=0, snapshot=snap)
+    try:
+        port = server.port
+        status, body = get(port, "/v1/groups?top=50")
+        assert status == 200, body
+        assert {g["group"] for g in body["groups"]} == set(snap.keys) == {"a", "b", "\ud800", 7}
+        mine = next(g for g in body["groups"] if g["group"] == "\ud800")
+        assert mine["ranef"] == snap.ranef("\ud800") and mine["found"]
+        status, g = get(port, "/v1/groups/%22%5Cud800%22")  # the key's own URL: "\ud800"
+        assert status == 200 and g["group"] == "\ud800" and g["n"] == 20.0
+        status, g = get(port, "/v1/groups?keys=a,%22%5Cud800%22")
+        assert status == 200 and [x["group"] for x in g["groups"]] == ["a", "\ud800"]
+        status, g = get(port, "/v1/groups/%22%5Cudfff%22")  # another one, not stored
+        assert status == 404 and "\\udfff" in g["error"]
+        assert get(port, "/v1/model")[0] == 200
+        status, p = post(port, "/v1/predict", {"g": "\ud800", "x1": 1.0})
+        assert status == 400 and "surrogate" in p["error"]  # refused by the JSON parser
+    finally:
+        server.stop()
 
 
 def test_binds_loopback_by_default():

@@ -227,3 +227,29 @@ def test_trajectory_data(fitted):
     assert d["corr"][-1, 0] == pytest.approx(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]))
     assert d["sigma"][-1] == pytest.approx(last["sigma"], rel=1e-12)
     assert set(d["kind"]) <= {"refit", "em"}
+
+
+def test_a_stored_key_that_is_not_valid_unicode_is_printed_and_drawn(tmp_path, helpers):
+    """A snapshot written before keys with a lone surrogate were refused: ``summary
+    --groups`` (text and JSON) and ``plot`` show the key escaped, and work."""
+    m = MixedLM("y ~ x + (1 | g)")
+    for i in range(120):
+        m.learn_one({"g": ["a", "b", "zzzzzz"][i % 3], "x": float(i % 5)}, float(i % 3 + i % 4))
+    snap = helpers.with_lone_surrogate(m.fit().snapshot(), "zzzzzz")
+    d = tmp_path / "snaps"
+    snap.save(d)
+    run = [sys.executable, "-m", "streamlmm.cli"]
+    out = subprocess.run(run + ["summary", str(d), "--groups"], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    row = next(r for r in out.stdout.decode("utf-8").splitlines() if r.startswith(" \\ud800"))
+    assert row.split()[1] == "40"  # its own n: the key's row was found, not the prior's
+    js = subprocess.run(run + ["summary", str(d), "--groups", "--json"], capture_output=True)
+    assert js.returncode == 0, js.stderr
+    groups = json.loads(js.stdout)["groups"]
+    assert [g["group"] for g in groups] == ["a", "b", "\ud800"]
+    assert groups[2]["shrinkage"] == snap.shrinkage("\ud800") and groups[2]["shrinkage"] != {
+        "(Intercept)": 0.0
+    }
+    pl = subprocess.run(run + ["plot", str(d), "--out", str(tmp_path / "p")], capture_output=True)
+    assert pl.returncode == 0, pl.stderr
+    assert len(list((tmp_path / "p").glob("*.png"))) == 4

@@ -135,6 +135,23 @@ def test_dead_letter_file_is_cut_back_to_the_restored_snapshot(tmp_path):
     assert dead.read_bytes() == good
 
 
+def test_a_key_that_is_not_valid_unicode_is_a_dead_letter_and_the_rest_is_learned(tmp_path):
+    evs = events(300, 7)
+    body = lines(evs).splitlines(keepends=True)
+    body[100] = b'{"g": "\\ud800", "x1": 1, "x2": 2, "y": 3}\n'  # JSON's escape of a lone surrogate
+    body[200] = b'{"g": "a\\udc00", "x1": 1, "x2": 2, "y": 3}\n'
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(b"".join(body))
+    assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
+    letters = [json.loads(x) for x in dead.read_text().splitlines()]
+    assert [d["offset"] for d in letters] == [100, 200]
+    assert all("not valid Unicode text (a lone surrogate" in d["reason"] for d in letters)
+    s = LocalStore(snap).latest()
+    assert s.n_events == 298 and all(isinstance(k, int) or k.isprintable() for k in s.keys)
+    js = cli("summary", str(snap), "--groups", "--json")
+    assert js.returncode == 0 and len(json.loads(js.stdout)["groups"]) == s.n_groups
+
+
 # -- the command line ---------------------------------------------------------------------------
 def test_python_dash_m_version_and_help_with_defaults():
     from streamlmm import __version__
