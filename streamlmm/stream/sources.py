@@ -59,6 +59,7 @@ MAX_LINE_BYTES = 1 << 20
 # a broker outage the engine would sit idle for up to 30 s once the broker is back.
 RECONNECT_BACKOFF_MAX_MS = 1000
 _CHUNK = 1 << 20
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which some editors put at a file's start
 FETCH_QUEUE_BACKOFF_MS = 10
 
 
@@ -122,6 +123,9 @@ class Source:
 
 class JsonlSource(Source):
     """One JSON object per line from a file or ``-`` (stdin); offset = line number.
+
+    A UTF-8 byte order mark at the start of the file (or of stdin) is not part of the
+    first event: it is skipped (it stays in the consumed bytes and their hash).
 
     Examples
     --------
@@ -244,6 +248,8 @@ class JsonlSource(Source):
                 if not rest or rest.endswith(b"\n"):
                     break
         self.offset += 1
+        if self.offset == 1 and line.startswith(_BOM):  # an editor's mark, not the event's
+            line = line[len(_BOM) :]
         return line.rstrip(b"\r\n")
 
     def poll(self, max_records: int, timeout_s: float) -> Polled:

@@ -152,6 +152,23 @@ def test_a_key_that_is_not_valid_unicode_is_a_dead_letter_and_the_rest_is_learne
     assert js.returncode == 0 and len(json.loads(js.stdout)["groups"]) == s.n_groups
 
 
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_a_utf8_bom_at_the_start_of_the_stream_is_skipped(tmp_path, how):
+    evs = events(200, 8)
+    data = b"\xef\xbb\xbf" + lines(evs)  # as some editors save a file
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(data)
+    source, stdin = (f"jsonl:{src}", None) if how == "file" else ("jsonl:-", data)
+    p = run(source, snap, "--dead-letter", str(dead), stdin=stdin)
+    assert p.returncode == 0, p.stderr
+    assert dead.read_bytes() == b"" and n_events(snap) == 200
+    mem = MixedLM(FORMULA)
+    for e in evs:
+        mem.learn_one({k: e[k] for k in ("g", "x1", "x2")}, e["y"])
+    want = mem.fit().snapshot()
+    assert LocalStore(snap).latest().criterion == pytest.approx(want.criterion, rel=1e-9)
+
+
 # -- the command line ---------------------------------------------------------------------------
 def test_python_dash_m_version_and_help_with_defaults():
     from streamlmm import __version__

@@ -25,6 +25,21 @@ def test_overlong_line_is_one_record_and_the_next_line_survives(tmp_path):
     assert len(recs) == 2 and recs.record(1).value == b'{"ok": 1}' and recs.record(1).offset == 1
 
 
+def test_a_utf8_bom_at_the_start_is_not_part_of_the_first_event(tmp_path):
+    p = tmp_path / "e.jsonl"
+    p.write_bytes(b'\xef\xbb\xbf{"i": 0}\n{"i": 1}\n')
+    src = JsonlSource(str(p))
+    got = src.poll(10, 0)
+    assert got.values == [b'{"i": 0}', b'{"i": 1}']
+    assert src.identity()["bytes"] == p.stat().st_size  # consumed (and hashed) all the same
+    src3 = JsonlSource(str(p))
+    src3.poll(1, 0)
+    ident = src3.identity()
+    src4 = JsonlSource(str(p))
+    assert src4.resume({"jsonl:0": 1}, ident, False) == {"jsonl:0": 1}
+    assert src4.poll(10, 0).values == [b'{"i": 1}']
+
+
 @pytest.mark.parametrize("spec", ["kafka://", "kafka://host:1", "mqtt://x", "file.jsonl"])
 def test_bad_source_specs_are_clear_errors(spec):
     with pytest.raises(ValueError):
