@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 __all__ = ["main"]
 
@@ -184,8 +185,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dead-letter",
         metavar="DEST",
         help="where bad events go: a Kafka topic (with a Kafka source; transactional, "
-        "read it with isolation_level=read_committed), or a JSON-lines PATH / jsonl:PATH "
-        "(default: logged only)",
+        "read it with isolation_level=read_committed), or a JSON-lines PATH / jsonl:PATH, "
+        "which holds exactly the dead letters of the events the snapshots hold (cut back "
+        "on restart, emptied by a start from no snapshot) (default: logged only)",
     )
     r.add_argument(
         "--publish-topic",
@@ -360,9 +362,21 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warnings_as_log_lines() -> None:
+    """Python warnings (lme4's checks: ``FitWarning``) as one log line each, without the
+    file name and source line that :mod:`warnings` prints by default."""
+    log = logging.getLogger("streamlmm")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        log.warning("%s: %s", category.__name__, message)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``streamlmm`` command."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _warnings_as_log_lines()
     args = _parser().parse_args(argv)
     try:
         return args.func(args)

@@ -688,6 +688,11 @@ class MixedLM(base.MiniBatchRegressor):
 
     # -- results --------------------------------------------------------------------------
     @property
+    def n_groups(self) -> int:
+        """Groups seen (every group with a row of statistics), refit or not."""
+        return self._stats.n_groups
+
+    @property
     def n_unseen_levels(self) -> int:
         """Predictions (rows) that met a factor level not learned yet, and so took that
         level's effect as 0, as an unseen group's is (e.g. river's ``predict_one`` before

@@ -22,8 +22,9 @@ Exactly once
   publishes effects again only once past it. The snapshot also records the offsets
   committed with it, in case the group's offsets are lost.
 - **Dead letters in a file.** The file's length is in every snapshot; a restart
-  truncates the file back to it. A first run with a dead-letter file writes an empty
-  snapshot at start, so that even a crash before the first checkpoint is undone.
+  truncates the file back to it, and a start from nothing (no valid snapshot) empties
+  it, so that the file always holds exactly the dead letters of the events before the
+  offsets the engine resumes from, even after a crash before the first checkpoint.
 - **Partitions.** Producers key messages by group, so every group lives on one
   partition. The engine keeps the map group → home partition (in the snapshot's
   ``meta["home"]`` as ``[key, partition]`` pairs); an event of a known group arriving on
@@ -41,6 +42,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
@@ -48,6 +50,7 @@ from typing import Any
 
 import numpy as np
 
+from streamlmm.checks import FitWarning
 from streamlmm.model import MixedLM
 from streamlmm.serve.reader import version_of
 from streamlmm.snapshot import Snapshot
@@ -179,6 +182,7 @@ class Engine:
             self.offsets = self.source.resume(
                 offsets, self.meta.get("source_identity"), config.new_source
             )
+            self._resumed_at = dict(self.offsets)
             self.floor = self._sink_floor() if self.txn is not None else {}
         except BaseException:
             self._close()
@@ -192,8 +196,6 @@ class Engine:
         self.last_snapshot: Snapshot | None = None
         self._final_at: int | None = None
         self.skipped0 = int(self.meta.get("skipped", 0))
-        if restored is None and self.dead.is_file:
-            self.checkpoint()  # records the dead-letter file's length before anything
 
     # -- state --------------------------------------------------------------------------
     def _restore(self, snap: Snapshot | None) -> tuple[MixedLM, dict[str, int], dict[str, Any]]:
@@ -236,8 +238,22 @@ class Engine:
             self.txn = Transaction(bootstrap, tid, cfg.kafka)
         self.dead = DeadLetterSink(cfg.dead_letter, self.txn)
         self.dead.count = int(self.meta.get("dead_letters", 0))
-        if self.dead.is_file and restored is not None:
-            self.dead.truncate(int(self.meta.get("dead_letter_bytes", 0)))
+        if self.dead.is_file:
+            # the file holds exactly the dead letters of the events the restored snapshot
+            # holds: none when the engine starts from nothing (no valid snapshot, every
+            # one corrupt, or --new-source on a snapshot without a file), whatever a
+            # crashed run wrote after its last snapshot
+            length = self.meta.get("dead_letter_bytes")
+            if length is not None:
+                self.dead.truncate(int(length))
+            elif not self.model.n_events:
+                self.dead.truncate(0, why=f"no snapshot in {cfg.snapshot_dir} holds any event")
+            else:
+                log.warning(
+                    "the snapshot records no dead-letter file (its run had none): dead letters "
+                    "of the events it holds are not in %s; new ones are appended",
+                    self.dead.spec,
+                )
         self.publisher = None
         if cfg.publish_topic:
             self.publisher = EffectsPublisher(cfg.publish_topic, self.txn, bootstrap, cfg.kafka)
@@ -277,7 +293,8 @@ class Engine:
 
     def checkpoint(self, final: bool = False) -> Snapshot:
         """Snapshot durably with the sinks' records; ``final`` refits to the optimum first."""
-        if final:
+        empty = self.model.n_events == 0  # e.g. every event so far a dead letter
+        if final and not empty:
             t0 = time.perf_counter()
             self.model.fit()
             log.info("final fit in %.2fs", time.perf_counter() - t0)
@@ -298,7 +315,10 @@ class Engine:
             meta["home"] = [[k, p] for k, p in self.home.items()]
         if self.txn is not None:
             meta["committed"] = commit
-        snap = self.model.snapshot(offsets=self.offsets, **meta)
+        with warnings.catch_warnings():
+            if empty:  # a snapshot of offsets only: "0 levels" says nothing new
+                warnings.simplefilter("ignore", FitWarning)
+            snap = self.model.snapshot(offsets=self.offsets, **meta)
         if self.txn is not None:
             published = False
             if self.publisher is not None and self._past_floor():
@@ -521,6 +541,9 @@ class Engine:
                     self.stop_requested or (cfg.until_end and self._caught_up(targets))
                 ):
                     break
+        if not self.model.n_events and self.offsets == self._resumed_at and not self.dead.count:
+            log.info("no events in %s: no snapshot written", self.cfg.source)
+            return
         if self._final_at != self.model.n_events or since_events:
             self.checkpoint(final=True)
 
@@ -530,12 +553,8 @@ class Engine:
         )
 
     def _n_groups(self) -> int:
-        n = getattr(self.model, "n_groups", None)
-        if n is None:
-            n = len(self.home) if self.check_home else 0
-            if self.last_snapshot is not None:
-                n = max(n, self.last_snapshot.n_groups)
-        return int(n)
+        """The groups in the statistics (the progress line's count, refit or not)."""
+        return self.model.n_groups
 
     def _progress(self, dt: float, dn: int) -> None:
         lag = self.source.lag(self.offsets)

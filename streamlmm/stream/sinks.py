@@ -9,7 +9,8 @@ Exactly once
   they see the records of a committed transaction once, and never those of an aborted
   one. The engine decides what to re-send after a crash (see ``stream/engine.py``).
 - **A file.** The dead-letter file's length is recorded in every snapshot; on restart
-  the file is truncated back to the length recorded in the restored snapshot, and the
+  the file is truncated back to the length recorded in the restored snapshot (to 0
+  when the engine starts from nothing: no snapshot, or every one corrupt), and the
   records after it are written again as the engine re-reads them.
 
 The sinks read only public snapshot fields (keys, BLUPs, conditional covariances,
@@ -225,8 +226,9 @@ class DeadLetterSink:
             return None
         return self._fh.tell()
 
-    def truncate(self, length: int) -> None:
-        """Cut the file back to ``length`` bytes (what the restored snapshot covers)."""
+    def truncate(self, length: int, why: str | None = None) -> None:
+        """Cut the file back to ``length`` bytes (what the restored snapshot covers;
+        ``why`` says why else, e.g. 0 when the engine starts from nothing)."""
         if self._fh is None:
             return
         self._fh.flush()
@@ -240,11 +242,20 @@ class DeadLetterSink:
             )
             return
         if size > length:
-            log.info(
-                "dead-letter file %s: truncating %d bytes written after the snapshot",
-                self.spec,
-                size - length,
-            )
+            if why is None:
+                log.info(
+                    "dead-letter file %s: truncating %d bytes written after the snapshot",
+                    self.spec,
+                    size - length,
+                )
+            else:
+                log.warning(
+                    "dead-letter file %s: emptied (%d bytes) to hold exactly this stream's "
+                    "dead letters: %s",
+                    self.spec,
+                    size,
+                    why,
+                )
             os.truncate(self.spec, length)
             self._fh.seek(0, os.SEEK_END)
 

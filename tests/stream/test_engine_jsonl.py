@@ -266,3 +266,21 @@ def test_cli_reports_bad_settings_without_a_traceback(tmp_path):
     p = run_cli("--source", "jsonl:-", env=env)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and b"missing required settings" in err and b"Traceback" not in err
+
+
+def test_progress_line_counts_the_groups_before_any_refit(tmp_path, capsys):
+    src = tmp_path / "e.jsonl"
+    evs = list(simulate(500, 20))
+    write_events(src, evs)
+    cfg = EngineConfig(
+        source=f"jsonl:{src}", formula=FORMULA, snapshot_dir=str(tmp_path / "s"), progress_seconds=0
+    )
+    eng = Engine(cfg)
+    try:
+        eng.step(eng.source.poll(500, 0))
+        assert eng.model.n_refits == 0 and eng.last_snapshot is None  # learned, not refit
+        eng._progress(1.0, 500)
+    finally:
+        eng._close()
+    line = capsys.readouterr().err
+    assert f"| groups {len({e['g'] for e in evs})} |" in line, line

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,56 @@ def test_dead_letter_file_is_cut_back_to_the_restored_snapshot(tmp_path):
         fh.write(b'{"reason": "written after the snapshot"}\n')
     assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
     assert dead.read_bytes() == good
+
+
+def test_a_restart_from_nothing_leaves_exactly_the_stream_s_dead_letters(tmp_path):
+    """Every snapshot corrupt: the engine starts from offset 0 again, and the file must
+    hold the 20 dead letters once, not 40; so too after a crash before any snapshot."""
+    evs = events(1000, 5)
+    body = lines(evs).splitlines(keepends=True)
+    for i in range(0, 1000, 50):
+        body[i] = b'{"g": "a", "x1": "bad"}\n'
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(b"".join(body))
+    assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
+    good = dead.read_bytes()
+    assert len(good.splitlines()) == 20
+    for f in snap.glob("snapshot-*.slmm"):
+        f.write_bytes(b"garbage")
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(dead))
+    assert p.returncode == 0, p.stderr
+    assert dead.read_bytes() == good
+    assert LocalStore(snap).latest().meta["dead_letters"] == 20
+    # as if a run had died before its first snapshot: no snapshot, dead letters written
+    shutil.rmtree(snap)
+    with open(dead, "ab") as fh:
+        fh.write(b'{"reason": "written by a run that died before any snapshot"}\n')
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(dead))
+    assert p.returncode == 0 and dead.read_bytes() == good
+    assert b"emptied" in p.stderr and b"no snapshot in" in p.stderr
+
+
+def test_a_fresh_run_writes_no_empty_snapshot_and_prints_no_source_lines(tmp_path):
+    src, snap = tmp_path / "e.jsonl", tmp_path / "snap"
+    src.write_bytes(lines(events(300, 9)))
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(tmp_path / "dead.jsonl"))
+    assert p.returncode == 0, p.stderr
+    files = sorted(snap.glob("snapshot-*.slmm"))
+    assert len(files) == 1 and LocalStore(snap).latest().n_events == 300  # no empty one first
+    assert b"0 level" not in p.stderr and b"snap = self" not in p.stderr, p.stderr
+    # a warning the CLI prints is one line: no file name, no Python source line
+    few = tmp_path / "few.jsonl"
+    few.write_bytes(lines(events(300, 9)[:3]))
+    p = run(f"jsonl:{few}", tmp_path / "snap2")
+    err = p.stderr.decode()
+    assert p.returncode == 0 and "FitWarning: " in err, err
+    assert ".py:" not in err and "  snap = " not in err and "warnings.warn" not in err, err
+    # an empty source writes nothing at all
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    p = run(f"jsonl:{empty}", tmp_path / "snap3")
+    assert p.returncode == 0 and not list((tmp_path / "snap3").glob("snapshot-*"))
+    assert b"FitWarning" not in p.stderr
 
 
 def test_a_key_that_is_not_valid_unicode_is_a_dead_letter_and_the_rest_is_learned(tmp_path):
