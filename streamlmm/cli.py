@@ -239,6 +239,15 @@ def _parser() -> argparse.ArgumentParser:
         help="exact refit every N events (default: the model's schedule)",
     )
     r.add_argument(
+        "--stop-after-dead-letters",
+        type=int,
+        metavar="N",
+        help="exit 2, with the commonest reason and no snapshot, when the first N events "
+        "read are all dead letters (or skipped): a misconfiguration, e.g. --half-life "
+        "without a ts field or a misspelled --time-key; also when a run that learned "
+        "nothing ends with only dead letters; 0 never stops" + _default("stop_after_dead_letters"),
+    )
+    r.add_argument(
         "--max-poll-records",
         type=int,
         metavar="N",

@@ -156,6 +156,7 @@ _POSITIVE = (
     "refit_every",
     "half_life",
 )
+_NON_NEGATIVE = ("stop_after_dead_letters", "progress_seconds")
 
 
 def _check(merged: Mapping[str, Any]) -> None:
@@ -170,3 +171,7 @@ def _check(merged: Mapping[str, Any]) -> None:
         v = merged.get(name)
         if v is not None and not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v!r}")
+    for name in _NON_NEGATIVE:
+        v = merged.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v!r}")

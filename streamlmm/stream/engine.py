@@ -34,6 +34,7 @@ Exactly once
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -59,7 +60,7 @@ from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder, Polled
 from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction, close_all
 from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
 
-__all__ = ["EngineConfig", "Engine", "parse_levels"]
+__all__ = ["EngineConfig", "Engine", "DeadLettersOnly", "parse_levels"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class EngineConfig:
     levels: str | None = None  # JSON: {"field": ["reference", "level", ...]}
     em_every: int | None = None
     refit_every: int | None = None
+    # exit 2 when the first this many events a run reads are all dead letters (or
+    # skipped): a misconfiguration (a misspelled --time-key, a formula naming fields the
+    # events do not have) rather than bad data; 0 never stops
+    stop_after_dead_letters: int = 1_000
     max_poll_records: int = 5_000
     max_message_bytes: int = MAX_MESSAGE_BYTES
     progress_seconds: float = 2.0
@@ -127,6 +132,69 @@ def parse_levels(text: str | None) -> dict[str, list[str]] | None:
             '--levels must be a JSON object of lists of strings, e.g. {"f": ["a", "b"]}'
         )
     return levels
+
+
+class DeadLettersOnly(ValueError):
+    """Every event a run read was a dead letter (a user error: exit 2, no snapshot)."""
+
+
+class _Probation:
+    """Until a run learns its first event: how many it read, and why none was learned.
+
+    A stream whose first events are all dead letters (or skipped) is almost always a
+    misconfiguration: ``--half-life`` without a ``ts`` field, a misspelled
+    ``--time-key``, a formula naming fields the events do not have. The engine stops
+    (exit 2) with the commonest reason instead of writing every event to the dead
+    letters and a snapshot that says it consumed them, which would make a rerun with
+    the right settings skip them.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.passed = self.limit <= 0
+        self.dead = 0
+        self.skipped = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
+
+    def observe(self, learned: int, dead: list, skipped: int) -> None:
+        """One poll's outcome; raises :class:`DeadLettersOnly` at the limit."""
+        if self.passed:
+            return
+        if learned:
+            self.passed = True
+            return
+        self.dead += len(dead)
+        self.skipped += skipped
+        self.reasons.update(d.reason for d in dead)
+        if self.dead + self.skipped >= self.limit:
+            raise DeadLettersOnly(self.message(first=True))
+
+    @property
+    def pending(self) -> bool:
+        """Events read, none learned yet (checkpoints wait: they would skip them)."""
+        return not self.passed and self.dead + self.skipped > 0
+
+    def message(self, first: bool) -> str:
+        parts = []
+        if self.reasons:
+            (reason, n), *others = self.reasons.most_common()
+            parts.append(f"{n:,} dead letters: {reason}")
+            if others:
+                more = sum(c for _, c in others)
+                parts.append(f"{more:,} more for {len(others):,} other reasons")
+        if self.skipped:
+            parts.append(f"{self.skipped:,} skipped for a missing field (--missing skip)")
+        what = "dead letters" if not self.skipped else "dead letters or skipped"
+        if not self.dead:
+            what = "skipped"
+        n = self.dead + self.skipped
+        which = f"the first {n:,} events read were all" if first else f"all {n:,} events read were"
+        return (
+            f"{which} {what}, none learned ({'; '.join(parts)}): "
+            "check --formula, --time-key, --half-life and the events' fields; none of them "
+            "is in a snapshot, so a rerun with the right settings reads them again "
+            "(--stop-after-dead-letters 0 never stops)"
+        )
 
 
 @contextlib.contextmanager
@@ -196,6 +264,8 @@ class Engine:
         self.last_snapshot: Snapshot | None = None
         self._final_at: int | None = None
         self.skipped0 = int(self.meta.get("skipped", 0))
+        self.probation = _Probation(config.stop_after_dead_letters)
+        self._skipped_seen = 0
 
     # -- state --------------------------------------------------------------------------
     def _restore(self, snap: Snapshot | None) -> tuple[MixedLM, dict[str, int], dict[str, Any]]:
@@ -451,6 +521,9 @@ class Engine:
         if self.check_home:
             self._keep_groups_home(batch)
         batch.refuse_overflows(self.decoder.design)
+        skipped = self.decoder.n_skipped - self._skipped_seen
+        self._skipped_seen = self.decoder.n_skipped
+        self.probation.observe(len(batch), batch.dead, skipped)
         if batch.dead:
             dead = batch.dead
             if self.floor:  # already committed before a crash: count, don't send again
@@ -532,8 +605,9 @@ class Engine:
                     if decoding is not None:  # what the snapshot records as read, it holds
                         self._learn(decoding[0], decoding[1].result())
                         decoding = None
-                    self.checkpoint()
-                    since_events, since_t = 0, time.monotonic()
+                    if not self.probation.pending:  # else it would skip unlearned events
+                        self.checkpoint()
+                        since_events, since_t = 0, time.monotonic()
                 if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
                     self._progress(now - progress_t, self.model.n_events - progress_n)
                     progress_t, progress_n = now, self.model.n_events
@@ -541,6 +615,8 @@ class Engine:
                     self.stop_requested or (cfg.until_end and self._caught_up(targets))
                 ):
                     break
+        if self.probation.pending and not self.model.n_events:
+            raise DeadLettersOnly(self.probation.message(first=False))
         if not self.model.n_events and self.offsets == self._resumed_at and not self.dead.count:
             log.info("no events in %s: no snapshot written", self.cfg.source)
             return

@@ -48,6 +48,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 MODEL_KEY = "__model__"
+LOGGED_DEAD_LETTERS = 20  # without a destination, dead letters logged one by one
 
 
 def close_all(*closers) -> None:
@@ -186,11 +187,25 @@ class DeadLetterSink:
         if spec and spec.startswith("jsonl:"):  # a file, whatever the source
             spec, self.txn = spec[len("jsonl:") :], None
         self.spec = spec
+        self._logged = 0
         if spec and self.txn is None:
             if os.path.isdir(spec):
                 raise ValueError(f"--dead-letter {spec!r} is a directory, not a file")
             self._fh = open(spec, "ab")  # noqa: SIM115 - closed in close()
         self.count = 0
+
+    def _log(self, d: DeadLetter) -> None:
+        """Without a destination: the first :data:`LOGGED_DEAD_LETTERS` as warnings,
+        then only counted (the progress line and the snapshot show how many)."""
+        self._logged += 1
+        if self._logged <= LOGGED_DEAD_LETTERS:
+            log_dead_letter(d)
+        if self._logged == LOGGED_DEAD_LETTERS:
+            log.warning(
+                "%d dead letters logged; further ones are only counted (give --dead-letter "
+                "to keep them with their reasons)",
+                LOGGED_DEAD_LETTERS,
+            )
 
     @property
     def is_file(self) -> bool:
@@ -200,7 +215,7 @@ class DeadLetterSink:
         for d in letters:
             self.count += 1
             if not self.spec:
-                log_dead_letter(d)
+                self._log(d)
                 continue
             env = d.to_json()
             if self._fh is not None:

@@ -220,6 +220,64 @@ def test_a_utf8_bom_at_the_start_of_the_stream_is_skipped(tmp_path, how):
     assert LocalStore(snap).latest().criterion == pytest.approx(want.criterion, rel=1e-9)
 
 
+def test_only_dead_letters_is_a_user_error_that_snapshots_nothing(tmp_path):
+    """--half-life without a ts field: every event is a dead letter. The run stops with
+    exit 2 and the reason, and no snapshot says those events were consumed, so the run
+    with the right settings learns them all."""
+    evs = events(200, 10)  # no "ts"
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(lines(evs))
+    p = run(f"jsonl:{src}", snap, "--half-life", "100")
+    err = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 2 and err[-1].startswith("streamlmm: error: all 200 events read"), err
+    assert "200 dead letters: field 'ts': missing" in err[-1]
+    assert sum("dead letter jsonl" in e for e in err) == 20  # then only counted
+    assert not list(snap.glob("snapshot-*"))
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(dead))
+    assert p.returncode == 0 and n_events(snap) == 200 and dead.read_bytes() == b""
+
+
+def test_a_misspelled_time_key_stops_at_the_first_thousand_events(tmp_path):
+    evs = events(3000, 11)
+    for i, e in enumerate(evs):
+        e["ts"] = float(i)
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(lines(evs))
+    p = run(
+        f"jsonl:{src}", snap, "--time-key", "tss", "--dead-letter", str(dead),
+        "--max-poll-records", "100", "--snapshot-every-events", "100",
+    )  # fmt: skip
+    last = p.stderr.decode().strip().splitlines()[-1]
+    assert p.returncode == 2 and "the first 1,000 events read were all dead letters" in last
+    assert "1,000 dead letters: field 'tss': missing" in last
+    assert not list(snap.glob("snapshot-*"))  # no checkpoint while nothing was learned
+    p = run(f"jsonl:{src}", snap, "--time-key", "ts", "--dead-letter", str(dead))
+    assert p.returncode == 0 and n_events(snap) == 3000 and dead.read_bytes() == b""
+
+
+@pytest.mark.parametrize("limit, code", [("1000", 2), ("2000", 0), ("0", 0)])
+def test_the_dead_letter_stop_is_settable(tmp_path, limit, code):
+    bad = b'{"g": "a", "x1": "bad"}\n' * 1500
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(bad + lines(events(500, 12)))
+    p = run(
+        f"jsonl:{src}", snap, "--dead-letter", str(dead), "--max-poll-records", "250",
+        "--stop-after-dead-letters", limit,
+    )  # fmt: skip
+    assert p.returncode == code, p.stderr
+    if code == 0:
+        s = LocalStore(snap).latest()
+        assert s.n_events == 500 and s.meta["dead_letters"] == 1500
+        assert len(dead.read_bytes().splitlines()) == 1500
+    env = dict(ENV, STREAMLMM_STOP_AFTER_DEAD_LETTERS="-1")
+    p = subprocess.run(
+        [sys.executable, "-m", "streamlmm", "run", "--source", f"jsonl:{src}", "--formula",
+         FORMULA, "--snapshot-dir", str(tmp_path / "s2")],
+        capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 2 and b"--stop-after-dead-letters must be >= 0, got -1" in p.stderr
+
+
 # -- the command line ---------------------------------------------------------------------------
 def test_python_dash_m_version_and_help_with_defaults():
     from streamlmm import __version__
