@@ -147,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     req.add_argument(
         "--snapshot-dir",
         metavar="DIR",
-        help="directory of snapshots, created if missing [required]",
+        help="directory of snapshots, created if missing; one engine per directory (a "
+        "second one on it exits 2; readers such as serve need no lock) [required]",
     )
     r.add_argument("--config", metavar="FILE", help="TOML file of settings (also STREAMLMM_CONFIG)")
     r.add_argument("--method", choices=("REML", "ML"), help="criterion" + _default("method"))
@@ -321,7 +322,13 @@ def _parser() -> argparse.ArgumentParser:
         "--state-topic", required=True, metavar="SPEC", help="kafka://HOST:PORT/NAME or NAME"
     )
     f.add_argument("--params-topic", metavar="SPEC", help="kafka://HOST:PORT/NAME or NAME")
-    f.add_argument("--snapshot-dir", required=True, metavar="DIR")
+    f.add_argument(
+        "--snapshot-dir",
+        required=True,
+        metavar="DIR",
+        help="where the fitter writes its snapshots of the whole model (what serve and "
+        "summary read), created if missing; one writer per directory [required]",
+    )
     f.add_argument("--bootstrap", metavar="HOST:PORT", help="brokers, for bare topic names")
     f.add_argument("--method", choices=("REML", "ML"), help="(default: the workers' method)")
     f.add_argument("--every-seconds", type=float, default=10.0, metavar="S", help="(default: 10)")

@@ -231,21 +231,24 @@ class Engine:
     def __init__(self, config: EngineConfig, source: Source | None = None):
         self.cfg = config
         self.store = LocalStore(config.snapshot_dir, keep=config.keep_snapshots, create=True)
-        restored = self.store.latest()
-        self.model, offsets, self.meta = self._restore(restored)
-        # the model's own reader: factor levels learned while decoding are the model's
-        self.decoder = Decoder(self.model._reader, max_bytes=config.max_message_bytes)
-        self.source = source or open_source(
-            config.source,
-            config.consumer_group,
-            config.kafka,
-            partitions=config.partitions,
-            client=config.kafka_client,
-        )
+        # one engine per directory, until this process ends (readers need no lock)
+        self.lock = self.store.lock("streamlmm run")
+        self.source = source
         self.txn: Transaction | None = None
         self.dead: DeadLetterSink | None = None
         self.server = None  # the HTTP query server of --serve, started by run()
         try:
+            restored = self.store.latest()
+            self.model, offsets, self.meta = self._restore(restored)
+            # the model's own reader: factor levels learned while decoding are the model's
+            self.decoder = Decoder(self.model._reader, max_bytes=config.max_message_bytes)
+            self.source = source or open_source(
+                config.source,
+                config.consumer_group,
+                config.kafka,
+                partitions=config.partitions,
+                client=config.kafka_client,
+            )
             self._open_sinks(restored)
             self.offsets = self.source.resume(
                 offsets, self.meta.get("source_identity"), config.new_source
@@ -625,7 +628,11 @@ class Engine:
 
     def _close(self) -> None:
         close_all(
-            *(w.close for w in (self.source, self.dead, self.txn, self.server) if w is not None)
+            *(
+                w.close
+                for w in (self.source, self.dead, self.txn, self.server, self.lock)
+                if w is not None
+            )
         )
 
     def _n_groups(self) -> int:

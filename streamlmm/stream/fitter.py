@@ -154,6 +154,14 @@ class Fitter:
         self.kafka = dict(cfg.kafka)
         self.common = {"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **self.kafka}
         self.store = LocalStore(cfg.snapshot_dir, keep=cfg.keep_snapshots, create=True)
+        self.lock = self.store.lock("streamlmm fit")
+        try:
+            self._connect(cfg)
+        except BaseException:
+            self.lock.close()
+            raise
+
+    def _connect(self, cfg: FitterConfig) -> None:
         self.consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=None,
@@ -321,7 +329,7 @@ class Fitter:
             self.close()
 
     def close(self) -> None:
-        close_all(*(w.close for w in (self.consumer, self.producer) if w is not None))
+        close_all(*(w.close for w in (self.consumer, self.producer, self.lock) if w is not None))
 
 
 def params_record(

@@ -17,6 +17,7 @@ import random
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +277,58 @@ def test_the_dead_letter_stop_is_settable(tmp_path, limit, code):
         capture_output=True, env=env, timeout=60,
     )  # fmt: skip
     assert p.returncode == 2 and b"--stop-after-dead-letters must be >= 0, got -1" in p.stderr
+
+
+def test_one_engine_per_snapshot_directory_and_a_crash_frees_it(tmp_path):
+    snap = tmp_path / "snap"
+    evs = lines(events(500, 13))
+    assert run("jsonl:-", snap, stdin=evs).returncode == 0
+    cmd = [
+        sys.executable, "-m", "streamlmm", "run", "--source", "jsonl:-", "--formula", FORMULA,
+        "--snapshot-dir", str(snap), "--progress-seconds", "0",
+    ]  # fmt: skip
+    # a running engine: it holds the directory while it waits for its stream
+    first = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        lock = snap / ".lock"
+        while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = run(f"jsonl:{tmp_path / 'other.jsonl'}", snap)
+        last = second.stderr.strip().splitlines()[-1].decode()
+        assert second.returncode == 2, second.stderr
+        assert last.startswith(f"streamlmm: error: snapshot directory {snap} is in use by pid ")
+        assert (
+            f"pid {first.pid} (streamlmm run, since " in last and "another --snapshot-dir" in last
+        )
+        # readers need no lock
+        summary = cli("summary", str(snap))
+        assert summary.returncode == 0 and b"Number of obs: 500" in summary.stdout
+    finally:
+        first.kill()  # a crash: the operating system drops the lock
+        first.wait(30)
+        first.stdin.close()
+        first.stderr.close()
+    again = run("jsonl:-", snap, stdin=evs + lines(events(100, 14)))
+    assert again.returncode == 0, again.stderr
+    assert n_events(snap) == 600
+
+
+def test_the_fitter_takes_its_snapshot_directory_too(tmp_path):
+    from streamlmm.store import DirectoryLock
+
+    held = DirectoryLock(tmp_path, "a test")
+    try:
+        p = cli(
+            "fit", "--state-topic", "kafka://127.0.0.1:1/state", "--snapshot-dir", str(tmp_path),
+            "--until-caught-up",
+        )  # fmt: skip
+        assert (
+            p.returncode == 2 and b"is in use by pid" in p.stderr and b"(a test, since" in p.stderr
+        )
+    finally:
+        held.close()
 
 
 # -- the command line ---------------------------------------------------------------------------
