@@ -15,6 +15,21 @@ import warnings
 __all__ = ["main"]
 
 
+_ENGINE_ONLY = (
+    "until_end",
+    "new_source",
+    "snapshot_every_events",
+    "snapshot_every_seconds",
+    "serve",
+    "serve_host",
+    "time_key",
+    "em_every",
+    "refit_every",
+    "kafka_client",
+    "stop_after_dead_letters",
+)
+
+
 def _run_worker(args: argparse.Namespace) -> int:
     from streamlmm.stream.config import load_kafka_settings
     from streamlmm.stream.worker import Worker, WorkerConfig
@@ -25,6 +40,18 @@ def _run_worker(args: argparse.Namespace) -> int:
         raise ValueError("missing required setting: --formula")
     if args.half_life is not None or args.partitions:
         raise ValueError("--state-topic does not support --half-life or --partitions")
+    for name in _ENGINE_ONLY:  # given but ignored would be worse than refused
+        if getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} applies to the engine, not to a scale-out worker (--state-topic)"
+            )
+    for name in ("max_poll_records", "session_timeout_ms", "transaction_timeout_ms"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    if args.progress_seconds is not None and not args.progress_seconds >= 0:
+        raise ValueError(f"--progress-seconds must be >= 0, got {args.progress_seconds}")
     kw = {
         k: getattr(args, k)
         for k in (
@@ -359,7 +386,11 @@ def _parser() -> argparse.ArgumentParser:
     from streamlmm.summary import summary_command
 
     m = sub.add_parser("summary", help="lme4-style summary of the newest snapshot in DIR")
-    m.add_argument("snapshot_dir", metavar="DIR")
+    m.add_argument(
+        "snapshot_dir",
+        metavar="DIR",
+        help="a snapshot directory (its newest valid snapshot) or one snapshot file",
+    )
     m.add_argument("--json", action="store_true", help="JSON instead of text")
     m.add_argument("--groups", action="store_true", help="include every group's effects")
     m.add_argument("--vs-truth", metavar="FILE", help="compare with a simulation's truth")
@@ -368,7 +399,11 @@ def _parser() -> argparse.ArgumentParser:
     from streamlmm.plot import plot_command
 
     pl = sub.add_parser("plot", help="PNG pictures of the newest snapshot in DIR")
-    pl.add_argument("snapshot_dir", metavar="DIR")
+    pl.add_argument(
+        "snapshot_dir",
+        metavar="DIR",
+        help="a snapshot directory (its newest valid snapshot) or one snapshot file",
+    )
     pl.add_argument("--out", required=True, help="directory for the PNG files [required]")
     pl.set_defaults(func=plot_command)
 
@@ -396,9 +431,26 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        return _reader_went_away()
     except _user_errors() as e:
         sys.stderr.write(f"streamlmm: error: {_one_line(e)}\n")
         return 2
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (``streamlmm summary --json | head``): stop
+    quietly, as a command whose output is cut short by its reader does. What is left in
+    stdout's buffer goes to /dev/null, so that the interpreter's exit does not report
+    the broken pipe either."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -417,9 +469,12 @@ def _one_line(e: BaseException) -> str:
     """
     >>> _one_line(ValueError("a\\nb"))
     'a b'
+    >>> _one_line(OSError(28, "writing dead letters to /dev/full: No space left on device"))
+    'writing dead letters to /dev/full: No space left on device'
     """
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text
+    from streamlmm.oserrors import describe
+
+    return describe(e)
 
 
 if __name__ == "__main__":

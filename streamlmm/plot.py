@@ -27,6 +27,7 @@ import numpy as np
 
 from streamlmm.formula import parse_formula
 from streamlmm.keys import key_label
+from streamlmm.oserrors import doing
 from streamlmm.snapshot import Snapshot
 
 __all__ = [
@@ -336,7 +337,12 @@ PLOTS = {
 def plot_all(snap: Snapshot, out_dir: str | os.PathLike) -> dict[str, str]:
     """Every picture in :data:`PLOTS` that the snapshot supports, as ``NAME.png``."""
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"picture directory {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise doing(f"creating the picture directory {out}", e) from None
     paths = {}
     for name, fn in PLOTS.items():
         if name == "raw_vs_blup" and "(Intercept)" not in snap.re_names:

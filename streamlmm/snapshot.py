@@ -455,11 +455,26 @@ class Snapshot:
         return str(LocalStore(directory).write(self))
 
     @classmethod
-    def load(cls, directory) -> Snapshot:
-        """The newest valid snapshot in ``directory`` (corrupt newer files are skipped)."""
+    def load(cls, path) -> Snapshot:
+        """The newest valid snapshot in a snapshot directory (corrupt newer files are
+        skipped), or the snapshot in one file (``snapshot-000000000012.slmm``).
+
+        ``FileNotFoundError`` for a missing path or a directory without a valid snapshot;
+        :class:`SnapshotError` for a file that is not a valid snapshot.
+        """
+        import pathlib
+
         from streamlmm.store import LocalStore
 
-        snap = LocalStore(directory).latest()
+        p = pathlib.Path(path)
+        if p.is_file():
+            try:
+                return cls.from_bytes(p.read_bytes())
+            except SnapshotError as e:
+                raise SnapshotError(f"{path}: {e}") from None
+        if not p.exists():
+            raise FileNotFoundError(f"no snapshot directory or file {path}")
+        snap = LocalStore(p).latest()
         if snap is None:
-            raise FileNotFoundError(f"no valid snapshot in {directory}")
+            raise FileNotFoundError(f"no valid snapshot in {path}")
         return snap

@@ -23,6 +23,7 @@ import os
 import pathlib
 import re
 
+from streamlmm.oserrors import doing
 from streamlmm.snapshot import Snapshot, SnapshotError
 
 __all__ = ["LocalStore", "DirectoryLock", "DirectoryInUse", "save_snapshot", "load_snapshot"]
@@ -163,15 +164,19 @@ class LocalStore:
         path = self.dir / f"snapshot-{seq:012d}.slmm"
         tmp = self.dir / f".{path.name}.tmp-{os.getpid()}"
         data = snapshot.to_bytes()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise doing(f"writing a snapshot to {self.dir}", e) from None
         self._fsync_dir()
         for _, old in files[: max(0, len(files) + 1 - self.keep)]:
             old.unlink(missing_ok=True)

@@ -42,6 +42,7 @@ __all__ = [
     "fixef_correlation",
     "varcorr_rows",
     "group_rows",
+    "check_truth",
     "compare_with_truth",
     "summary_dict",
     "format_summary",
@@ -51,14 +52,15 @@ __all__ = [
 QUANTILE_NAMES = ("min", "1Q", "median", "3Q", "max")
 
 
-def load_snapshot(directory: str | os.PathLike) -> Snapshot:
-    """The newest valid snapshot in ``directory``, without creating anything.
+def load_snapshot(path: str | os.PathLike) -> Snapshot:
+    """The newest valid snapshot in a directory, or the one in a snapshot file, without
+    creating anything.
 
-    Raises ``FileNotFoundError`` for a missing directory or one with no valid snapshot.
+    Raises ``FileNotFoundError`` for a missing path or a directory with no valid snapshot.
     """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no snapshot directory {os.fspath(directory)!r}")
-    return Snapshot.load(directory)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no snapshot directory {os.fspath(path)!r}")
+    return Snapshot.load(path)
 
 
 def n_parameters(snap: Snapshot) -> int:
@@ -165,14 +167,58 @@ def group_rows(snap: Snapshot) -> list[dict[str, Any]]:
     return out
 
 
+def check_truth(snap: Snapshot, truth: Any) -> None:
+    """``ValueError`` unless ``truth`` can be the simulation behind ``snap``: the same
+    response and grouping factor, no more events than it simulated, and groups in
+    common. A fit of another formula on the same data (fewer terms, other slopes) may
+    be compared; another scenario's or another simulation's truth may not.
+
+    >>> from types import SimpleNamespace as NS
+    >>> snap = NS(formula="y ~ x1 + (1 | g)", n_events=10, n_groups=1, keys=("g1",))
+    >>> check_truth(snap, {"formula": "y ~ x1 + x2 + (1 + x1 | g)", "fixef": {},
+    ...                    "groups": {"g1": {}}, "n_events": 10})
+    >>> check_truth(snap, {"scenario": "web", "formula": "bounce ~ age + (1 | county)",
+    ...                    "fixef": {}})
+    Traceback (most recent call last):
+    ...
+    ValueError: the truth is of scenario 'web', bounce ~ age + (1 | county): response 'bounce' ...
+
+    """
+    if not isinstance(truth, Mapping) or not isinstance(truth.get("formula"), str):
+        raise ValueError("not a simulation's truth (no formula): see `streamlmm simulate`")
+    try:
+        t = parse_formula(truth["formula"])
+    except ValueError as e:
+        raise ValueError(f"the truth's formula does not parse: {e}") from None
+    f = parse_formula(snap.formula)
+    what = f"the truth is of scenario {truth.get('scenario', '?')!r}, {truth['formula']}"
+    if (t.response_field, t.group) != (f.response_field, f.group):
+        raise ValueError(
+            f"{what}: response {t.response_field!r} and groups {t.group!r}, not the "
+            f"snapshot's {f.response_field!r} and {f.group!r} ({snap.formula})"
+        )
+    n = truth.get("n_events")
+    if isinstance(n, (int, float)) and snap.n_events > n:
+        raise ValueError(
+            f"{what} of {n:,.0f} events, but the snapshot holds {snap.n_events:,}: it is "
+            "another simulation's truth"
+        )
+    groups = truth.get("groups")
+    if isinstance(groups, Mapping) and groups and snap.n_groups:
+        if not any(str(k) in groups for k in snap.keys):
+            raise ValueError(f"{what}: none of the snapshot's groups is in it")
+
+
 def compare_with_truth(snap: Snapshot, truth: Mapping[str, Any]) -> dict[str, Any]:
     """Estimates beside a simulation's truth (see :mod:`streamlmm.simulate`).
 
     Returns ``rows`` (parameter, estimate, truth, difference and, for fixed effects,
     the difference in standard errors ``z``) and ``groups``: how well the BLUPs recover
     the true group effects (correlation and RMSE per random effect, over groups in
-    both), plus the drifting group's estimate when the truth has one.
+    both), plus the drifting group's estimate when the truth has one. A truth that
+    cannot be the snapshot's simulation is a ``ValueError`` (:func:`check_truth`).
     """
+    check_truth(snap, truth)
     rows: list[dict[str, Any]] = []
 
     def row(kind: str, name: str, est: float, true: float | None, se: float | None = None):
@@ -441,7 +487,16 @@ def summary_command(args) -> int:
     truth = None
     if args.vs_truth:
         with open(args.vs_truth, encoding="utf-8") as fh:
-            truth = json.load(fh)
+            try:
+                truth = json.load(fh)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(
+                    f"--vs-truth {args.vs_truth}: not a truth file (JSON): {e}"
+                ) from None
+        try:
+            check_truth(snap, truth)
+        except ValueError as e:
+            raise ValueError(f"--vs-truth {args.vs_truth}: {e}") from None
     if args.json:
         print(json.dumps(summary_dict(snap, groups=args.groups, truth=truth), indent=2))
     else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from itertools import repeat
 from typing import Any
@@ -30,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from streamlmm.keys import key_to_json
+from streamlmm.oserrors import describe, doing
 from streamlmm.snapshot import Snapshot
 from streamlmm.stream.decode import DeadLetter
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, _own
@@ -188,10 +190,16 @@ class DeadLetterSink:
             spec, self.txn = spec[len("jsonl:") :], None
         self.spec = spec
         self._logged = 0
+        self._failed = False
         if spec and self.txn is None:
             if os.path.isdir(spec):
                 raise ValueError(f"--dead-letter {spec!r} is a directory, not a file")
-            self._fh = open(spec, "ab")  # noqa: SIM115 - closed in close()
+            try:
+                self._fh = open(spec, "ab")  # noqa: SIM115 - closed in close()
+            except OSError as e:
+                raise doing(f"opening the dead-letter file {spec}", e) from None
+            # fsync is for files: a device (/dev/null) or a pipe has nothing to sync
+            self._sync = stat.S_ISREG(os.fstat(self._fh.fileno()).st_mode)
         self.count = 0
 
     def _log(self, d: DeadLetter) -> None:
@@ -219,7 +227,11 @@ class DeadLetterSink:
                 continue
             env = d.to_json()
             if self._fh is not None:
-                self._fh.write(env + b"\n")
+                try:
+                    self._fh.write(env + b"\n")
+                except OSError as e:
+                    self._failed = True
+                    raise doing(f"writing dead letters to {self.spec}", e) from None
             else:
                 origin = f"{d.record.topic}:{d.record.partition}:{d.record.offset}".encode()
                 self.txn.send(
@@ -232,8 +244,13 @@ class DeadLetterSink:
     def flush(self) -> None:
         """Make a file's dead letters durable (before the snapshot that skips them)."""
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            try:
+                self._fh.flush()
+                if self._sync:
+                    os.fsync(self._fh.fileno())
+            except OSError as e:
+                self._failed = True
+                raise doing(f"writing dead letters to {self.spec}", e) from None
 
     def position(self) -> int | None:
         """The file's length (after :meth:`flush`); ``None`` for other sinks."""
@@ -276,7 +293,12 @@ class DeadLetterSink:
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as e:  # what did not fit was never covered by a snapshot
+                if not self._failed:  # else the error that stopped the engine said it
+                    log.warning("closing the dead-letter file %s: %s", self.spec, describe(e))
 
 
 def changed_groups(snap: Snapshot, prev: Snapshot | None) -> np.ndarray:
