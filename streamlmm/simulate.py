@@ -449,9 +449,12 @@ def _to_file(fh, events: Iterable[dict], flush: bool) -> int:
 def _to_kafka(url: str, events: Iterable[dict], group: str) -> int:
     from kafka import KafkaProducer
 
+    from streamlmm.stream.broker import wait_for_broker
+
     bootstrap, _, topic = url[len("kafka://") :].partition("/")
     if not topic:
         raise ValueError(f"{url!r}: expected kafka://HOST:PORT/TOPIC")
+    wait_for_broker(bootstrap)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
     n = 0
     try:

@@ -22,11 +22,11 @@ ENV = {k: v for k, v in os.environ.items() if not k.startswith("STREAMLMM_")}
 FORMULA = "y ~ x1 + x2 + (1 + x1 | g)"
 
 
-def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+def cli(*args: str, timeout: float = 120, env=None, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "streamlmm", *args],
         capture_output=True,
-        env=ENV,
+        env=ENV if env is None else env,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
         **kw,
@@ -243,3 +243,30 @@ def test_every_option_of_every_command_has_a_help_text():
             if a.help is None and a.dest not in ("help",):
                 missing.append(f"{name} {'/'.join(a.option_strings) or a.dest}")
     assert missing == []
+
+
+# -- no broker ---------------------------------------------------------------------------------
+NO_BROKER = "kafka://127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--source", f"{NO_BROKER}/events", "--kafka-client", "kafka-python"],
+        ["run", "--source", f"{NO_BROKER}/events", "--kafka-client", "confluent-kafka"],
+        ["run", "--source", f"{NO_BROKER}/events", "--state-topic", "state"],
+        ["fit", "--state-topic", f"{NO_BROKER}/state"],
+        ["serve", "--state-topic", f"{NO_BROKER}/state", "--params-topic", "params"],
+        ["simulate", "--events", "5", "--to", f"{NO_BROKER}/events"],
+    ],
+    ids=["engine-kafka-python", "engine-confluent", "worker", "fitter", "serve", "simulate"],
+)
+def test_no_broker_is_one_line_that_says_so(tmp_path, args):
+    extra = {
+        "run": ["--formula", FORMULA, "--snapshot-dir", str(tmp_path / "s")],
+        "fit": ["--snapshot-dir", str(tmp_path / "s")],
+        "serve": ["--port", "0"],
+    }.get(args[0], [])
+    env = dict(ENV, STREAMLMM_BROKER_WAIT_SECONDS="1")
+    p = cli(*args, *extra, env=env)
+    assert user_error(p) == "no broker at 127.0.0.1:1: Connection refused (tried for 1 s)"

@@ -34,6 +34,7 @@ from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats
 from streamlmm.store import LocalStore
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.sinks import close_all, ensure_topic
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, tp_name
 from streamlmm.stream.state import StateRecord, absorb_design, decode_record, relayout
@@ -162,6 +163,7 @@ class Fitter:
             raise
 
     def _connect(self, cfg: FitterConfig) -> None:
+        wait_for_broker(self.bootstrap)
         self.consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=None,

@@ -33,6 +33,7 @@ import numpy as np
 from streamlmm.keys import key_to_json
 from streamlmm.oserrors import describe, doing
 from streamlmm.snapshot import Snapshot
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.decode import DeadLetter
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, _own
 
@@ -91,6 +92,7 @@ class Transaction:
     def __init__(self, bootstrap: str, transactional_id: str, client_config=None):
         from kafka import KafkaProducer
 
+        wait_for_broker(bootstrap)
         self.producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             transactional_id=transactional_id,
@@ -151,6 +153,7 @@ def ensure_topic(bootstrap: str, topic: str, client_config=None, **configs: str)
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    wait_for_broker(bootstrap)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
     try:
         admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])

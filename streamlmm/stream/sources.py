@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from streamlmm.stream import rdkafka
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.decode import Polled, Record
 
 __all__ = [
@@ -337,6 +338,7 @@ class KafkaSource(_KafkaBase):
     ):
         from kafka import KafkaConsumer, TopicPartition
 
+        wait_for_broker(bootstrap)  # else kafka-python retries for half a minute
         self._TP = TopicPartition
         self.topic = topic
         self.group_id = group_id
@@ -352,13 +354,17 @@ class KafkaSource(_KafkaBase):
         )
         deadline = time.monotonic() + metadata_timeout_s
         parts = None
+        said = False
         while not parts:
             parts = self.consumer.partitions_for_topic(topic)
             if parts:
                 break
             if time.monotonic() > deadline:
                 self.consumer.close(autocommit=False)
-                raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
+                raise RuntimeError(
+                    f"topic {topic!r} not found at {bootstrap} (waited {metadata_timeout_s:g} s)"
+                )
+            said = said or _waiting_for(topic, bootstrap, metadata_timeout_s)
             time.sleep(0.05)
         self.partitions = _check_partitions(topic, parts, partitions)
         self.tps = [TopicPartition(topic, p) for p in self.partitions]
@@ -488,6 +494,7 @@ class ConfluentSource(_KafkaBase):
         conf = rdkafka_config(client_config)
         if conf is None:
             raise ValueError("these kafka settings have no confluent-kafka equivalent")
+        wait_for_broker(bootstrap)  # else "topic not found" after the metadata wait
         self._TP, self._M = TopicPartition, Message
         self.topic = topic
         self.group_id = group_id
@@ -521,6 +528,7 @@ class ConfluentSource(_KafkaBase):
             self._close_fetcher()
             raise
         deadline = time.monotonic() + metadata_timeout_s
+        said = False
         while True:
             try:
                 md = self.consumer.list_topics(topic, timeout=5).topics.get(topic)
@@ -531,7 +539,10 @@ class ConfluentSource(_KafkaBase):
                 break
             if time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
+                raise RuntimeError(
+                    f"topic {topic!r} not found at {bootstrap} (waited {metadata_timeout_s:g} s)"
+                )
+            said = said or _waiting_for(topic, bootstrap, metadata_timeout_s)
             time.sleep(0.05)
         if self._connecting is not None:
             self._connecting.join()
@@ -653,6 +664,17 @@ class ConfluentSource(_KafkaBase):
             self._close_fetcher()
         finally:
             self.consumer.close()
+
+
+def _waiting_for(topic: str, bootstrap: str, timeout_s: float) -> bool:
+    """Say once that the broker answers but has no such topic (yet)."""
+    log.warning(
+        "topic %r not found at %s (yet); waiting up to %g s for it to be created",
+        topic,
+        bootstrap,
+        timeout_s,
+    )
+    return True
 
 
 def _own(topic: str, offsets: Mapping[str, int]) -> dict[int, int]:

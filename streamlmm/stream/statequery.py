@@ -32,6 +32,7 @@ from streamlmm.estimate import theta_index
 from streamlmm.keys import check_fallback, check_key, unknown_group
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.state import decode_record, relayout
 from streamlmm.stream.worker import parse_kafka_spec
 
@@ -105,6 +106,7 @@ class StateView:
     ):
         self.bootstrap, self.state_topic = parse_kafka_spec(state_topic, bootstrap)
         _, self.params_topic = parse_kafka_spec(params_topic, self.bootstrap)
+        wait_for_broker(self.bootstrap)  # an error now, not a follower that never syncs
         self.client_config = dict(client_config or {})
         self._lock = threading.Lock()
         self._rows: dict = {}  # key -> (row, the writer's design state, events)
