@@ -25,6 +25,7 @@ import numpy as np
 
 from streamlmm.formula import parse_formula
 from streamlmm.keys import check_fallback, check_key, unknown_group
+from streamlmm.values import count_text
 
 __all__ = ["Snapshot", "SnapshotError", "FORMAT_VERSION"]
 
@@ -207,7 +208,7 @@ class Snapshot:
     def __repr__(self) -> str:
         fx = ", ".join(f"{k}={v:.6g}" for k, v in self.fixef.items())
         return (
-            f"Snapshot({self.formula!r}, {self.method}, n_obs={self.n_obs:g}, "
+            f"Snapshot({self.formula!r}, {self.method}, n_obs={count_text(self.n_obs)}, "
             f"n_groups={self.n_groups}, sigma={self.sigma:.6g}, fixef: {fx})"
         )
 

@@ -34,6 +34,7 @@ import numpy as np
 from streamlmm.formula import parse_formula
 from streamlmm.keys import key_label
 from streamlmm.snapshot import Snapshot
+from streamlmm.values import count_text
 
 __all__ = [
     "load_snapshot",
@@ -45,11 +46,13 @@ __all__ = [
     "check_truth",
     "compare_with_truth",
     "summary_dict",
+    "abbreviate",
     "format_summary",
     "summary_command",
 ]
 
 QUANTILE_NAMES = ("min", "1Q", "median", "3Q", "max")
+MAX_CORRELATION_P = 12  # lme4.summary.cor.max: larger correlation tables are not printed
 
 
 def load_snapshot(path: str | os.PathLike) -> Snapshot:
@@ -331,8 +334,89 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) 
     return lines
 
 
-def _abbrev(name: str) -> str:
-    return "(Intr)" if name == "(Intercept)" else name[:6]
+def abbreviate(names: Sequence[str], minlength: int) -> list[str]:
+    """R's ``abbreviate(names, minlength)``, as lme4 labels the correlation of the
+    fixed effects: each name shortened to about ``minlength`` characters by dropping,
+    from the right, lower-case vowels at the end of a word, then other lower-case
+    vowels, then lower-case letters, then any letter but a word's first; names that
+    would coincide are redone with ``minlength`` one longer, until all differ.
+
+    >>> abbreviate(["(Intercept)", "severitymoderate", "severitysevere"], 6)
+    ['(Intr)', 'svrtym', 'svrtys']
+    >>> abbreviate(["age:severitymoderate", "age:severitysevere"], 6)
+    ['ag:svrtym', 'ag:svrtys']
+
+    """
+    names = [n.strip(" ") for n in names]
+    uniq = list(dict.fromkeys(names))
+    out = list(uniq)
+    todo = list(range(len(uniq)))
+    m = minlength
+    while todo:
+        for i in todo:
+            out[i] = _strip_chars(uniq[i], m)
+        seen: dict[str, int] = {}
+        for a in out:
+            seen[a] = seen.get(a, 0) + 1
+        todo = [i for i, a in enumerate(out) if seen[a] > 1]
+        m += 1
+    short = dict(zip(uniq, out))
+    return [short[n] for n in names]
+
+
+def _strip_chars(name: str, minlen: int) -> str:
+    """One name through R's ``stripchars`` (``src/main/character.c``), ``use.classes``."""
+    b = list(name)
+    while len(b) > 1 and b[0].isspace():
+        del b[0]
+    nspace = 0
+
+    def short() -> bool:
+        return len(b) - nspace <= minlen
+
+    def first(i: int) -> bool:  # the first character of a word (not of the name)
+        return b[i - 1].isspace()
+
+    def last(i: int) -> bool:  # the last character of a word
+        return not b[i - 1].isspace() and (i + 1 >= len(b) or b[i + 1].isspace())
+
+    def vowel(i: int) -> bool:
+        return b[i] in "aeiou"
+
+    def lower(i: int) -> bool:
+        return b[i].islower()
+
+    def sweep(drop) -> bool:
+        for i in range(len(b) - 1, 0, -1):
+            if i < len(b) and drop(i):
+                del b[i]
+            if short():
+                return True
+        return False
+
+    if len(b) >= minlen:
+        trailing = True
+        for i in range(len(b) - 1, 0, -1):
+            if b[i].isspace():
+                if trailing:
+                    del b[i:]
+                else:
+                    nspace += 1
+            else:
+                trailing = False
+            if short():
+                break
+        else:
+            _ = (
+                sweep(lambda i: vowel(i) and last(i))
+                or sweep(lambda i: vowel(i) and not first(i))
+                or sweep(lambda i: lower(i) and last(i))
+                or sweep(lambda i: lower(i) and not first(i))
+                or sweep(lambda i: not first(i) and not b[i].isspace())
+            )
+    if len(b) > minlen:
+        b = [b[0]] + [c for c in b[1:] if not c.isspace()]
+    return "".join(b)
 
 
 def _num(v: float | None, dec: int) -> str:
@@ -357,7 +441,7 @@ def format_summary(
         out.append(f"REML criterion at convergence: {snap.criterion:.1f}")
     else:
         keys = ("AIC", "BIC", "logLik", "deviance", "df.resid")
-        vals = [f"{info[k]:.1f}" if k != "df.resid" else f"{info[k]:g}" for k in keys]
+        vals = [f"{info[k]:.1f}" if k != "df.resid" else count_text(info[k]) for k in keys]
         out += _table(keys, [vals], left=0)
     out.append("")
     rq = snap.resid_quantiles
@@ -384,7 +468,7 @@ def format_summary(
         body.append(cells)
     out += _table(head, body, left=2)
     group = parse_formula(snap.formula).group
-    out.append(f"Number of obs: {snap.n_obs:g}, groups:  {group}, {snap.n_groups}")
+    out.append(f"Number of obs: {count_text(snap.n_obs)}, groups:  {group}, {snap.n_groups}")
     out.append("")
 
     out.append("Fixed effects:")
@@ -395,15 +479,20 @@ def format_summary(
     de, ds, dt = _decimals(est), _decimals(se), _decimals(tv, 4)
     body = [[k, _num(e, de), _num(s, ds), _num(t, dt)] for k, e, s, t in zip(names, est, se, tv)]
     out += _table(["", "Estimate", "Std. Error", "t value"], body)
-    if len(names) > 1:
+    if 1 < len(names) <= MAX_CORRELATION_P:
         out.append("")
         out.append("Correlation of Fixed Effects:")
         corr = fixef_correlation(snap)
-        body = [
-            [_abbrev(names[i])] + [f"{corr[i, j]:.3f}" for j in range(i)]
-            for i in range(1, len(names))
-        ]
-        out += _table([""] + [_abbrev(n) for n in names[:-1]], body)
+        rows, cols = abbreviate(names, 11), abbreviate(names, 6)  # as lme4 labels them
+        body = [[rows[i]] + [f"{corr[i, j]:.3f}" for j in range(i)] for i in range(1, len(names))]
+        out += _table([""] + cols[:-1], body)
+    elif len(names) > MAX_CORRELATION_P:
+        out.append("")
+        out.append(
+            f"Correlation matrix not shown by default, as p = {len(names)} > "
+            f"{MAX_CORRELATION_P}. Use summary_dict(snap)['fixef_corr'] or --json if you "
+            "need it"
+        )
     notes = []
     if snap.dropped:
         notes.append(
@@ -442,7 +531,7 @@ def _format_groups(snap: Snapshot) -> list[str]:
     head.append("shrinkage")
     body = []
     for r in rows:
-        cells = [key_label(r["group"]), f"{r['n']:g}", _num(r["raw_mean"], dec)]
+        cells = [key_label(r["group"]), count_text(r["n"]), _num(r["raw_mean"], dec)]
         for n in names:
             cells += [_num(r["ranef"][n], dec), _num(r["cond_sd"][n], dec)]
         cells.append(f"{r['shrinkage'][names[0]]:.3f}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import os
 import socket
@@ -577,6 +578,50 @@ def test_a_stored_key_that_is_not_valid_unicode_is_answered_never_a_500(helpers)
         assert status == 400 and "surrogate" in p["error"]  # refused by the JSON parser
     finally:
         server.stop()
+
+
+def test_repeated_keys_are_one_list_and_other_repeats_are_refused(served):
+    port, snap = served
+    status, body = get(port, "/v1/groups?keys=1&keys=a,%22x,y%22&keys=-3")
+    assert status == 200
+    assert [g["group"] for g in body["groups"]] == [1, "a", "x,y", -3]
+    assert body == get(port, "/v1/groups?keys=1,a,%22x,y%22,-3")[1]
+    for query in (
+        "top=2&top=3",
+        "keys=1&fallback=population&fallback=population",
+        "top=2&by=n&by=abs",
+    ):
+        status, err = get(port, "/v1/groups?" + query)
+        assert status == 400 and "is given more than once" in err["error"], (query, err)
+    doc = get(port, "/openapi.json")[1]
+    (keys,) = [p for p in doc["paths"]["/v1/groups"]["get"]["parameters"] if p["name"] == "keys"]
+    assert "keys=a&keys=b being keys=a,b" in keys["description"]
+
+
+def test_a_client_gone_mid_body_is_one_info_line_not_an_error(caplog):
+    from streamlmm.serve.server import start_server
+
+    m = make_model(n=200)
+    server = start_server(port=0, snapshot=m.snapshot())
+    caplog.set_level(logging.DEBUG)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b'[{"g": 1, "x1": 0.5, ' * 3
+            )
+        deadline = time.monotonic() + 30
+        while not any("client disconnected" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        assert get(server.port, "/v1/groups/1")[0] == 200  # still serving
+    finally:
+        server.stop()
+    mine = [r for r in caplog.records if r.name.startswith("streamlmm")]
+    assert [r for r in mine if r.levelno >= logging.WARNING] == []
+    assert all(r.exc_info is None for r in mine)
+    (gone,) = [r for r in mine if "client disconnected" in r.getMessage()]
+    assert gone.levelno == logging.INFO and "POST /v1/predict" in gone.getMessage()
 
 
 def test_binds_loopback_by_default():

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
@@ -85,6 +85,11 @@ def _error(status: int, message: str) -> Response:
     return _json({"error": message, "status": status}, status)
 
 
+# query parameters that may be repeated: their values are one list (keys=a&keys=b is
+# keys=a,b); any other parameter given twice is a 400, never "the last one wins"
+_REPEATABLE = {"keys": ","}
+
+
 def _query(request: Request) -> dict[str, str]:
     qs: bytes = request.scope.get("query_string", b"")
     if len(qs) > Limits.max_query_bytes:
@@ -95,7 +100,15 @@ def _query(request: Request) -> dict[str, str]:
         )
     except UnicodeDecodeError as e:
         raise ApiError(400, "query string is not valid UTF-8 after percent-decoding") from e
-    return dict(pairs)
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in out:
+            out[name] = value
+        elif name in _REPEATABLE:
+            out[name] += _REPEATABLE[name] + value
+        else:
+            raise ApiError(400, f"{name}= is given more than once: give it once")
+    return out
 
 
 def _current(request: Request) -> Current:
@@ -333,6 +346,13 @@ class _Guard:
 
         try:
             await self.app(scope, receive, send_wrapped)
+        except ClientDisconnect:  # the client went away mid-body: nobody to answer
+            status = 499  # nginx's "client closed request", for the metrics
+            log.info(
+                "client disconnected before the end of its request body: %s %s",
+                scope.get("method"),
+                scope.get("path"),
+            )
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:
