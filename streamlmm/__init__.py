@@ -15,6 +15,7 @@ os.environ.setdefault("KMP_BLOCKTIME", "0")
 from streamlmm.checks import FitWarning, SamplingWarning
 from streamlmm.design import Design
 from streamlmm.formula import Formula, parse_formula
+from streamlmm.keys import UnknownGroupError
 from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot, SnapshotError
 from streamlmm.store import LocalStore
@@ -23,6 +24,7 @@ __all__ = [
     "MixedLM",
     "Snapshot",
     "SnapshotError",
+    "UnknownGroupError",
     "LocalStore",
     "Formula",
     "Design",

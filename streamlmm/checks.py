@@ -14,6 +14,8 @@ import warnings
 
 import numpy as np
 
+from streamlmm.values import count_text
+
 __all__ = ["FitWarning", "SamplingWarning", "fit_messages", "warn_all", "SCALE_TOL"]
 
 SCALE_TOL = 1e3  # lme4's check.scaleX: column SDs, or their ratios, beyond this
@@ -57,12 +59,12 @@ def fit_messages(
     elif n_groups >= n_obs:
         out.append(
             f"number of levels of grouping factor {group!r} (={n_groups}) is not < the "
-            f"number of observations (={n_obs:g}): the random effects and the residual "
+            f"number of observations (={count_text(n_obs)}): the random effects and the residual "
             "variance cannot be told apart (lme4 refuses this fit)"
         )
     elif n_obs <= q * n_groups:
         out.append(
-            f"number of observations (={n_obs:g}) <= number of random effects "
+            f"number of observations (={count_text(n_obs)}) <= number of random effects "
             f"(={q * n_groups}) for term {terms}: the random-effects parameters and the "
             "residual variance are probably unidentifiable (lme4 refuses this fit)"
         )

@@ -10,8 +10,24 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 __all__ = ["main"]
+
+
+_ENGINE_ONLY = (
+    "until_end",
+    "new_source",
+    "snapshot_every_events",
+    "snapshot_every_seconds",
+    "serve",
+    "serve_host",
+    "time_key",
+    "em_every",
+    "refit_every",
+    "kafka_client",
+    "stop_after_dead_letters",
+)
 
 
 def _run_worker(args: argparse.Namespace) -> int:
@@ -24,6 +40,18 @@ def _run_worker(args: argparse.Namespace) -> int:
         raise ValueError("missing required setting: --formula")
     if args.half_life is not None or args.partitions:
         raise ValueError("--state-topic does not support --half-life or --partitions")
+    for name in _ENGINE_ONLY:  # given but ignored would be worse than refused
+        if getattr(args, name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            raise ValueError(
+                f"{flag} applies to the engine, not to a scale-out worker (--state-topic)"
+            )
+    for name in ("max_poll_records", "session_timeout_ms", "transaction_timeout_ms"):
+        v = getattr(args, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v}")
+    if args.progress_seconds is not None and not args.progress_seconds >= 0:
+        raise ValueError(f"--progress-seconds must be >= 0, got {args.progress_seconds}")
     kw = {
         k: getattr(args, k)
         for k in (
@@ -146,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     req.add_argument(
         "--snapshot-dir",
         metavar="DIR",
-        help="directory of snapshots, created if missing [required]",
+        help="directory of snapshots, created if missing; one engine per directory (a "
+        "second one on it exits 2; readers such as serve need no lock) [required]",
     )
     r.add_argument("--config", metavar="FILE", help="TOML file of settings (also STREAMLMM_CONFIG)")
     r.add_argument("--method", choices=("REML", "ML"), help="criterion" + _default("method"))
@@ -184,8 +213,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dead-letter",
         metavar="DEST",
         help="where bad events go: a Kafka topic (with a Kafka source; transactional, "
-        "read it with isolation_level=read_committed), or a JSON-lines PATH / jsonl:PATH "
-        "(default: logged only)",
+        "read it with isolation_level=read_committed), or a JSON-lines PATH / jsonl:PATH, "
+        "which holds exactly the dead letters of the events the snapshots hold (cut back "
+        "on restart, emptied by a start from no snapshot) (default: logged only)",
     )
     r.add_argument(
         "--publish-topic",
@@ -235,6 +265,15 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="exact refit every N events (default: the model's schedule)",
+    )
+    r.add_argument(
+        "--stop-after-dead-letters",
+        type=int,
+        metavar="N",
+        help="exit 2, with the commonest reason and no snapshot, when the first N events "
+        "read are all dead letters (or skipped): a misconfiguration, e.g. --half-life "
+        "without a ts field or a misspelled --time-key; also when a run that learned "
+        "nothing ends with only dead letters; 0 never stops" + _default("stop_after_dead_letters"),
     )
     r.add_argument(
         "--max-poll-records",
@@ -310,7 +349,13 @@ def _parser() -> argparse.ArgumentParser:
         "--state-topic", required=True, metavar="SPEC", help="kafka://HOST:PORT/NAME or NAME"
     )
     f.add_argument("--params-topic", metavar="SPEC", help="kafka://HOST:PORT/NAME or NAME")
-    f.add_argument("--snapshot-dir", required=True, metavar="DIR")
+    f.add_argument(
+        "--snapshot-dir",
+        required=True,
+        metavar="DIR",
+        help="where the fitter writes its snapshots of the whole model (what serve and "
+        "summary read), created if missing; one writer per directory [required]",
+    )
     f.add_argument("--bootstrap", metavar="HOST:PORT", help="brokers, for bare topic names")
     f.add_argument("--method", choices=("REML", "ML"), help="(default: the workers' method)")
     f.add_argument("--every-seconds", type=float, default=10.0, metavar="S", help="(default: 10)")
@@ -341,7 +386,11 @@ def _parser() -> argparse.ArgumentParser:
     from streamlmm.summary import summary_command
 
     m = sub.add_parser("summary", help="lme4-style summary of the newest snapshot in DIR")
-    m.add_argument("snapshot_dir", metavar="DIR")
+    m.add_argument(
+        "snapshot_dir",
+        metavar="DIR",
+        help="a snapshot directory (its newest valid snapshot) or one snapshot file",
+    )
     m.add_argument("--json", action="store_true", help="JSON instead of text")
     m.add_argument("--groups", action="store_true", help="include every group's effects")
     m.add_argument("--vs-truth", metavar="FILE", help="compare with a simulation's truth")
@@ -350,7 +399,11 @@ def _parser() -> argparse.ArgumentParser:
     from streamlmm.plot import plot_command
 
     pl = sub.add_parser("plot", help="PNG pictures of the newest snapshot in DIR")
-    pl.add_argument("snapshot_dir", metavar="DIR")
+    pl.add_argument(
+        "snapshot_dir",
+        metavar="DIR",
+        help="a snapshot directory (its newest valid snapshot) or one snapshot file",
+    )
     pl.add_argument("--out", required=True, help="directory for the PNG files [required]")
     pl.set_defaults(func=plot_command)
 
@@ -360,15 +413,44 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warnings_as_log_lines() -> None:
+    """Python warnings (lme4's checks: ``FitWarning``) as one log line each, without the
+    file name and source line that :mod:`warnings` prints by default."""
+    log = logging.getLogger("streamlmm")
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        log.warning("%s: %s", category.__name__, message)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``streamlmm`` command."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _warnings_as_log_lines()
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
+    except BrokenPipeError:
+        return _reader_went_away()
     except _user_errors() as e:
         sys.stderr.write(f"streamlmm: error: {_one_line(e)}\n")
         return 2
+
+
+def _reader_went_away() -> int:
+    """stdout's reader closed the pipe (``streamlmm summary --json | head``): stop
+    quietly, as a command whose output is cut short by its reader does. What is left in
+    stdout's buffer goes to /dev/null, so that the interpreter's exit does not report
+    the broken pipe either."""
+    import os
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+    return 0
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -387,9 +469,12 @@ def _one_line(e: BaseException) -> str:
     """
     >>> _one_line(ValueError("a\\nb"))
     'a b'
+    >>> _one_line(OSError(28, "writing dead letters to /dev/full: No space left on device"))
+    'writing dead letters to /dev/full: No space left on device'
     """
-    text = " ".join(str(e).split()) or type(e).__name__
-    return text
+    from streamlmm.oserrors import describe
+
+    return describe(e)
 
 
 if __name__ == "__main__":

@@ -162,7 +162,7 @@ class SnapshotLookup(Lookup):
 
     def group(self, key) -> dict[str, Any] | None:
         s = self._snap
-        if s is None or s.n(key) == 0:
+        if s is None or key not in s:
             return None
         return {
             "group": key,

@@ -44,6 +44,7 @@ import numpy as np
 
 from streamlmm import kernels
 from streamlmm.formula import INTERCEPT, Expr, Formula, parse_formula
+from streamlmm.keys import key_label, text_problem
 from streamlmm.values import MAX_ABS, Missing, number
 
 __all__ = ["Design", "numeric_design", "align", "MAX_LEVEL_CHARS", "MAX_LEVELS"]
@@ -64,6 +65,10 @@ def _check_level(name: str, v: str) -> None:
             f"field {name!r}: factor level of {len(v)} characters exceeds the limit of "
             f"{MAX_LEVEL_CHARS}"
         )
+    if not v.isascii():
+        why = text_problem(v)
+        if why is not None:
+            raise ValueError(f"field {name!r}: factor level {key_label(v)!r} is refused: {why}")
 
 
 class Design:
@@ -817,7 +822,7 @@ class Design:
                     f"row {r}: field {fld!r}: expected a string (the field is a factor), "
                     f"got {type(s).__name__}"
                 )
-            if len(s) > MAX_LEVEL_CHARS:
+            if len(s) > MAX_LEVEL_CHARS or not s.isascii():
                 r = int(np.argmax(codes == u))
                 try:
                     _check_level(fld, s)

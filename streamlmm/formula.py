@@ -88,10 +88,42 @@ _TOKEN = re.compile(
 )
 _SYNTACTIC = re.compile(r"^(?:[A-Za-z][A-Za-z0-9._]*|\.(?![0-9])[A-Za-z0-9._]*)$")
 _MAX_FORMULA = 10_000
+# how deeply a formula may nest (parentheses, calls, signs, powers, products); a sum of
+# terms at the top of the formula or of a bar is flat, however long. Deeper formulas would
+# exhaust Python's recursion limit in the parser and in the functions that walk the tree.
+MAX_DEPTH = 100
+# terms of one part (fixed, or one bar's): a*b*c*... expands to every interaction, 2^n - 1
+# terms, which no fit can use; the bound stops the expansion before it takes the machine
+MAX_TERMS = 1000
 
 
 def _error(text: str, pos: int, why: str) -> ValueError:
     return ValueError(f"{why} at position {pos} in formula:\n  {text}\n  {' ' * pos}^")
+
+
+def _too_deep(text: str, pos: int | None = None) -> ValueError:
+    why = (
+        f"formula nests more than {MAX_DEPTH} levels deep (parentheses, function calls, "
+        "signs, or a chain of operators such as a + b + ... inside I())"
+    )
+    if pos is None or len(text) > 200:  # no caret into a wall of text
+        return ValueError(why + ("" if pos is None else f" at position {pos}"))
+    return _error(text, pos, why)
+
+
+def _check_depth(node, text: str) -> None:
+    """``ValueError`` if ``node``'s tree is deeper than :data:`MAX_DEPTH` (measured
+    without recursion, so that any tree can be)."""
+    stack = [(node, 1)]
+    while stack:
+        n, d = stack.pop()
+        if d > MAX_DEPTH:
+            raise _too_deep(text)
+        kind = n[0]
+        if kind == "bin":
+            stack += [(n[2], d + 1), (n[3], d + 1)]
+        elif kind in ("paren", "neg", "pos", "call"):
+            stack.append((n[-1], d + 1))
 
 
 def _tokenize(text: str) -> list[tuple[str, str, int]]:
@@ -128,6 +160,7 @@ class _Parser:
         self.text = text
         self.toks = _tokenize(text)
         self.i = 0
+        self.depth = 0  # nesting of expr(): bounded, so a deep formula is a clear error
 
     def peek(self):
         return self.toks[self.i]
@@ -148,6 +181,15 @@ class _Parser:
         return t
 
     def expr(self, min_prec: int):
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise _too_deep(self.text, self.peek()[2])
+        try:
+            return self._expr(min_prec)
+        finally:
+            self.depth -= 1
+
+    def _expr(self, min_prec: int):
         left = self.unary()
         while True:
             t = self.peek()
@@ -606,7 +648,7 @@ class _Part:
                 )
             out = list(left)
             for _ in range(int(node[3][1]) - 1):
-                out = _unique(out + [a | b for a in out for b in left])
+                out = self.bounded(_unique(out + [a | b for a in out for b in left]))
             return out, li
         right, ri = self.terms(node[3])
         if li is not None or ri is not None:
@@ -615,12 +657,22 @@ class _Part:
                 "added or removed with + and -"
             )
         if op == ":":
-            return _unique([a | b for a in left for b in right]), None
+            return self.bounded(_unique([a | b for a in left for b in right])), None
         if op == "*":
-            return _unique(left + right + [a | b for a in left for b in right]), None
+            return self.bounded(_unique(left + right + [a | b for a in left for b in right])), None
         # a / b = a + (all of a):b
         whole = frozenset().union(*left) if left else frozenset()
-        return _unique(left + [whole | b for b in right]), None
+        return self.bounded(_unique(left + [whole | b for b in right])), None
+
+    def bounded(self, terms):
+        """``terms``, or ``ValueError`` past :data:`MAX_TERMS`."""
+        if len(terms) > MAX_TERMS:
+            raise ValueError(
+                f"the {self.where} part of the formula has more than {MAX_TERMS} terms "
+                "(a*b*c*... expands to every interaction of its factors; write the terms "
+                "you mean, e.g. (a + b + c)^2 for the pairs)"
+            )
+        return terms
 
     def sum(self, node) -> tuple[list[frozenset], bool | None]:
         items: list[tuple[int, object]] = []
@@ -629,19 +681,21 @@ class _Part:
 
     def signed(self, items) -> tuple[list[frozenset], bool | None]:
         """The terms and intercept of ``+``/``-`` items (``(sign, node)`` pairs)."""
-        out: list[frozenset] = []
+        out: dict[frozenset, None] = {}  # an ordered set
         intercept = None
         for sign, item in items:
             ts, ic = self.terms(item)
             if sign > 0:
-                out = _unique(out + ts)
+                out.update(dict.fromkeys(ts))
+                self.bounded(out)
                 if ic is not None:
                     intercept = ic
             else:
-                out = [t for t in out if t not in ts]
+                for t in ts:
+                    out.pop(t, None)
                 if ic is not None:
                     intercept = not ic
-        return out, intercept
+        return list(out), intercept
 
     def ordered(self, terms: list[frozenset]) -> tuple[tuple[Expr, ...], ...]:
         """R's order: by degree (stable), each term's variables in variable order."""
@@ -651,24 +705,24 @@ class _Part:
 
 
 def _unique(terms: list[frozenset]) -> list[frozenset]:
-    out = []
-    for t in terms:
-        if t not in out:
-            out.append(t)
-    return out
+    return list(dict.fromkeys(terms))
 
 
 def _flatten(node, sign: int, out: list) -> None:
-    """A chain of binary/unary + and - into signed items, left to right."""
-    if node[0] == "bin" and node[1] in "+-":
-        _flatten(node[2], sign, out)
-        _flatten(node[3], sign if node[1] == "+" else -sign, out)
-    elif node[0] == "neg":
-        _flatten(node[1], -sign, out)
-    elif node[0] == "pos":
-        _flatten(node[1], sign, out)
-    else:
-        out.append((sign, node))
+    """A chain of binary/unary + and - into signed items, left to right (without
+    recursion: a sum of thousands of terms is a left-deep tree that deep)."""
+    stack = [(node, sign)]
+    while stack:
+        node, sign = stack.pop()
+        if node[0] == "bin" and node[1] in "+-":
+            stack.append((node[3], sign if node[1] == "+" else -sign))
+            stack.append((node[2], sign))
+        elif node[0] == "neg":
+            stack.append((node[1], -sign))
+        elif node[0] == "pos":
+            stack.append((node[1], sign))
+        else:
+            out.append((sign, node))
 
 
 def _is_bar(node) -> bool:
@@ -730,6 +784,7 @@ def parse_formula(text: str) -> Formula:
         raise p.fail(t, f"unexpected {t[1]!r}")
 
     # the response
+    _check_depth(lhs, text)
     while lhs[0] == "paren":
         lhs = lhs[1]
     if lhs[0] not in ("name", "call"):
@@ -751,6 +806,15 @@ def parse_formula(text: str) -> Formula:
     _flatten(rhs, 1, items)
     bars, fixed_items = [], []
     for sign, item in items:
+        if _is_bar(item):  # its terms are a flat sum too: each of them is measured
+            bar = item[1]
+            _check_depth(bar[3], text)
+            terms: list[tuple[int, object]] = []
+            _flatten(bar[2], 1, terms)
+            for _, t in terms:
+                _check_depth(t, text)
+        else:
+            _check_depth(item, text)
         if _is_bar(item):
             if sign < 0:
                 raise ValueError(f"a random-effects term can not be removed in {text!r}")

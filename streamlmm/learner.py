@@ -33,7 +33,7 @@ import numpy as np
 
 from streamlmm import kernels
 from streamlmm.design import Design
-from streamlmm.keys import MAX_KEY_LEN
+from streamlmm.keys import MAX_KEY_LEN, text_problem
 from streamlmm.reservoir import CAPACITY, Reservoir, priority_one
 from streamlmm.rows import RowReader
 from streamlmm.stats import GroupStats
@@ -120,6 +120,8 @@ class Learner:
                 else:
                     r = st.index.get(key)
                     if r is None:
+                        if type(key) is str and not key.isascii() and text_problem(key):
+                            return self._learn_one(x, y, w)  # refuses it, naming the field
                         r = st._new_row(key)
                         if res is not None:
                             res.new_key(r, key)
@@ -165,6 +167,8 @@ class Learner:
             j += 1
         r = st.index.get(key)
         if r is None:
+            if type(key) is str and not key.isascii() and text_problem(key):
+                return False  # the general path refuses it, naming the field
             r = st._new_row(key)
             if res is not None:
                 res.new_key(r, key)

@@ -214,6 +214,11 @@ class MixedLM(base.MiniBatchRegressor):
         return self._learner.n_events
 
     @property
+    def n_groups(self) -> int:
+        """Groups seen (every group with a row of statistics), refit or not."""
+        return self._stats.n_groups
+
+    @property
     def n_skipped(self) -> int:
         """Events skipped for a missing value (``missing="skip"``)."""
         return self._learner.n_skipped
@@ -387,11 +392,11 @@ class MixedLM(base.MiniBatchRegressor):
     def _predict_one(self, x: Mapping[str, Any]) -> float:
         """:meth:`predict_one` through the kernel: refreshes first if due, validates
         ``x`` (raising ``ValueError`` as ``learn_one`` does), imputes under "skip"."""
+        r = self._group_row(x)  # a bad key is refused, with parameters or without
         fallback = self._fallback()
         if fallback is not None:
             return fallback
         a = self._reader.features(x, impute=self._reader.skip)
-        r = self._group_row(x)
         pred = self._pred
         if pred.fast is None or self.n_events >= pred.fast[1]:
             pred.layout(

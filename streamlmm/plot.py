@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 
 from streamlmm.formula import parse_formula
+from streamlmm.keys import key_label
+from streamlmm.oserrors import doing
 from streamlmm.snapshot import Snapshot
 
 __all__ = [
@@ -306,7 +308,7 @@ def plot_caterpillar(snap: Snapshot, path: str | os.PathLike) -> str:
         ax.set_title(d["name"])
         ax.grid(axis="y", visible=False)
         if len(y) <= 30:
-            ax.set_yticks(y, [str(k) for k in d["keys"]], fontsize=8)
+            ax.set_yticks(y, [key_label(k) for k in d["keys"]], fontsize=8)
         else:
             ax.set_yticks([])
             ax.set_ylabel(f"{len(y)} groups ({g}), sorted by effect")
@@ -511,7 +513,12 @@ PLOTS = {
 def plot_all(snap: Snapshot, out_dir: str | os.PathLike) -> dict[str, str]:
     """Every picture in :data:`PLOTS` that the snapshot supports, as ``NAME.png``."""
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"picture directory {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise doing(f"creating the picture directory {out}", e) from None
     paths = {}
     for name, fn in PLOTS.items():
         if name == "residuals" and (snap.state is None or not len(snap.state.get("res_prio", ()))):

@@ -31,7 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from streamlmm import kernels
-from streamlmm.keys import MAX_KEY_LEN
+from streamlmm.keys import MAX_KEY_LEN, text_problem
 
 __all__ = ["Params", "Predictor", "coefficients", "linear_predictor"]
 
@@ -128,10 +128,12 @@ class Predictor:
     # -- one group's coefficients ---------------------------------------------------------
     def cached(self, stats, design, key) -> Coefs | None:
         """The coefficients of group ``key`` (int or str), cached if the group is seen;
-        ``None`` for a key the full path must reject (too long)."""
+        ``None`` for a key the full path must reject (too long, not valid text)."""
         r = stats.index.get(key)
         if r is None:
-            if type(key) is str and len(key) > MAX_KEY_LEN:
+            if type(key) is str and (
+                len(key) > MAX_KEY_LEN or (not key.isascii() and text_problem(key))
+            ):
                 return None
             coef = self.coefs.get(UNSEEN)
             if coef is None:

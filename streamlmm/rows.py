@@ -259,11 +259,15 @@ class RowReader:
         if getattr(uniques, "dtype", None) is not None and uniques.dtype.kind in "iu":
             return codes, uniques.tolist()  # integers (never bool): valid keys as they are
         keys = list(uniques)
-        if set(map(type, keys)) == {str} and max(map(len, keys)) <= MAX_KEY_LEN:
-            return codes, keys  # strings short enough: valid keys as they are
+        if (
+            set(map(type, keys)) == {str}
+            and max(map(len, keys)) <= MAX_KEY_LEN
+            and all(map(str.isascii, keys))
+        ):
+            return codes, keys  # ASCII strings short enough: valid keys as they are
         checked = []
         for j, u in enumerate(keys):
-            if type(u) is str and len(u) <= MAX_KEY_LEN:
+            if type(u) is str and len(u) <= MAX_KEY_LEN and u.isascii():
                 checked.append(u)
                 continue
             try:

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 
+from streamlmm.oserrors import doing
+
 __all__ = [
     "simulate",
     "TRUTH",
@@ -186,7 +188,18 @@ def scenario(
     n_groups
         Groups of ``basic`` (the others have fixed counts).
 
+    Raises
+    ------
+    ValueError
+        For an unknown scenario, fewer than 1 event or group, or a negative seed.
+
     """
+    if n_events is not None and not (_is_int(n_events) and n_events >= 1):
+        raise ValueError(f"the number of events must be a positive integer, got {n_events!r}")
+    if not (_is_int(n_groups) and n_groups >= 1):
+        raise ValueError(f"the number of groups must be a positive integer, got {n_groups!r}")
+    if not (_is_int(seed) and seed >= 0):
+        raise ValueError(f"the seed must be an integer >= 0, got {seed!r}")
     if name == "hospital":
         return _hospital(n_events, seed)
     if name == "web":
@@ -197,6 +210,10 @@ def scenario(
         truth["seed"] = seed
         return Simulation("basic", truth["formula"], "g", n, events, truth)
     raise ValueError(f"unknown scenario {name!r}: choose one of {', '.join(SCENARIOS)}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
 
 
 def _scaled(sizes: np.ndarray, n_events: int | None, floor: int = 3) -> np.ndarray:
@@ -390,22 +407,32 @@ def write_events(
         and none for stdout or Kafka.
 
     """
+    if rate is not None and not (isinstance(rate, (int, float)) and rate > 0):
+        raise ValueError(f"--rate must be > 0 events per second, got {rate!r}")
     events = _throttle(sim.events, rate)
-    if to.startswith("kafka://"):
-        n = _to_kafka(to, events, sim.group)
-    else:
+    path = None
+    if not to.startswith("kafka://"):
         path = to[len("jsonl:") :] if to.startswith("jsonl:") else to
-        if path == "-":
-            n = _to_file(sys.stdout, events, flush=bool(rate))
-        else:
-            with open(path, "w", encoding="utf-8") as fh:
-                n = _to_file(fh, events, flush=bool(rate))
+        if not path:
+            raise ValueError("--to jsonl: needs a path: jsonl:PATH")
+        if path != "-":
             truth = truth or truth_path(path)
-    if truth:
-        with open(truth, "w", encoding="utf-8") as fh:
-            json.dump(sim.truth, fh, indent=1)
-            fh.write("\n")
-    return n
+    if truth:  # first: a truth that cannot be written stops before any event is
+        try:
+            with open(truth, "w", encoding="utf-8") as fh:
+                json.dump(sim.truth, fh, indent=1)
+                fh.write("\n")
+        except OSError as e:
+            raise doing(f"writing the truth to {truth}", e) from None
+    if path is None:
+        return _to_kafka(to, events, sim.group)
+    if path == "-":
+        return _to_file(sys.stdout, events, flush=bool(rate))
+    try:
+        with open(path, "w", encoding="utf-8") as fh:
+            return _to_file(fh, events, flush=bool(rate))
+    except OSError as e:
+        raise doing(f"writing events to {path}", e) from None
 
 
 def _to_file(fh, events: Iterable[dict], flush: bool) -> int:
@@ -422,9 +449,12 @@ def _to_file(fh, events: Iterable[dict], flush: bool) -> int:
 def _to_kafka(url: str, events: Iterable[dict], group: str) -> int:
     from kafka import KafkaProducer
 
+    from streamlmm.stream.broker import wait_for_broker
+
     bootstrap, _, topic = url[len("kafka://") :].partition("/")
     if not topic:
         raise ValueError(f"{url!r}: expected kafka://HOST:PORT/TOPIC")
+    wait_for_broker(bootstrap)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20, acks="all")
     n = 0
     try:

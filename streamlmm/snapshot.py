@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 
 from streamlmm.formula import parse_formula
-from streamlmm.keys import check_key
+from streamlmm.keys import check_fallback, check_key, unknown_group
+from streamlmm.values import count_text
 
 __all__ = ["Snapshot", "SnapshotError", "FORMAT_VERSION"]
 
@@ -128,8 +129,14 @@ class Snapshot:
     >>> s = m.fit().snapshot()
     >>> round(s.fixef["x"], 2), s.n_groups, s.n_obs
     (2.0, 4, 40.0)
-    >>> s.ranef(99)  # an unseen group
-    {'(Intercept)': 0.0}
+    >>> round(s.ranef(3)["(Intercept)"], 2)
+    1.49
+    >>> s.ranef(99)
+    Traceback (most recent call last):
+    ...
+    streamlmm.keys.UnknownGroupError: unknown group 99: not among the 4 groups (pass ...
+    >>> s.ranef(99, fallback="population"), 99 in s, 3 in s
+    ({'(Intercept)': 0.0}, False, True)
     >>> Snapshot.from_bytes(s.to_bytes()).fixef == s.fixef
     True
 
@@ -270,49 +277,78 @@ class Snapshot:
     def __repr__(self) -> str:
         fx = ", ".join(f"{k}={v:.6g}" for k, v in self.fixef.items())
         return (
-            f"Snapshot({self.formula!r}, {self.method}, n_obs={self.n_obs:g}, "
+            f"Snapshot({self.formula!r}, {self.method}, n_obs={count_text(self.n_obs)}, "
             f"n_groups={self.n_groups}, sigma={self.sigma:.6g}, fixef: {fx})"
         )
 
     # -- lookups ------------------------------------------------------------------------
     def _row(self, key) -> int:
-        try:
-            return self._index.get(check_key(key), -1)
-        except ValueError:
-            return -1
+        """The row of group ``key``; -1 if the snapshot has no such group (also for a
+        value that is no group key). A stored key is found as it is, so that a key
+        stored before a rule refused it (a lone surrogate) is still found."""
+        if type(key) is not int and type(key) is not str:
+            try:
+                key = check_key(key)  # np.int64(3) and 3.0 name the group 3
+            except ValueError:
+                return -1
+        return self._index.get(key, -1)
 
-    def ranef(self, key) -> dict[str, float]:
-        """The group's BLUP ``b̂_g`` by random-effect name; zeros for an unseen group."""
+    def _found(self, key, fallback: str | None) -> int:
+        """:meth:`_row` of a lookup: an unseen group is an :class:`UnknownGroupError`
+        unless ``fallback="population"``, then -1."""
         r = self._row(key)
+        if r < 0 and not check_fallback(fallback):
+            raise unknown_group(key, self._index, self.n_groups)
+        return r
+
+    def __contains__(self, key) -> bool:
+        """Whether the snapshot has group ``key`` (``"H017" in snap``)."""
+        return self._row(key) >= 0
+
+    def ranef(self, key, *, fallback: str | None = None) -> dict[str, float]:
+        """The group's BLUP ``b̂_g`` by random-effect name (lme4's ``ranef()`` row).
+
+        An unseen group raises :class:`~streamlmm.keys.UnknownGroupError` (a
+        ``KeyError`` naming the key; the int 17 and the string ``"17"`` are different
+        groups, and the message says so when the other one exists). With
+        ``fallback="population"`` an unseen group gets the population's values instead:
+        here zeros, the mean of the random effects.
+        """
+        r = self._found(key, fallback)
         vals = self.b[r] if r >= 0 else np.zeros(len(self.re_names))
         return dict(zip(self.re_names, map(float, vals)))
 
-    def ranef_cov(self, key) -> np.ndarray:
-        """The group's conditional covariance (lme4 ``condVar``); ``re_cov`` if unseen."""
-        r = self._row(key)
+    def ranef_cov(self, key, *, fallback: str | None = None) -> np.ndarray:
+        """The group's conditional covariance (lme4 ``condVar``); for an unseen group
+        with ``fallback="population"``, the prior ``re_cov`` (see :meth:`ranef`)."""
+        r = self._found(key, fallback)
         return self.condvar[r] if r >= 0 else self.re_cov
 
-    def n(self, key) -> float:
-        """The group's total frequency weight Σw (decayed, under forgetting); 0 if unseen."""
-        r = self._row(key)
+    def n(self, key, *, fallback: str | None = None) -> float:
+        """The group's total frequency weight Σw (decayed, under forgetting); 0 for an
+        unseen group with ``fallback="population"`` (see :meth:`ranef`)."""
+        r = self._found(key, fallback)
         return float(self.group_n[r]) if r >= 0 else 0.0
 
-    def shrinkage(self, key) -> dict[str, float]:
+    def shrinkage(self, key, *, fallback: str | None = None) -> dict[str, float]:
         """Per random effect, the share of the prior variance the group's data explains:
         ``1 − condVar_ii / re_cov_ii``.
 
-        For a random intercept this is the classical factor ``τ²/(τ² + σ²/n_g)``: 0 for an
-        unseen group (its effect is the prior's, shrunk all the way to 0) and close to 1
-        for a large group (its own mean). A zero prior variance gives 0.
+        For a random intercept this is the classical factor ``τ²/(τ² + σ²/n_g)``: close
+        to 1 for a large group (its own mean), and 0 for an unseen group with
+        ``fallback="population"`` (its effect is the prior's, shrunk all the way to 0;
+        see :meth:`ranef`). A zero prior variance gives 0.
         """
-        cv = np.diagonal(self.ranef_cov(key))
+        cv = np.diagonal(self.ranef_cov(key, fallback=fallback))
         prior = np.diagonal(self.re_cov)
         with np.errstate(divide="ignore", invalid="ignore"):
             f = np.where(prior > 0, 1.0 - cv / prior, 0.0)
         return dict(zip(self.re_names, map(float, f)))
 
     def predict(self, x: Mapping[str, Any]) -> float:
-        """Fixed part plus the group's BLUP (the fixed part alone for an unseen group).
+        """Fixed part plus the group's BLUP; for an unseen group (or none given) the
+        fixed part alone, the population's prediction, as ``MixedLM.predict_one`` and
+        lme4's ``predict(..., allow.new.levels = TRUE)`` give.
 
         ``x`` is an event as learned (factors as strings, raw fields of transforms);
         missing features raise ``ValueError`` naming the field; a factor level the model
@@ -465,11 +501,26 @@ class Snapshot:
         return str(LocalStore(directory).write(self))
 
     @classmethod
-    def load(cls, directory) -> Snapshot:
-        """The newest valid snapshot in ``directory`` (corrupt newer files are skipped)."""
+    def load(cls, path) -> Snapshot:
+        """The newest valid snapshot in a snapshot directory (corrupt newer files are
+        skipped), or the snapshot in one file (``snapshot-000000000012.slmm``).
+
+        ``FileNotFoundError`` for a missing path or a directory without a valid snapshot;
+        :class:`SnapshotError` for a file that is not a valid snapshot.
+        """
+        import pathlib
+
         from streamlmm.store import LocalStore
 
-        snap = LocalStore(directory).latest()
+        p = pathlib.Path(path)
+        if p.is_file():
+            try:
+                return cls.from_bytes(p.read_bytes())
+            except SnapshotError as e:
+                raise SnapshotError(f"{path}: {e}") from None
+        if not p.exists():
+            raise FileNotFoundError(f"no snapshot directory or file {path}")
+        snap = LocalStore(p).latest()
         if snap is None:
-            raise FileNotFoundError(f"no valid snapshot in {directory}")
+            raise FileNotFoundError(f"no valid snapshot in {path}")
         return snap

@@ -23,11 +23,69 @@ import os
 import pathlib
 import re
 
+from streamlmm.oserrors import doing
 from streamlmm.snapshot import Snapshot, SnapshotError
 
-__all__ = ["LocalStore", "save_snapshot", "load_snapshot"]
+__all__ = ["LocalStore", "DirectoryLock", "DirectoryInUse", "save_snapshot", "load_snapshot"]
 
 log = logging.getLogger(__name__)
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process writes snapshots to this directory (a user error: exit 2)."""
+
+
+class DirectoryLock:
+    """An exclusive, advisory lock of a snapshot directory for its one writer.
+
+    ``fcntl.flock`` on ``DIR/.lock``: the operating system releases it when the process
+    ends, however it ends (a crash, SIGKILL), so a stale lock never blocks a restart.
+    The file keeps the holder's pid and what it is, for the message the next writer
+    gets. Readers (``serve``, ``summary``, ``Snapshot.load``) take no lock.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> lock = DirectoryLock(d, "a test")
+    >>> DirectoryLock(d, "another")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    streamlmm.store.DirectoryInUse: snapshot directory ... is in use by pid ... (a test, since ...
+    >>> lock.close(); DirectoryLock(d, "another").close()
+
+    """
+
+    NAME = ".lock"
+
+    def __init__(self, directory, what: str):
+        import datetime
+        import fcntl
+
+        self.path = pathlib.Path(directory) / self.NAME
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 300, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise DirectoryInUse(
+                f"snapshot directory {directory} is in use by {holder}: one writer per "
+                "directory (stop it, or give this one another --snapshot-dir)"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({what}, since {now})\n".encode(), 0)
+        self._fd: int | None = fd
+
+    def close(self) -> None:
+        """Release the lock (also released when the process ends)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 class LocalStore:
@@ -89,6 +147,12 @@ class LocalStore:
                     f"cannot create snapshot directory {self.dir}: a file is in the way"
                 ) from None
 
+    def lock(self, what: str) -> DirectoryLock:
+        """Take the directory for one writer (:class:`DirectoryLock`), or raise
+        :class:`DirectoryInUse` naming the holder."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return DirectoryLock(self.dir, what)
+
     def _files(self) -> list[tuple[int, pathlib.Path]]:
         if not self.dir.is_dir():
             if self.dir.exists():
@@ -110,15 +174,19 @@ class LocalStore:
         path = self.dir / f"{self.kind}-{seq:012d}.slmm"
         tmp = self.dir / f".{path.name}.tmp-{os.getpid()}"
         data = snapshot.to_bytes()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise doing(f"writing a snapshot to {self.dir}", e) from None
         self._fsync_dir()
         for _, old in files[: max(0, len(files) + 1 - self.keep)]:
             old.unlink(missing_ok=True)

@@ -32,7 +32,9 @@ from typing import Any
 import numpy as np
 
 from streamlmm.formula import parse_formula
+from streamlmm.keys import key_label
 from streamlmm.snapshot import Snapshot
+from streamlmm.values import count_text
 
 __all__ = [
     "load_snapshot",
@@ -41,23 +43,27 @@ __all__ = [
     "fixef_correlation",
     "varcorr_rows",
     "group_rows",
+    "check_truth",
     "compare_with_truth",
     "summary_dict",
+    "abbreviate",
     "format_summary",
     "summary_command",
 ]
 
 QUANTILE_NAMES = ("min", "1Q", "median", "3Q", "max")
+MAX_CORRELATION_P = 12  # lme4.summary.cor.max: larger correlation tables are not printed
 
 
-def load_snapshot(directory: str | os.PathLike) -> Snapshot:
-    """The newest valid snapshot in ``directory``, without creating anything.
+def load_snapshot(path: str | os.PathLike) -> Snapshot:
+    """The newest valid snapshot in a directory, or the one in a snapshot file, without
+    creating anything.
 
-    Raises ``FileNotFoundError`` for a missing directory or one with no valid snapshot.
+    Raises ``FileNotFoundError`` for a missing path or a directory with no valid snapshot.
     """
-    if not os.path.isdir(directory):
-        raise FileNotFoundError(f"no snapshot directory {os.fspath(directory)!r}")
-    return Snapshot.load(directory)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no snapshot directory {os.fspath(path)!r}")
+    return Snapshot.load(path)
 
 
 def n_parameters(snap: Snapshot) -> int:
@@ -164,14 +170,58 @@ def group_rows(snap: Snapshot) -> list[dict[str, Any]]:
     return out
 
 
+def check_truth(snap: Snapshot, truth: Any) -> None:
+    """``ValueError`` unless ``truth`` can be the simulation behind ``snap``: the same
+    response and grouping factor, no more events than it simulated, and groups in
+    common. A fit of another formula on the same data (fewer terms, other slopes) may
+    be compared; another scenario's or another simulation's truth may not.
+
+    >>> from types import SimpleNamespace as NS
+    >>> snap = NS(formula="y ~ x1 + (1 | g)", n_events=10, n_groups=1, keys=("g1",))
+    >>> check_truth(snap, {"formula": "y ~ x1 + x2 + (1 + x1 | g)", "fixef": {},
+    ...                    "groups": {"g1": {}}, "n_events": 10})
+    >>> check_truth(snap, {"scenario": "web", "formula": "bounce ~ age + (1 | county)",
+    ...                    "fixef": {}})
+    Traceback (most recent call last):
+    ...
+    ValueError: the truth is of scenario 'web', bounce ~ age + (1 | county): response 'bounce' ...
+
+    """
+    if not isinstance(truth, Mapping) or not isinstance(truth.get("formula"), str):
+        raise ValueError("not a simulation's truth (no formula): see `streamlmm simulate`")
+    try:
+        t = parse_formula(truth["formula"])
+    except ValueError as e:
+        raise ValueError(f"the truth's formula does not parse: {e}") from None
+    f = parse_formula(snap.formula)
+    what = f"the truth is of scenario {truth.get('scenario', '?')!r}, {truth['formula']}"
+    if (t.response_field, t.group) != (f.response_field, f.group):
+        raise ValueError(
+            f"{what}: response {t.response_field!r} and groups {t.group!r}, not the "
+            f"snapshot's {f.response_field!r} and {f.group!r} ({snap.formula})"
+        )
+    n = truth.get("n_events")
+    if isinstance(n, (int, float)) and snap.n_events > n:
+        raise ValueError(
+            f"{what} of {n:,.0f} events, but the snapshot holds {snap.n_events:,}: it is "
+            "another simulation's truth"
+        )
+    groups = truth.get("groups")
+    if isinstance(groups, Mapping) and groups and snap.n_groups:
+        if not any(str(k) in groups for k in snap.keys):
+            raise ValueError(f"{what}: none of the snapshot's groups is in it")
+
+
 def compare_with_truth(snap: Snapshot, truth: Mapping[str, Any]) -> dict[str, Any]:
     """Estimates beside a simulation's truth (see :mod:`streamlmm.simulate`).
 
     Returns ``rows`` (parameter, estimate, truth, difference and, for fixed effects,
     the difference in standard errors ``z``) and ``groups``: how well the BLUPs recover
     the true group effects (correlation and RMSE per random effect, over groups in
-    both), plus the drifting group's estimate when the truth has one.
+    both), plus the drifting group's estimate when the truth has one. A truth that
+    cannot be the snapshot's simulation is a ``ValueError`` (:func:`check_truth`).
     """
+    check_truth(snap, truth)
     rows: list[dict[str, Any]] = []
 
     def row(kind: str, name: str, est: float, true: float | None, se: float | None = None):
@@ -215,7 +265,9 @@ def compare_with_truth(snap: Snapshot, truth: Mapping[str, Any]) -> dict[str, An
     out: dict[str, Any] = {"rows": rows, "groups": recovery}
     drift = truth.get("drift")
     if drift:
-        est = snap.ranef(drift["group"]).get(drift["term"], math.nan)
+        est = math.nan  # the drifting group may not be in the snapshot (yet)
+        if drift["group"] in snap:
+            est = snap.ranef(drift["group"]).get(drift["term"], math.nan)
         out["drift"] = dict(drift, estimate=float(est))
     return out
 
@@ -282,8 +334,89 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) 
     return lines
 
 
-def _abbrev(name: str) -> str:
-    return "(Intr)" if name == "(Intercept)" else name[:6]
+def abbreviate(names: Sequence[str], minlength: int) -> list[str]:
+    """R's ``abbreviate(names, minlength)``, as lme4 labels the correlation of the
+    fixed effects: each name shortened to about ``minlength`` characters by dropping,
+    from the right, lower-case vowels at the end of a word, then other lower-case
+    vowels, then lower-case letters, then any letter but a word's first; names that
+    would coincide are redone with ``minlength`` one longer, until all differ.
+
+    >>> abbreviate(["(Intercept)", "severitymoderate", "severitysevere"], 6)
+    ['(Intr)', 'svrtym', 'svrtys']
+    >>> abbreviate(["age:severitymoderate", "age:severitysevere"], 6)
+    ['ag:svrtym', 'ag:svrtys']
+
+    """
+    names = [n.strip(" ") for n in names]
+    uniq = list(dict.fromkeys(names))
+    out = list(uniq)
+    todo = list(range(len(uniq)))
+    m = minlength
+    while todo:
+        for i in todo:
+            out[i] = _strip_chars(uniq[i], m)
+        seen: dict[str, int] = {}
+        for a in out:
+            seen[a] = seen.get(a, 0) + 1
+        todo = [i for i, a in enumerate(out) if seen[a] > 1]
+        m += 1
+    short = dict(zip(uniq, out))
+    return [short[n] for n in names]
+
+
+def _strip_chars(name: str, minlen: int) -> str:
+    """One name through R's ``stripchars`` (``src/main/character.c``), ``use.classes``."""
+    b = list(name)
+    while len(b) > 1 and b[0].isspace():
+        del b[0]
+    nspace = 0
+
+    def short() -> bool:
+        return len(b) - nspace <= minlen
+
+    def first(i: int) -> bool:  # the first character of a word (not of the name)
+        return b[i - 1].isspace()
+
+    def last(i: int) -> bool:  # the last character of a word
+        return not b[i - 1].isspace() and (i + 1 >= len(b) or b[i + 1].isspace())
+
+    def vowel(i: int) -> bool:
+        return b[i] in "aeiou"
+
+    def lower(i: int) -> bool:
+        return b[i].islower()
+
+    def sweep(drop) -> bool:
+        for i in range(len(b) - 1, 0, -1):
+            if i < len(b) and drop(i):
+                del b[i]
+            if short():
+                return True
+        return False
+
+    if len(b) >= minlen:
+        trailing = True
+        for i in range(len(b) - 1, 0, -1):
+            if b[i].isspace():
+                if trailing:
+                    del b[i:]
+                else:
+                    nspace += 1
+            else:
+                trailing = False
+            if short():
+                break
+        else:
+            _ = (
+                sweep(lambda i: vowel(i) and last(i))
+                or sweep(lambda i: vowel(i) and not first(i))
+                or sweep(lambda i: lower(i) and last(i))
+                or sweep(lambda i: lower(i) and not first(i))
+                or sweep(lambda i: not first(i) and not b[i].isspace())
+            )
+    if len(b) > minlen:
+        b = [b[0]] + [c for c in b[1:] if not c.isspace()]
+    return "".join(b)
 
 
 def _num(v: float | None, dec: int) -> str:
@@ -308,7 +441,7 @@ def format_summary(
         out.append(f"REML criterion at convergence: {snap.criterion:.1f}")
     else:
         keys = ("AIC", "BIC", "logLik", "deviance", "df.resid")
-        vals = [f"{info[k]:.1f}" if k != "df.resid" else f"{info[k]:g}" for k in keys]
+        vals = [f"{info[k]:.1f}" if k != "df.resid" else count_text(info[k]) for k in keys]
         out += _table(keys, [vals], left=0)
     out.append("")
     rq = snap.resid_quantiles
@@ -335,7 +468,7 @@ def format_summary(
         body.append(cells)
     out += _table(head, body, left=2)
     group = parse_formula(snap.formula).group
-    out.append(f"Number of obs: {snap.n_obs:g}, groups:  {group}, {snap.n_groups}")
+    out.append(f"Number of obs: {count_text(snap.n_obs)}, groups:  {group}, {snap.n_groups}")
     out.append("")
 
     out.append("Fixed effects:")
@@ -346,15 +479,20 @@ def format_summary(
     de, ds, dt = _decimals(est), _decimals(se), _decimals(tv, 4)
     body = [[k, _num(e, de), _num(s, ds), _num(t, dt)] for k, e, s, t in zip(names, est, se, tv)]
     out += _table(["", "Estimate", "Std. Error", "t value"], body)
-    if len(names) > 1:
+    if 1 < len(names) <= MAX_CORRELATION_P:
         out.append("")
         out.append("Correlation of Fixed Effects:")
         corr = fixef_correlation(snap)
-        body = [
-            [_abbrev(names[i])] + [f"{corr[i, j]:.3f}" for j in range(i)]
-            for i in range(1, len(names))
-        ]
-        out += _table([""] + [_abbrev(n) for n in names[:-1]], body)
+        rows, cols = abbreviate(names, 11), abbreviate(names, 6)  # as lme4 labels them
+        body = [[rows[i]] + [f"{corr[i, j]:.3f}" for j in range(i)] for i in range(1, len(names))]
+        out += _table([""] + cols[:-1], body)
+    elif len(names) > MAX_CORRELATION_P:
+        out.append("")
+        out.append(
+            f"Correlation matrix not shown by default, as p = {len(names)} > "
+            f"{MAX_CORRELATION_P}. Use summary_dict(snap)['fixef_corr'] or --json if you "
+            "need it"
+        )
     notes = []
     if snap.dropped:
         notes.append(
@@ -393,7 +531,7 @@ def _format_groups(snap: Snapshot) -> list[str]:
     head.append("shrinkage")
     body = []
     for r in rows:
-        cells = [str(r["group"]), f"{r['n']:g}", _num(r["raw_mean"], dec)]
+        cells = [key_label(r["group"]), count_text(r["n"]), _num(r["raw_mean"], dec)]
         for n in names:
             cells += [_num(r["ranef"][n], dec), _num(r["cond_sd"][n], dec)]
         cells.append(f"{r['shrinkage'][names[0]]:.3f}")
@@ -438,7 +576,16 @@ def summary_command(args) -> int:
     truth = None
     if args.vs_truth:
         with open(args.vs_truth, encoding="utf-8") as fh:
-            truth = json.load(fh)
+            try:
+                truth = json.load(fh)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                raise ValueError(
+                    f"--vs-truth {args.vs_truth}: not a truth file (JSON): {e}"
+                ) from None
+        try:
+            check_truth(snap, truth)
+        except ValueError as e:
+            raise ValueError(f"--vs-truth {args.vs_truth}: {e}") from None
     if args.json:
         print(json.dumps(summary_dict(snap, groups=args.groups, truth=truth), indent=2))
     else:

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Missing", "number", "overflow_message", "MAX_ABS"]
+__all__ = ["Missing", "number", "overflow_message", "count_text", "MAX_ABS"]
 
 MAX_ABS = 1e150  # |value| at which w·v·v' could overflow: such an event is refused
 
@@ -63,3 +63,17 @@ def number(name: str, v: Any) -> float:
             f"field {name!r}: {f:g} is beyond ±{MAX_ABS:g}, where its products would overflow"
         )
     return f
+
+
+def count_text(v: float) -> str:
+    """A count (events, observations, Σw) as text: an integer in full, never ``2e+06``;
+    a fractional one (decayed weights) to 10 significant digits.
+
+    >>> count_text(2e6), count_text(3.0), count_text(1234567.891234), count_text(float("nan"))
+    ('2000000', '3', '1234567.891', 'nan')
+
+    """
+    v = float(v)
+    if math.isfinite(v) and v.is_integer() and abs(v) < 2**63:
+        return str(int(v))
+    return f"{v:.10g}"

@@ -360,6 +360,24 @@ def stats_by_key(model) -> dict[Any, np.ndarray]:
     return {k: st.active[i] for i, k in enumerate(st.keys)}
 
 
+def with_lone_surrogate(snap, key: str):
+    """``snap`` with group ``key`` (6 characters) renamed to ``"\\ud800"``: a snapshot
+    written before keys that are not valid Unicode text were refused at the input (the
+    bytes are edited, and the checksum made anew)."""
+    import hashlib
+
+    from streamlmm import Snapshot
+
+    assert len(key) == 6 and key.isascii()
+    body = snap.to_bytes()[:-32]
+    old, new = json.dumps(key).encode(), b'"\\ud800"'
+    assert len(old) == len(new) and body.count(old) == 1
+    body = body.replace(old, new)
+    out = Snapshot.from_bytes(body + hashlib.sha256(body).digest())
+    assert "\ud800" in out.keys
+    return out
+
+
 def rel_err(a, b) -> float:
     """Largest relative difference |a − b| / |b| (b nonzero)."""
     a, b = np.asarray(a, float), np.asarray(b, float)
@@ -411,4 +429,5 @@ def helpers():
         stats_by_key=stats_by_key,
         rel_err=rel_err,
         union_matrix=union_matrix,
+        with_lone_surrogate=with_lone_surrogate,
     )

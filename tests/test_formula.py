@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from streamlmm.formula import parse_formula
+from streamlmm.formula import MAX_DEPTH, MAX_TERMS, parse_formula
 
 
 def labels(terms):
@@ -168,3 +168,45 @@ def test_formula_is_frozen_and_hashable():
     assert hash(f) == hash(parse_formula("y ~ x + log(z) + (1 | g)"))
     with pytest.raises(AttributeError):
         f.group = "h"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "y ~ " + "I(" * 2000 + "x" + ")" * 2000 + " + (1 | g)",  # 8 kB, under the length limit
+        "y ~ " + "(" * 150 + "x" + ")" * 150 + " + (1 | g)",
+        "y ~ " + "-" * 500 + "x + (1 | g)",
+        "y ~ I(" + "+".join(["x"] * 2000) + ") + (1 | g)",
+        "y ~ I(" + "^".join(["x"] * 500) + ") + (1 | g)",
+        "y ~ " + ":".join(f"x{i}" for i in range(200)) + " + (1 | g)",
+        "I(" * 200 + "y" + ")" * 200 + " ~ x + (1 | g)",
+        "y ~ x + (" + "I(" * 200 + "x" + ")" * 200 + " | g)",
+    ],
+)
+def test_deep_nesting_is_a_clear_error_not_a_recursion_error(text):
+    assert len(text) <= 10_000
+    with pytest.raises(ValueError, match=f"nests more than {MAX_DEPTH} levels deep"):
+        parse_formula(text)
+
+
+def test_nesting_up_to_the_bound_parses():
+    inner = MAX_DEPTH - 2  # the right-hand side and its sum take two levels
+    f = parse_formula("y ~ " + "I(" * inner + "x" + ")" * inner + " + (1 | g)")
+    assert f.fixed_terms[0][0].evaluate([3.0]) == 3.0
+
+
+def test_a_long_sum_of_terms_is_flat_not_deep():
+    # a sum of terms is a left-deep tree as deep as it is long: walked without recursion
+    names = [f"x{i}" for i in range(MAX_TERMS)]
+    f = parse_formula("y ~ " + " + ".join(names) + " + (1 + " + " + ".join(names[:300]) + " | g)")
+    assert [t[0].label for t in f.fixed_terms] == names
+    assert len(f.random_terms[0].terms) == 300
+
+
+def test_term_expansion_is_bounded():
+    # a*b*...*t would expand to 2^20 - 1 terms: refused before the expansion runs away
+    with pytest.raises(ValueError, match=f"more than {MAX_TERMS} terms"):
+        parse_formula("y ~ " + "*".join(f"x{i}" for i in range(20)) + " + (1 | g)")
+    with pytest.raises(ValueError, match=f"more than {MAX_TERMS} terms"):
+        parse_formula("y ~ " + " + ".join(f"x{i}" for i in range(MAX_TERMS + 1)) + " + (1 | g)")
+    assert len(parse_formula("y ~ a*b*c*d + (1 | g)").fixed_terms) == 15

@@ -604,6 +604,42 @@ def test_learn_many_rejects_a_bad_row_and_changes_nothing(trained, helpers, fiel
     assert helpers.model_state(trained) == before
 
 
+def test_learn_many_takes_y_and_w_as_lists_tuples_or_arrays():
+    X, y, w = _batch()
+    ref = MixedLM(SLOPES)
+    ref.learn_many(X, y, w * 2.0)
+    for yy, ww in [
+        (y.tolist(), (w * 2.0).tolist()),
+        (tuple(y), tuple(w * 2.0)),
+        (y.to_numpy(), (w * 2.0).to_numpy()),
+    ]:
+        m = MixedLM(SLOPES)
+        m.learn_many(X, yy, ww)
+        assert m.n_events == ref.n_events
+        np.testing.assert_array_equal(m._stats.M, ref._stats.M)
+
+
+@pytest.mark.parametrize(
+    "y, words",
+    [
+        ([1.0, 2.0], "y has 2 values; expected 20, one per row of X"),
+        ([[1.0]] * 20, r"y has shape \(20, 1\); expected 20"),
+        ("12345678901234567890", "y must be a Series, a 1-d array or a list .* got str"),
+        ({"a": 1.0}, "y must be a Series, a 1-d array or a list .* got dict"),
+        (3.0, "y must be a Series, a 1-d array or a list .* got float"),
+        ([[1.0, 2.0], [3.0]] * 10, "y is not a 1-d sequence of values"),
+    ],
+)
+def test_learn_many_refuses_a_y_of_the_wrong_shape_clearly(trained, helpers, y, words):
+    X, _, _ = _batch()
+    before = helpers.model_state(trained)
+    with pytest.raises(ValueError, match=words):
+        trained.learn_many(X, y)
+    with pytest.raises(ValueError, match=words.replace("y ", "w ", 1).replace("^y", "^w")):
+        trained.learn_many(X, np.ones(20), y)
+    assert helpers.model_state(trained) == before
+
+
 def test_learn_many_missing_column_changes_nothing(trained, helpers):
     X, y, _ = _batch()
     before = helpers.model_state(trained)

@@ -126,7 +126,9 @@ def test_ranef_and_condvar_every_group(fit):
 def test_ranef_unseen_group_and_keys_are_strings(fit):
     case, _, s = fit
     assert all(isinstance(k, str) for k in s.keys)
-    assert s.ranef("no-such-group") == dict.fromkeys(s.re_names, 0.0)
+    with pytest.raises(KeyError, match="unknown group 'no-such-group'"):
+        s.ranef("no-such-group")
+    assert s.ranef("no-such-group", fallback="population") == dict.fromkeys(s.re_names, 0.0)
 
 
 # -- the formulas at lme4's θ -----------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import logging
 import math
 import os
 import socket
@@ -208,7 +209,9 @@ def test_unknown_group_404_and_population_fallback(served):
     assert status == 404 and "nope" in body["error"] and body["status"] == 404
     status, g = get(port, "/v1/groups/nope?fallback=population")
     assert status == 200 and not g["found"] and g["fallback"] == "population"
-    assert g["ranef"] == {"(Intercept)": 0.0, "x1": 0.0} == snap.ranef("nope")
+    assert (
+        g["ranef"] == {"(Intercept)": 0.0, "x1": 0.0} == snap.ranef("nope", fallback="population")
+    )
     assert g["ranef_cov"] == snap.re_cov.tolist() and g["n"] == 0.0
     assert g["shrinkage"] == {"(Intercept)": 0.0, "x1": 0.0}
     assert get(port, "/v1/groups/a?fallback=population")[1]["found"]
@@ -263,7 +266,7 @@ def test_predict_values(served):
         assert p["prediction"] == pytest.approx(snap.predict(ev), rel=0, abs=0)
         xr = np.array([1.0, ev["x1"], ev["x2"]])
         zr = np.array([1.0, ev["x1"]])
-        C = snap.ranef_cov(ev.get("g", "unseen"))
+        C = snap.ranef_cov(ev.get("g"), fallback="population")
         se = math.sqrt(xr @ V @ xr + zr @ C @ zr + snap.sigma**2)
         assert p["se"] == pytest.approx(se, rel=1e-12)
         assert p["lower"] == pytest.approx(p["prediction"] - Z95 * se, rel=1e-12)
@@ -545,6 +548,80 @@ def test_not_ready_until_a_snapshot_appears(tmp_path):
         assert get(port, "/v1/groups/1")[1]["ranef"]["x1"] == 4.0
     finally:
         stop(proc)
+
+
+def test_a_stored_key_that_is_not_valid_unicode_is_answered_never_a_500(helpers):
+    """A snapshot written before keys with a lone surrogate were refused at the input:
+    every endpoint answers with JSON (the key in ASCII escapes), none with a 500."""
+    from streamlmm.serve.server import start_server
+
+    m = MixedLM("y ~ x1 + (1 | g)")
+    for i in range(80):
+        m.learn_one({"g": ["a", "b", "zzzzzz", 7][i % 4], "x1": float(i % 5)}, float(i % 3 + i % 4))
+    snap = helpers.with_lone_surrogate(m.fit().snapshot(), "zzzzzz")
+    server = start_server(port=0, snapshot=snap)
+    try:
+        port = server.port
+        status, body = get(port, "/v1/groups?top=50")
+        assert status == 200, body
+        assert {g["group"] for g in body["groups"]} == set(snap.keys) == {"a", "b", "\ud800", 7}
+        mine = next(g for g in body["groups"] if g["group"] == "\ud800")
+        assert mine["ranef"] == snap.ranef("\ud800") and mine["found"]
+        status, g = get(port, "/v1/groups/%22%5Cud800%22")  # the key's own URL: "\ud800"
+        assert status == 200 and g["group"] == "\ud800" and g["n"] == 20.0
+        status, g = get(port, "/v1/groups?keys=a,%22%5Cud800%22")
+        assert status == 200 and [x["group"] for x in g["groups"]] == ["a", "\ud800"]
+        status, g = get(port, "/v1/groups/%22%5Cudfff%22")  # another one, not stored
+        assert status == 404 and "\\udfff" in g["error"]
+        assert get(port, "/v1/model")[0] == 200
+        status, p = post(port, "/v1/predict", {"g": "\ud800", "x1": 1.0})
+        assert status == 400 and "surrogate" in p["error"]  # refused by the JSON parser
+    finally:
+        server.stop()
+
+
+def test_repeated_keys_are_one_list_and_other_repeats_are_refused(served):
+    port, snap = served
+    status, body = get(port, "/v1/groups?keys=1&keys=a,%22x,y%22&keys=-3")
+    assert status == 200
+    assert [g["group"] for g in body["groups"]] == [1, "a", "x,y", -3]
+    assert body == get(port, "/v1/groups?keys=1,a,%22x,y%22,-3")[1]
+    for query in (
+        "top=2&top=3",
+        "keys=1&fallback=population&fallback=population",
+        "top=2&by=n&by=abs",
+    ):
+        status, err = get(port, "/v1/groups?" + query)
+        assert status == 400 and "is given more than once" in err["error"], (query, err)
+    doc = get(port, "/openapi.json")[1]
+    (keys,) = [p for p in doc["paths"]["/v1/groups"]["get"]["parameters"] if p["name"] == "keys"]
+    assert "keys=a&keys=b being keys=a,b" in keys["description"]
+
+
+def test_a_client_gone_mid_body_is_one_info_line_not_an_error(caplog):
+    from streamlmm.serve.server import start_server
+
+    m = make_model(n=200)
+    server = start_server(port=0, snapshot=m.snapshot())
+    caplog.set_level(logging.DEBUG)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 100000\r\n\r\n" + b'[{"g": 1, "x1": 0.5, ' * 3
+            )
+        deadline = time.monotonic() + 30
+        while not any("client disconnected" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.05)
+        assert get(server.port, "/v1/groups/1")[0] == 200  # still serving
+    finally:
+        server.stop()
+    mine = [r for r in caplog.records if r.name.startswith("streamlmm")]
+    assert [r for r in mine if r.levelno >= logging.WARNING] == []
+    assert all(r.exc_info is None for r in mine)
+    (gone,) = [r for r in mine if "client disconnected" in r.getMessage()]
+    assert gone.levelno == logging.INFO and "POST /v1/predict" in gone.getMessage()
 
 
 def test_binds_loopback_by_default():

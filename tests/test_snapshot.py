@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from streamlmm import MixedLM, Snapshot, SnapshotError
+from streamlmm.keys import UnknownGroupError
 from streamlmm.snapshot import MAGIC
 
 # lme4 1.1.31, summary(lmer(Reaction ~ Days + (Days | Subject), sleepstudy))
@@ -97,12 +98,46 @@ def test_snapshot_does_not_alias_the_model(reference):
 # -- lookups ------------------------------------------------------------------------------------
 def test_unseen_group_lookups(sleep):
     _, _, s = sleep
-    assert s.ranef("nobody") == {"(Intercept)": 0.0, "x1": 0.0}
-    np.testing.assert_array_equal(s.ranef_cov("nobody"), s.re_cov)
+    for lookup in (s.ranef, s.ranef_cov, s.n, s.shrinkage):
+        with pytest.raises(KeyError, match="unknown group 'nobody': not among the 18 groups"):
+            lookup("nobody")
+        with pytest.raises(UnknownGroupError, match='fallback="population"'):
+            lookup(None)
+    pop = "population"
+    assert s.ranef("nobody", fallback=pop) == {"(Intercept)": 0.0, "x1": 0.0}
+    np.testing.assert_array_equal(s.ranef_cov("nobody", fallback=pop), s.re_cov)
+    assert s.n("nobody", fallback=pop) == 0.0
+    assert s.shrinkage("nobody", fallback=pop) == {"(Intercept)": 0.0, "x1": 0.0}
+    with pytest.raises(ValueError, match="fallback must be None or 'population'"):
+        s.ranef("nobody", fallback="zero")
+    assert "nobody" not in s and "308" in s
+    # prediction for an unseen group is the fixed part (documented: the population's)
     assert s.predict({"g": "nobody", "x1": 2.0}) == pytest.approx(
         s.fixef["(Intercept)"] + 2.0 * s.fixef["x1"], rel=1e-15
     )
     assert s.predict({"x1": 2.0}) == s.predict({"g": "nobody", "x1": 2.0})
+
+
+def test_an_int_str_mix_up_names_the_key_that_exists(sleep):
+    _, _, s = sleep  # sleepstudy: subjects "308", "309", ... as strings
+    with pytest.raises(KeyError) as info:
+        s.ranef(308)
+    assert str(info.value) == (
+        "unknown group 308 (an int); the snapshot has the string '308': an int and a str "
+        'are different groups (or pass fallback="population" for the population\'s values)'
+    )
+    m = MixedLM("y ~ x + (1 | g)")
+    for i in range(40):
+        m.learn_one({"g": [17, "H017", 3][i % 3], "x": float(i % 4)}, float(i % 5))
+    t = m.fit().snapshot()
+    with pytest.raises(
+        KeyError, match=r"unknown group '17' \(a str\); the snapshot has the int 17"
+    ):
+        t.n("17")
+    with pytest.raises(KeyError, match="unknown group 'H17': not among the 3 groups"):
+        t.n("H17")
+    # integer-valued keys of other types name the int group, as when learning
+    assert t.n(np.int64(17)) == t.n(17.0) == t.n(17) == 14.0
 
 
 def test_seen_group_lookups_use_its_blup(sleep):

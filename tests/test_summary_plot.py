@@ -25,6 +25,7 @@ from streamlmm.plot import (
 from streamlmm.simulate import scenario
 from streamlmm.snapshot import Snapshot
 from streamlmm.summary import (
+    abbreviate,
     compare_with_truth,
     fixef_correlation,
     format_summary,
@@ -302,3 +303,98 @@ def test_trajectory_data(fitted):
     assert d["corr"][-1, 0] == pytest.approx(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]))
     assert d["sigma"][-1] == pytest.approx(last["sigma"], rel=1e-12)
     assert set(d["kind"]) <= {"refit", "em"}
+
+
+def test_a_stored_key_that_is_not_valid_unicode_is_printed_and_drawn(tmp_path, helpers):
+    """A snapshot written before keys with a lone surrogate were refused: ``summary
+    --groups`` (text and JSON) and ``plot`` show the key escaped, and work."""
+    m = MixedLM("y ~ x + (1 | g)")
+    for i in range(120):
+        m.learn_one({"g": ["a", "b", "zzzzzz"][i % 3], "x": float(i % 5)}, float(i % 3 + i % 4))
+    snap = helpers.with_lone_surrogate(m.fit().snapshot(), "zzzzzz")
+    d = tmp_path / "snaps"
+    snap.save(d)
+    run = [sys.executable, "-m", "streamlmm.cli"]
+    out = subprocess.run(run + ["summary", str(d), "--groups"], capture_output=True)
+    assert out.returncode == 0, out.stderr
+    row = next(r for r in out.stdout.decode("utf-8").splitlines() if r.startswith(" \\ud800"))
+    assert row.split()[1] == "40"  # its own n: the key's row was found, not the prior's
+    js = subprocess.run(run + ["summary", str(d), "--groups", "--json"], capture_output=True)
+    assert js.returncode == 0, js.stderr
+    groups = json.loads(js.stdout)["groups"]
+    assert [g["group"] for g in groups] == ["a", "b", "\ud800"]
+    assert groups[2]["shrinkage"] == snap.shrinkage("\ud800") and groups[2]["shrinkage"] != {
+        "(Intercept)": 0.0
+    }
+    pl = subprocess.run(run + ["plot", str(d), "--out", str(tmp_path / "p")], capture_output=True)
+    assert pl.returncode == 0, pl.stderr
+    assert len(list((tmp_path / "p").glob("*.png"))) == 5
+
+
+# R 4's abbreviate(NAMES, 6) and abbreviate(NAMES, 11) of this one vector (Rscript), the
+# functions lme4's print of a summary labels the correlation of the fixed effects with
+R_NAMES = [
+    "(Intercept)", "age", "severitymoderate", "severitysevere", "age:severitymoderate",
+    "age:severitysevere", "x1", "x2", "I(x^2)", "log(dose)", "log1p(dose)", "treatmentB",
+    "treatmentC", "treatmentD", "sexmale", "aaaaaaaa", "aaaaaaab", "abc def ghi", "ABCDEFGHIJ",
+    "xAbCdEfGhI", "income_per_capita", "income_per_person", "a.b.c.d.e.f.g", "severity_score",
+    "severity_scale", "Days", "Reaction",
+]  # fmt: skip
+R_ABBREVIATE_6 = [
+    "(Intr)", "age", "svrtym", "svrtys", "ag:svrtym", "ag:svrtys", "x1", "x2", "I(x^2)",
+    "lg(ds)", "lg1p()", "trtmnB", "trtmnC", "trtmnD", "sexmal", "aaaaaa", "aaaaab", "abcdfg",
+    "ABCDEF", "xACEGI", "incm_pr_c", "incm_pr_p", "a.....", "svrty_scr", "svrty_scl", "Days",
+    "Reactn",
+]  # fmt: skip
+R_ABBREVIATE_11 = [
+    "(Intercept)", "age", "severtymdrt", "severitysvr", "ag:svrtymdr", "ag:svrtysvr", "x1",
+    "x2", "I(x^2)", "log(dose)", "log1p(dose)", "treatmentB", "treatmentC", "treatmentD",
+    "sexmale", "aaaaaaaa", "aaaaaaab", "abc def ghi", "ABCDEFGHIJ", "xAbCdEfGhI",
+    "incm_pr_cpt", "incm_pr_prs", "a.b.c.d..f.", "severty_scr", "severty_scl", "Days",
+    "Reaction",
+]  # fmt: skip
+
+
+def test_abbreviate_is_r_s():
+    assert abbreviate(R_NAMES, 6) == R_ABBREVIATE_6
+    assert abbreviate(R_NAMES, 11) == R_ABBREVIATE_11
+
+
+def test_correlation_labels_are_lme4_s_and_distinct():
+    sim = scenario("hospital", 3000, seed=2)
+    df = pd.DataFrame(list(sim.events))
+    m = MixedLM(
+        "y ~ age * severity + (1 + age | hospital)",
+        levels={"severity": ["mild", "moderate", "severe"]},
+    )
+    m.learn_many(df[["hospital", "age", "severity"]], df["y"])
+    text = format_summary(m.fit().snapshot())
+    block = text[text.index("Correlation of Fixed Effects:") :].splitlines()[1:7]
+    # lme4: columns abbreviate(names, 6), rows abbreviate(names, 11), as R gives them
+    assert block[0].split() == ["(Intr)", "age", "svrtym", "svrtys", "ag:svrtym"]
+    assert [r.split()[0] for r in block[1:]] == [
+        "age", "severtymdrt", "severitysvr", "ag:svrtymdr", "ag:svrtysvr",
+    ]  # fmt: skip
+
+
+def test_counts_are_printed_in_full(fitted):
+    snap, _ = fitted
+    fields = {k: getattr(snap, k) for k in Snapshot.__slots__ if not k.startswith("_")}
+    fields.pop("n_groups")
+    big = Snapshot(**{**fields, "n_obs": 2_000_000.0, "n_events": 2_000_000, "method": "ML"})
+    assert "n_obs=2000000," in repr(big)
+    text = format_summary(big)
+    assert "Number of obs: 2000000, groups:" in text and "e+06" not in text
+    assert " 1999993" in text  # df.resid: 2,000,000 − (3 fixed effects + 3 θ + σ)
+
+
+def test_a_wide_correlation_matrix_is_not_printed_as_lme4_does():
+    rng = np.random.default_rng(1)
+    n, p = 400, 14
+    X = pd.DataFrame(rng.normal(size=(n, p)), columns=[f"x{i}" for i in range(p)])
+    X["g"] = rng.integers(0, 20, n)
+    m = MixedLM("y ~ " + " + ".join(f"x{i}" for i in range(p)) + " + (1 | g)")
+    m.learn_many(X, pd.Series(rng.normal(size=n)))
+    text = format_summary(m.fit().snapshot())
+    assert "Correlation of Fixed Effects" not in text
+    assert "Correlation matrix not shown by default, as p = 15 > 12." in text

@@ -9,7 +9,9 @@ answered with a JSON 500 rather than crashing the server.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 from typing import Any
 from urllib.parse import parse_qsl
@@ -19,10 +21,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from streamlmm.keys import key_to_json
 from streamlmm.serve.metrics import Metrics
 from streamlmm.serve.openapi import openapi_document
 from streamlmm.serve.paths import KeyError400, decode_segment, parse_key, parse_key_list
@@ -55,11 +58,36 @@ class ApiError(Exception):
 
 
 def _json(content: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(content), status, media_type="application/json")
+    try:
+        body = orjson.dumps(content)
+    except orjson.JSONEncodeError:  # a lone surrogate in a key stored before they were refused
+        body = _ascii_json(content)
+    return Response(body, status, media_type="application/json")
+
+
+def _ascii_json(content: Any) -> bytes:
+    """JSON with ASCII escapes (a lone surrogate is written ``\\udXXX``, which JSON
+    allows and orjson refuses), non-finite numbers as ``null`` as orjson writes them."""
+
+    def finite(v):
+        if isinstance(v, float):
+            return v if math.isfinite(v) else None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(content), separators=(",", ":")).encode()
 
 
 def _error(status: int, message: str) -> Response:
     return _json({"error": message, "status": status}, status)
+
+
+# query parameters that may be repeated: their values are one list (keys=a&keys=b is
+# keys=a,b); any other parameter given twice is a 400, never "the last one wins"
+_REPEATABLE = {"keys": ","}
 
 
 def _query(request: Request) -> dict[str, str]:
@@ -72,7 +100,15 @@ def _query(request: Request) -> dict[str, str]:
         )
     except UnicodeDecodeError as e:
         raise ApiError(400, "query string is not valid UTF-8 after percent-decoding") from e
-    return dict(pairs)
+    out: dict[str, str] = {}
+    for name, value in pairs:
+        if name not in out:
+            out[name] = value
+        elif name in _REPEATABLE:
+            out[name] += _REPEATABLE[name] + value
+        else:
+            raise ApiError(400, f"{name}= is given more than once: give it once")
+    return out
 
 
 def _current(request: Request) -> Current:
@@ -93,10 +129,10 @@ def group_entry(cur: Current, key, seen: bool) -> dict[str, Any]:
         return {
             "group": key,
             "found": False,
-            "ranef": s.ranef(key),
-            "ranef_cov": s.ranef_cov(key).tolist(),
-            "n": s.n(key),
-            "shrinkage": s.shrinkage(key),
+            "ranef": s.ranef(key, fallback="population"),
+            "ranef_cov": s.ranef_cov(key, fallback="population").tolist(),
+            "n": s.n(key, fallback="population"),
+            "shrinkage": s.shrinkage(key, fallback="population"),
             "fallback": "population",
         }
     r = cur.index[key]
@@ -188,7 +224,7 @@ async def group(request: Request) -> Response:
     cur = _current(request)
     seen = key in cur.index
     if not seen and not fallback:
-        raise ApiError(404, f"unknown group {orjson.dumps(key).decode()}")
+        raise ApiError(404, f"unknown group {key_to_json(key)}")
     return _json({**group_entry(cur, key, seen), "snapshot": cur.info})
 
 
@@ -310,6 +346,13 @@ class _Guard:
 
         try:
             await self.app(scope, receive, send_wrapped)
+        except ClientDisconnect:  # the client went away mid-body: nobody to answer
+            status = 499  # nginx's "client closed request", for the metrics
+            log.info(
+                "client disconnected before the end of its request body: %s %s",
+                scope.get("method"),
+                scope.get("path"),
+            )
         except Exception:
             log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
             if not started:

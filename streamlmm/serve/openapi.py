@@ -173,7 +173,9 @@ def openapi_document() -> dict[str, Any]:
                     {
                         "name": "keys",
                         "in": "query",
-                        "description": "comma-separated keys; " + _KEY_RULE,
+                        "description": "comma-separated keys; the parameter may be "
+                        "repeated, keys=a&keys=b being keys=a,b (any other parameter "
+                        "given twice is a 400); " + _KEY_RULE,
                         "schema": {"type": "string"},
                     },
                     {

@@ -176,28 +176,29 @@ class SnapshotHolder:
             raise LookupError("no snapshot loaded yet")
         return cur.snapshot
 
-    def ranef(self, key) -> dict[str, float]:
+    def ranef(self, key, *, fallback: str | None = None) -> dict[str, float]:
         """:meth:`Snapshot.ranef` on the current snapshot (same values, a faster path for
-        a known ``int``/``str`` key)."""
+        a known ``int``/``str`` key); an unseen group is a ``KeyError`` unless
+        ``fallback="population"``."""
         cur = self.current
         if cur is None:
             raise LookupError("no snapshot loaded yet")
         r = cur.index.get(key) if type(key) is int or type(key) is str else None
         if r is None:
-            return cur.snapshot.ranef(key)
+            return cur.snapshot.ranef(key, fallback=fallback)
         return dict(zip(cur.re_names, cur.b[r].tolist()))
 
-    def ranef_cov(self, key) -> np.ndarray:
+    def ranef_cov(self, key, *, fallback: str | None = None) -> np.ndarray:
         """:meth:`Snapshot.ranef_cov` on the current snapshot."""
-        return self._snap().ranef_cov(key)
+        return self._snap().ranef_cov(key, fallback=fallback)
 
-    def n(self, key) -> float:
+    def n(self, key, *, fallback: str | None = None) -> float:
         """:meth:`Snapshot.n` on the current snapshot."""
-        return self._snap().n(key)
+        return self._snap().n(key, fallback=fallback)
 
-    def shrinkage(self, key) -> dict[str, float]:
+    def shrinkage(self, key, *, fallback: str | None = None) -> dict[str, float]:
         """:meth:`Snapshot.shrinkage` on the current snapshot."""
-        return self._snap().shrinkage(key)
+        return self._snap().shrinkage(key, fallback=fallback)
 
     def predict(self, x) -> float:
         """:meth:`Snapshot.predict` on the current snapshot."""

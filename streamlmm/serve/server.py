@@ -18,13 +18,22 @@ import asyncio
 import gc
 import logging
 import os
+import socket
 import threading
 import time
 
+from streamlmm.oserrors import doing
 from streamlmm.serve.reader import SnapshotHolder, SnapshotReader
 from streamlmm.snapshot import Snapshot
 
-__all__ = ["ServerHandle", "start_server", "add_serve_arguments", "serve_command", "DEFAULT_PORT"]
+__all__ = [
+    "ServerHandle",
+    "start_server",
+    "listen_socket",
+    "add_serve_arguments",
+    "serve_command",
+    "DEFAULT_PORT",
+]
 
 log = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
@@ -62,6 +71,36 @@ def _options(host: str, port: int) -> dict:
     )
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` for the server to listen on, or an error that
+    says so in one line (an address in use, a host that does not resolve, a port out of
+    range), before anything else starts.
+
+    >>> s = listen_socket("127.0.0.1", 0); s.listen()
+    >>> listen_socket("127.0.0.1", s.getsockname()[1])  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    OSError: [Errno 98] listening on 127.0.0.1:...: Address already in use
+    >>> s.close()
+
+    """
+    if not (isinstance(port, int) and 0 <= port <= 65535):
+        raise ValueError(f"port must be between 0 and 65535, got {port!r}")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"host {host!r} does not resolve: {e.strerror}") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise doing(f"listening on {host}:{port}", e) from None
+    return sock
+
+
 def _config(app, host: str, port: int):
     import uvicorn
 
@@ -95,13 +134,14 @@ class ServerHandle:
 
         self.holder = holder
         self.host = host
+        self._sock = listen_socket(host, port)  # an address in use is an error here
         self._server = uvicorn.Server(_config(create_app(holder), host, port))
         self._thread = threading.Thread(target=self._run, name="streamlmm-serve", daemon=True)
         self._error: BaseException | None = None
 
     def _run(self) -> None:
         try:
-            asyncio.run(self._server.serve())
+            asyncio.run(self._server.serve(sockets=[self._sock]))
         except BaseException as e:  # reported by start()
             self._error = e
 
@@ -131,7 +171,9 @@ class ServerHandle:
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and join the thread."""
         self._server.should_exit = True
-        self._thread.join(timeout)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._sock.close()
 
 
 def start_server(
@@ -170,7 +212,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--snapshot-dir",
-        help="directory the engine writes snapshots to [required unless --state-topic]",
+        metavar="DIR",
+        help="directory the engine writes snapshots to; it must exist (an empty one is "
+        "served with /readyz 503 until the first snapshot) [required unless --state-topic]",
     )
     p.add_argument(
         "--state-topic",
@@ -181,7 +225,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--params-topic", metavar="TOPIC", help="the fitter's params topic")
     p.add_argument("--bootstrap", metavar="HOST:PORT", help="Kafka bootstrap for bare topic names")
     p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default %(default)s)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (default %(default)s)")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="port, 0 for any free one (default %(default)s)",
+    )
     p.add_argument(
         "--poll-seconds",
         type=float,
@@ -205,7 +254,28 @@ def serve_command(args: argparse.Namespace) -> int:
 
     from streamlmm.serve.app import create_app
 
+    if not args.workers >= 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
+    if not args.poll_seconds > 0:
+        raise ValueError(f"--poll-seconds must be > 0, got {args.poll_seconds}")
+    if args.state_topic or args.params_topic:
+        if not (args.state_topic and args.params_topic):
+            raise ValueError("--state-topic and --params-topic go together")
+        if args.workers > 1:
+            raise ValueError("--workers applies to --snapshot-dir, not to --state-topic")
+    elif not args.snapshot_dir:
+        raise ValueError("--snapshot-dir is required (or --state-topic with --params-topic)")
+    if args.snapshot_dir and not (args.state_topic or args.params_topic):
+        if not os.path.exists(args.snapshot_dir):
+            raise FileNotFoundError(
+                f"snapshot directory {args.snapshot_dir} does not exist (give the directory "
+                "an engine writes: `streamlmm run --snapshot-dir`)"
+            )
+        if not os.path.isdir(args.snapshot_dir):
+            raise NotADirectoryError(f"--snapshot-dir {args.snapshot_dir} is not a directory")
+    sock = listen_socket(args.host, args.port)  # an address in use: one line, exit 2
     if args.workers > 1:  # uvicorn's supervisor; each worker loads and follows the directory
+        sock.close()  # uvicorn binds its own, shared by the workers
         os.environ["STREAMLMM_SERVE_SNAPSHOT_DIR"] = str(args.snapshot_dir)
         os.environ["STREAMLMM_SERVE_POLL_SECONDS"] = str(args.poll_seconds)
         uvicorn.run(
@@ -215,23 +285,23 @@ def serve_command(args: argparse.Namespace) -> int:
             **_options(args.host, args.port),
         )
         return 0
-    if args.state_topic or args.params_topic:
-        if not (args.state_topic and args.params_topic):
-            raise ValueError("--state-topic and --params-topic go together")
-        from streamlmm.serve.reader import StateReader
-        from streamlmm.stream.config import load_kafka_settings
+    try:
+        if args.state_topic:
+            from streamlmm.serve.reader import StateReader
+            from streamlmm.stream.config import load_kafka_settings
 
-        reader = StateReader(
-            args.state_topic,
-            args.params_topic,
-            args.bootstrap,
-            load_kafka_settings(),
-            interval=max(args.poll_seconds, 0.1),
-        )
-    elif not args.snapshot_dir:
-        raise ValueError("--snapshot-dir is required (or --state-topic with --params-topic)")
-    else:
-        reader = SnapshotReader(args.snapshot_dir, interval=args.poll_seconds, freeze_gc=True)
+            reader = StateReader(
+                args.state_topic,
+                args.params_topic,
+                args.bootstrap,
+                load_kafka_settings(),
+                interval=max(args.poll_seconds, 0.1),
+            )
+        else:
+            reader = SnapshotReader(args.snapshot_dir, interval=args.poll_seconds, freeze_gc=True)
+    except BaseException:
+        sock.close()
+        raise
     gc.freeze()  # also when no snapshot is there yet: the imported modules
     if reader.current is None:
         log.warning(
@@ -242,7 +312,8 @@ def serve_command(args: argparse.Namespace) -> int:
         log.info("serving snapshot version %d", reader.current.version)
     server = uvicorn.Server(_config(create_app(reader), args.host, args.port))
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         reader.close()
+        sock.close()
     return 0

@@ -10,12 +10,13 @@ and are never logged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
 from typing import Any
 
-from streamlmm.stream.engine import EngineConfig
+from streamlmm.stream.engine import EngineConfig, parse_levels
 
 __all__ = ["load_config", "load_kafka_settings", "KAFKA_CLIENT_KEYS", "ENV_PREFIX"]
 
@@ -156,6 +157,7 @@ _POSITIVE = (
     "refit_every",
     "half_life",
 )
+_NON_NEGATIVE = ("stop_after_dead_letters", "progress_seconds")
 
 
 def _check(merged: Mapping[str, Any]) -> None:
@@ -170,3 +172,17 @@ def _check(merged: Mapping[str, Any]) -> None:
         v = merged.get(name)
         if v is not None and not (isinstance(v, (int, float)) and v > 0):
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {v!r}")
+    hl = merged.get("half_life")
+    if hl is not None and not math.isfinite(hl):
+        raise ValueError(f"--half-life must be a finite number > 0, got {hl!r}")
+    if "consumer_group" in merged and not str(merged["consumer_group"]).strip():
+        raise ValueError("--consumer-group must not be empty")
+    if merged.get("levels"):
+        parse_levels(merged["levels"])  # checked now, not only when a model is made
+    port = merged.get("serve")
+    if port is not None and not (isinstance(port, int) and 0 <= port <= 65535):
+        raise ValueError(f"--serve must be a port between 0 and 65535, got {port!r}")
+    for name in _NON_NEGATIVE:
+        v = merged.get(name)
+        if v is not None and not (isinstance(v, (int, float)) and v >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {v!r}")

@@ -22,8 +22,9 @@ Exactly once
   publishes effects again only once past it. The snapshot also records the offsets
   committed with it, in case the group's offsets are lost.
 - **Dead letters in a file.** The file's length is in every snapshot; a restart
-  truncates the file back to it. A first run with a dead-letter file writes an empty
-  snapshot at start, so that even a crash before the first checkpoint is undone.
+  truncates the file back to it, and a start from nothing (no valid snapshot) empties
+  it, so that the file always holds exactly the dead letters of the events before the
+  offsets the engine resumes from, even after a crash before the first checkpoint.
 - **Partitions.** Producers key messages by group, so every group lives on one
   partition. The engine keeps the map group → home partition (in the snapshot's
   ``meta["home"]`` as ``[key, partition]`` pairs); an event of a known group arriving on
@@ -33,6 +34,7 @@ Exactly once
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import gc
@@ -41,6 +43,7 @@ import logging
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
@@ -48,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from streamlmm.checks import FitWarning
 from streamlmm.model import MixedLM
 from streamlmm.serve.reader import version_of
 from streamlmm.snapshot import Snapshot
@@ -56,7 +60,7 @@ from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Batch, Decoder, Polled
 from streamlmm.stream.sinks import DeadLetterSink, EffectsPublisher, Transaction, close_all
 from streamlmm.stream.sources import Source, _KafkaBase, open_source, tp_name
 
-__all__ = ["EngineConfig", "Engine", "parse_levels"]
+__all__ = ["EngineConfig", "Engine", "DeadLettersOnly", "parse_levels"]
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +94,10 @@ class EngineConfig:
     levels: str | None = None  # JSON: {"field": ["reference", "level", ...]}
     em_every: int | None = None
     refit_every: int | None = None
+    # exit 2 when the first this many events a run reads are all dead letters (or
+    # skipped): a misconfiguration (a misspelled --time-key, a formula naming fields the
+    # events do not have) rather than bad data; 0 never stops
+    stop_after_dead_letters: int = 1_000
     max_poll_records: int = 5_000
     max_message_bytes: int = MAX_MESSAGE_BYTES
     progress_seconds: float = 2.0
@@ -126,6 +134,69 @@ def parse_levels(text: str | None) -> dict[str, list[str]] | None:
     return levels
 
 
+class DeadLettersOnly(ValueError):
+    """Every event a run read was a dead letter (a user error: exit 2, no snapshot)."""
+
+
+class _Probation:
+    """Until a run learns its first event: how many it read, and why none was learned.
+
+    A stream whose first events are all dead letters (or skipped) is almost always a
+    misconfiguration: ``--half-life`` without a ``ts`` field, a misspelled
+    ``--time-key``, a formula naming fields the events do not have. The engine stops
+    (exit 2) with the commonest reason instead of writing every event to the dead
+    letters and a snapshot that says it consumed them, which would make a rerun with
+    the right settings skip them.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = int(limit)
+        self.passed = self.limit <= 0
+        self.dead = 0
+        self.skipped = 0
+        self.reasons: collections.Counter[str] = collections.Counter()
+
+    def observe(self, learned: int, dead: list, skipped: int) -> None:
+        """One poll's outcome; raises :class:`DeadLettersOnly` at the limit."""
+        if self.passed:
+            return
+        if learned:
+            self.passed = True
+            return
+        self.dead += len(dead)
+        self.skipped += skipped
+        self.reasons.update(d.reason for d in dead)
+        if self.dead + self.skipped >= self.limit:
+            raise DeadLettersOnly(self.message(first=True))
+
+    @property
+    def pending(self) -> bool:
+        """Events read, none learned yet (checkpoints wait: they would skip them)."""
+        return not self.passed and self.dead + self.skipped > 0
+
+    def message(self, first: bool) -> str:
+        parts = []
+        if self.reasons:
+            (reason, n), *others = self.reasons.most_common()
+            parts.append(f"{n:,} dead letters: {reason}")
+            if others:
+                more = sum(c for _, c in others)
+                parts.append(f"{more:,} more for {len(others):,} other reasons")
+        if self.skipped:
+            parts.append(f"{self.skipped:,} skipped for a missing field (--missing skip)")
+        what = "dead letters" if not self.skipped else "dead letters or skipped"
+        if not self.dead:
+            what = "skipped"
+        n = self.dead + self.skipped
+        which = f"the first {n:,} events read were all" if first else f"all {n:,} events read were"
+        return (
+            f"{which} {what}, none learned ({'; '.join(parts)}): "
+            "check --formula, --time-key, --half-life and the events' fields; none of them "
+            "is in a snapshot, so a rerun with the right settings reads them again "
+            "(--stop-after-dead-letters 0 never stops)"
+        )
+
+
 @contextlib.contextmanager
 def _young_objects_die_young(poll_records: int) -> Iterator[None]:
     """Collect the youngest generation only after several polls' worth of objects.
@@ -160,25 +231,29 @@ class Engine:
     def __init__(self, config: EngineConfig, source: Source | None = None):
         self.cfg = config
         self.store = LocalStore(config.snapshot_dir, keep=config.keep_snapshots, create=True)
-        restored = self.store.latest()
-        self.model, offsets, self.meta = self._restore(restored)
-        # the model's own reader: factor levels learned while decoding are the model's
-        self.decoder = Decoder(self.model._reader, max_bytes=config.max_message_bytes)
-        self.source = source or open_source(
-            config.source,
-            config.consumer_group,
-            config.kafka,
-            partitions=config.partitions,
-            client=config.kafka_client,
-        )
+        # one engine per directory, until this process ends (readers need no lock)
+        self.lock = self.store.lock("streamlmm run")
+        self.source = source
         self.txn: Transaction | None = None
         self.dead: DeadLetterSink | None = None
         self.server = None  # the HTTP query server of --serve, started by run()
         try:
+            restored = self.store.latest()
+            self.model, offsets, self.meta = self._restore(restored)
+            # the model's own reader: factor levels learned while decoding are the model's
+            self.decoder = Decoder(self.model._reader, max_bytes=config.max_message_bytes)
+            self.source = source or open_source(
+                config.source,
+                config.consumer_group,
+                config.kafka,
+                partitions=config.partitions,
+                client=config.kafka_client,
+            )
             self._open_sinks(restored)
             self.offsets = self.source.resume(
                 offsets, self.meta.get("source_identity"), config.new_source
             )
+            self._resumed_at = dict(self.offsets)
             self.floor = self._sink_floor() if self.txn is not None else {}
         except BaseException:
             self._close()
@@ -192,8 +267,8 @@ class Engine:
         self.last_snapshot: Snapshot | None = None
         self._final_at: int | None = None
         self.skipped0 = int(self.meta.get("skipped", 0))
-        if restored is None and self.dead.is_file:
-            self.checkpoint()  # records the dead-letter file's length before anything
+        self.probation = _Probation(config.stop_after_dead_letters)
+        self._skipped_seen = 0
 
     # -- state --------------------------------------------------------------------------
     def _restore(self, snap: Snapshot | None) -> tuple[MixedLM, dict[str, int], dict[str, Any]]:
@@ -236,8 +311,22 @@ class Engine:
             self.txn = Transaction(bootstrap, tid, cfg.kafka)
         self.dead = DeadLetterSink(cfg.dead_letter, self.txn)
         self.dead.count = int(self.meta.get("dead_letters", 0))
-        if self.dead.is_file and restored is not None:
-            self.dead.truncate(int(self.meta.get("dead_letter_bytes", 0)))
+        if self.dead.is_file:
+            # the file holds exactly the dead letters of the events the restored snapshot
+            # holds: none when the engine starts from nothing (no valid snapshot, every
+            # one corrupt, or --new-source on a snapshot without a file), whatever a
+            # crashed run wrote after its last snapshot
+            length = self.meta.get("dead_letter_bytes")
+            if length is not None:
+                self.dead.truncate(int(length))
+            elif not self.model.n_events:
+                self.dead.truncate(0, why=f"no snapshot in {cfg.snapshot_dir} holds any event")
+            else:
+                log.warning(
+                    "the snapshot records no dead-letter file (its run had none): dead letters "
+                    "of the events it holds are not in %s; new ones are appended",
+                    self.dead.spec,
+                )
         self.publisher = None
         if cfg.publish_topic:
             self.publisher = EffectsPublisher(cfg.publish_topic, self.txn, bootstrap, cfg.kafka)
@@ -277,7 +366,8 @@ class Engine:
 
     def checkpoint(self, final: bool = False) -> Snapshot:
         """Snapshot durably with the sinks' records; ``final`` refits to the optimum first."""
-        if final:
+        empty = self.model.n_events == 0  # e.g. every event so far a dead letter
+        if final and not empty:
             t0 = time.perf_counter()
             self.model.fit()
             log.info("final fit in %.2fs", time.perf_counter() - t0)
@@ -298,7 +388,10 @@ class Engine:
             meta["home"] = [[k, p] for k, p in self.home.items()]
         if self.txn is not None:
             meta["committed"] = commit
-        snap = self.model.snapshot(offsets=self.offsets, **meta)
+        with warnings.catch_warnings():
+            if empty:  # a snapshot of offsets only: "0 levels" says nothing new
+                warnings.simplefilter("ignore", FitWarning)
+            snap = self.model.snapshot(offsets=self.offsets, **meta)
         if self.txn is not None:
             published = False
             if self.publisher is not None and self._past_floor():
@@ -431,6 +524,9 @@ class Engine:
         if self.check_home:
             self._keep_groups_home(batch)
         batch.refuse_overflows(self.decoder.design)
+        skipped = self.decoder.n_skipped - self._skipped_seen
+        self._skipped_seen = self.decoder.n_skipped
+        self.probation.observe(len(batch), batch.dead, skipped)
         if batch.dead:
             dead = batch.dead
             if self.floor:  # already committed before a crash: count, don't send again
@@ -512,8 +608,9 @@ class Engine:
                     if decoding is not None:  # what the snapshot records as read, it holds
                         self._learn(decoding[0], decoding[1].result())
                         decoding = None
-                    self.checkpoint()
-                    since_events, since_t = 0, time.monotonic()
+                    if not self.probation.pending:  # else it would skip unlearned events
+                        self.checkpoint()
+                        since_events, since_t = 0, time.monotonic()
                 if cfg.progress_seconds and now - progress_t >= cfg.progress_seconds:
                     self._progress(now - progress_t, self.model.n_events - progress_n)
                     progress_t, progress_n = now, self.model.n_events
@@ -521,21 +618,26 @@ class Engine:
                     self.stop_requested or (cfg.until_end and self._caught_up(targets))
                 ):
                     break
+        if self.probation.pending and not self.model.n_events:
+            raise DeadLettersOnly(self.probation.message(first=False))
+        if not self.model.n_events and self.offsets == self._resumed_at and not self.dead.count:
+            log.info("no events in %s: no snapshot written", self.cfg.source)
+            return
         if self._final_at != self.model.n_events or since_events:
             self.checkpoint(final=True)
 
     def _close(self) -> None:
         close_all(
-            *(w.close for w in (self.source, self.dead, self.txn, self.server) if w is not None)
+            *(
+                w.close
+                for w in (self.source, self.dead, self.txn, self.server, self.lock)
+                if w is not None
+            )
         )
 
     def _n_groups(self) -> int:
-        n = getattr(self.model, "n_groups", None)
-        if n is None:
-            n = len(self.home) if self.check_home else 0
-            if self.last_snapshot is not None:
-                n = max(n, self.last_snapshot.n_groups)
-        return int(n)
+        """The groups in the statistics (the progress line's count, refit or not)."""
+        return self.model.n_groups
 
     def _progress(self, dt: float, dn: int) -> None:
         lag = self.source.lag(self.offsets)

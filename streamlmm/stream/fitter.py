@@ -34,6 +34,7 @@ from streamlmm.model import MixedLM
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats
 from streamlmm.store import LocalStore
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.sinks import close_all, ensure_topic
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, tp_name
 from streamlmm.stream.state import StateRecord, absorb_design, decode_record, relayout
@@ -154,6 +155,15 @@ class Fitter:
         self.kafka = dict(cfg.kafka)
         self.common = {"reconnect_backoff_max_ms": RECONNECT_BACKOFF_MAX_MS, **self.kafka}
         self.store = LocalStore(cfg.snapshot_dir, keep=cfg.keep_snapshots, create=True)
+        self.lock = self.store.lock("streamlmm fit")
+        try:
+            self._connect(cfg)
+        except BaseException:
+            self.lock.close()
+            raise
+
+    def _connect(self, cfg: FitterConfig) -> None:
+        wait_for_broker(self.bootstrap)
         self.consumer = KafkaConsumer(
             bootstrap_servers=self.bootstrap,
             group_id=None,
@@ -321,7 +331,7 @@ class Fitter:
             self.close()
 
     def close(self) -> None:
-        close_all(*(w.close for w in (self.consumer, self.producer) if w is not None))
+        close_all(*(w.close for w in (self.consumer, self.producer, self.lock) if w is not None))
 
 
 def params_record(

@@ -9,7 +9,8 @@ Exactly once
   they see the records of a committed transaction once, and never those of an aborted
   one. The engine decides what to re-send after a crash (see ``stream/engine.py``).
 - **A file.** The dead-letter file's length is recorded in every snapshot; on restart
-  the file is truncated back to the length recorded in the restored snapshot, and the
+  the file is truncated back to the length recorded in the restored snapshot (to 0
+  when the engine starts from nothing: no snapshot, or every one corrupt), and the
   records after it are written again as the engine re-reads them.
 
 The sinks read only public snapshot fields (keys, BLUPs, conditional covariances,
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping
 from itertools import repeat
 from typing import Any
@@ -29,7 +31,9 @@ from typing import Any
 import numpy as np
 
 from streamlmm.keys import key_to_json
+from streamlmm.oserrors import describe, doing
 from streamlmm.snapshot import Snapshot
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.decode import DeadLetter
 from streamlmm.stream.sources import RECONNECT_BACKOFF_MAX_MS, _own
 
@@ -47,6 +51,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 MODEL_KEY = "__model__"
+LOGGED_DEAD_LETTERS = 20  # without a destination, dead letters logged one by one
 
 
 def close_all(*closers) -> None:
@@ -87,6 +92,7 @@ class Transaction:
     def __init__(self, bootstrap: str, transactional_id: str, client_config=None):
         from kafka import KafkaProducer
 
+        wait_for_broker(bootstrap)
         self.producer = KafkaProducer(
             bootstrap_servers=bootstrap,
             transactional_id=transactional_id,
@@ -147,6 +153,7 @@ def ensure_topic(bootstrap: str, topic: str, client_config=None, **configs: str)
     from kafka.admin import KafkaAdminClient, NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    wait_for_broker(bootstrap)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, **dict(client_config or {}))
     try:
         admin.create_topics([NewTopic(topic, 1, 1, topic_configs=configs)])
@@ -185,11 +192,31 @@ class DeadLetterSink:
         if spec and spec.startswith("jsonl:"):  # a file, whatever the source
             spec, self.txn = spec[len("jsonl:") :], None
         self.spec = spec
+        self._logged = 0
+        self._failed = False
         if spec and self.txn is None:
             if os.path.isdir(spec):
                 raise ValueError(f"--dead-letter {spec!r} is a directory, not a file")
-            self._fh = open(spec, "ab")  # noqa: SIM115 - closed in close()
+            try:
+                self._fh = open(spec, "ab")  # noqa: SIM115 - closed in close()
+            except OSError as e:
+                raise doing(f"opening the dead-letter file {spec}", e) from None
+            # fsync is for files: a device (/dev/null) or a pipe has nothing to sync
+            self._sync = stat.S_ISREG(os.fstat(self._fh.fileno()).st_mode)
         self.count = 0
+
+    def _log(self, d: DeadLetter) -> None:
+        """Without a destination: the first :data:`LOGGED_DEAD_LETTERS` as warnings,
+        then only counted (the progress line and the snapshot show how many)."""
+        self._logged += 1
+        if self._logged <= LOGGED_DEAD_LETTERS:
+            log_dead_letter(d)
+        if self._logged == LOGGED_DEAD_LETTERS:
+            log.warning(
+                "%d dead letters logged; further ones are only counted (give --dead-letter "
+                "to keep them with their reasons)",
+                LOGGED_DEAD_LETTERS,
+            )
 
     @property
     def is_file(self) -> bool:
@@ -199,11 +226,15 @@ class DeadLetterSink:
         for d in letters:
             self.count += 1
             if not self.spec:
-                log_dead_letter(d)
+                self._log(d)
                 continue
             env = d.to_json()
             if self._fh is not None:
-                self._fh.write(env + b"\n")
+                try:
+                    self._fh.write(env + b"\n")
+                except OSError as e:
+                    self._failed = True
+                    raise doing(f"writing dead letters to {self.spec}", e) from None
             else:
                 origin = f"{d.record.topic}:{d.record.partition}:{d.record.offset}".encode()
                 self.txn.send(
@@ -216,8 +247,13 @@ class DeadLetterSink:
     def flush(self) -> None:
         """Make a file's dead letters durable (before the snapshot that skips them)."""
         if self._fh is not None:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
+            try:
+                self._fh.flush()
+                if self._sync:
+                    os.fsync(self._fh.fileno())
+            except OSError as e:
+                self._failed = True
+                raise doing(f"writing dead letters to {self.spec}", e) from None
 
     def position(self) -> int | None:
         """The file's length (after :meth:`flush`); ``None`` for other sinks."""
@@ -225,8 +261,9 @@ class DeadLetterSink:
             return None
         return self._fh.tell()
 
-    def truncate(self, length: int) -> None:
-        """Cut the file back to ``length`` bytes (what the restored snapshot covers)."""
+    def truncate(self, length: int, why: str | None = None) -> None:
+        """Cut the file back to ``length`` bytes (what the restored snapshot covers;
+        ``why`` says why else, e.g. 0 when the engine starts from nothing)."""
         if self._fh is None:
             return
         self._fh.flush()
@@ -240,17 +277,31 @@ class DeadLetterSink:
             )
             return
         if size > length:
-            log.info(
-                "dead-letter file %s: truncating %d bytes written after the snapshot",
-                self.spec,
-                size - length,
-            )
+            if why is None:
+                log.info(
+                    "dead-letter file %s: truncating %d bytes written after the snapshot",
+                    self.spec,
+                    size - length,
+                )
+            else:
+                log.warning(
+                    "dead-letter file %s: emptied (%d bytes) to hold exactly this stream's "
+                    "dead letters: %s",
+                    self.spec,
+                    size,
+                    why,
+                )
             os.truncate(self.spec, length)
             self._fh.seek(0, os.SEEK_END)
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
+            fh, self._fh = self._fh, None
+            try:
+                fh.close()
+            except OSError as e:  # what did not fit was never covered by a snapshot
+                if not self._failed:  # else the error that stopped the engine said it
+                    log.warning("closing the dead-letter file %s: %s", self.spec, describe(e))
 
 
 def changed_groups(snap: Snapshot, prev: Snapshot | None) -> np.ndarray:

@@ -40,6 +40,7 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from streamlmm.stream import rdkafka
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.decode import Polled, Record
 
 __all__ = [
@@ -59,6 +60,7 @@ MAX_LINE_BYTES = 1 << 20
 # a broker outage the engine would sit idle for up to 30 s once the broker is back.
 RECONNECT_BACKOFF_MAX_MS = 1000
 _CHUNK = 1 << 20
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark, which some editors put at a file's start
 FETCH_QUEUE_BACKOFF_MS = 10
 
 
@@ -122,6 +124,9 @@ class Source:
 
 class JsonlSource(Source):
     """One JSON object per line from a file or ``-`` (stdin); offset = line number.
+
+    A UTF-8 byte order mark at the start of the file (or of stdin) is not part of the
+    first event: it is skipped (it stays in the consumed bytes and their hash).
 
     Examples
     --------
@@ -244,6 +249,8 @@ class JsonlSource(Source):
                 if not rest or rest.endswith(b"\n"):
                     break
         self.offset += 1
+        if self.offset == 1 and line.startswith(_BOM):  # an editor's mark, not the event's
+            line = line[len(_BOM) :]
         return line.rstrip(b"\r\n")
 
     def poll(self, max_records: int, timeout_s: float) -> Polled:
@@ -331,6 +338,7 @@ class KafkaSource(_KafkaBase):
     ):
         from kafka import KafkaConsumer, TopicPartition
 
+        wait_for_broker(bootstrap)  # else kafka-python retries for half a minute
         self._TP = TopicPartition
         self.topic = topic
         self.group_id = group_id
@@ -346,13 +354,17 @@ class KafkaSource(_KafkaBase):
         )
         deadline = time.monotonic() + metadata_timeout_s
         parts = None
+        said = False
         while not parts:
             parts = self.consumer.partitions_for_topic(topic)
             if parts:
                 break
             if time.monotonic() > deadline:
                 self.consumer.close(autocommit=False)
-                raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
+                raise RuntimeError(
+                    f"topic {topic!r} not found at {bootstrap} (waited {metadata_timeout_s:g} s)"
+                )
+            said = said or _waiting_for(topic, bootstrap, metadata_timeout_s)
             time.sleep(0.05)
         self.partitions = _check_partitions(topic, parts, partitions)
         self.tps = [TopicPartition(topic, p) for p in self.partitions]
@@ -482,6 +494,7 @@ class ConfluentSource(_KafkaBase):
         conf = rdkafka_config(client_config)
         if conf is None:
             raise ValueError("these kafka settings have no confluent-kafka equivalent")
+        wait_for_broker(bootstrap)  # else "topic not found" after the metadata wait
         self._TP, self._M = TopicPartition, Message
         self.topic = topic
         self.group_id = group_id
@@ -515,6 +528,7 @@ class ConfluentSource(_KafkaBase):
             self._close_fetcher()
             raise
         deadline = time.monotonic() + metadata_timeout_s
+        said = False
         while True:
             try:
                 md = self.consumer.list_topics(topic, timeout=5).topics.get(topic)
@@ -525,7 +539,10 @@ class ConfluentSource(_KafkaBase):
                 break
             if time.monotonic() > deadline:
                 self.close()
-                raise RuntimeError(f"topic {topic!r} not found at {bootstrap}")
+                raise RuntimeError(
+                    f"topic {topic!r} not found at {bootstrap} (waited {metadata_timeout_s:g} s)"
+                )
+            said = said or _waiting_for(topic, bootstrap, metadata_timeout_s)
             time.sleep(0.05)
         if self._connecting is not None:
             self._connecting.join()
@@ -647,6 +664,17 @@ class ConfluentSource(_KafkaBase):
             self._close_fetcher()
         finally:
             self.consumer.close()
+
+
+def _waiting_for(topic: str, bootstrap: str, timeout_s: float) -> bool:
+    """Say once that the broker answers but has no such topic (yet)."""
+    log.warning(
+        "topic %r not found at %s (yet); waiting up to %g s for it to be created",
+        topic,
+        bootstrap,
+        timeout_s,
+    )
+    return True
 
 
 def _own(topic: str, offsets: Mapping[str, int]) -> dict[int, int]:

@@ -29,9 +29,10 @@ import numpy as np
 from streamlmm import kernels
 from streamlmm.design import Design
 from streamlmm.estimate import theta_index
-from streamlmm.keys import check_key
+from streamlmm.keys import check_fallback, check_key, unknown_group
 from streamlmm.snapshot import Snapshot
 from streamlmm.stats import GroupStats
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.state import decode_record, relayout
 from streamlmm.stream.worker import parse_kafka_spec
 
@@ -114,6 +115,7 @@ class StateView:
     ):
         self.bootstrap, self.state_topic = parse_kafka_spec(state_topic, bootstrap)
         _, self.params_topic = parse_kafka_spec(params_topic, self.bootstrap)
+        wait_for_broker(self.bootstrap)  # an error now, not a follower that never syncs
         self.client_config = dict(client_config or {})
         self._lock = threading.Lock()
         self._rows: dict = {}  # key -> (row, the writer's design state, events)
@@ -258,29 +260,37 @@ class StateView:
         with self._lock:
             return list(self._rows)
 
-    def _entry(self, key):
+    def _entry(self, key, fallback: str | None = None):
+        """The state row of ``key``; an unseen group is an
+        :class:`~streamlmm.keys.UnknownGroupError` unless ``fallback="population"``
+        (then ``None``), as :meth:`Snapshot.ranef <streamlmm.snapshot.Snapshot.ranef>`."""
+        population = check_fallback(fallback)
         try:
-            key = check_key(key)
+            k = check_key(key)
         except ValueError:
-            return None
+            k = None
         with self._lock:
-            return self._rows.get(key)
+            e = self._rows.get(k) if k is not None else None
+            if e is None and not population:
+                raise unknown_group(key, self._rows, len(self._rows))
+        return e
 
-    def n(self, key) -> float:
-        """The group's Σw; 0 for an unseen group."""
-        e = self._entry(key)
+    def n(self, key, *, fallback: str | None = None) -> float:
+        """The group's Σw (0 for an unseen group with ``fallback="population"``)."""
+        e = self._entry(key, fallback)
         return float(e[0][0]) if e is not None else 0.0
 
-    def events(self, key) -> int:
-        """The number of the group's events in its state row; 0 if unseen."""
-        e = self._entry(key)
+    def events(self, key, *, fallback: str | None = None) -> int:
+        """The number of the group's events in its state row (0 for an unseen group with
+        ``fallback="population"``)."""
+        e = self._entry(key, fallback)
         return int(e[2]) if e is not None else 0
 
-    def _blup(self, key) -> tuple[np.ndarray, np.ndarray]:
+    def _blup(self, key, fallback: str | None) -> tuple[np.ndarray, np.ndarray]:
         p = self._need()
         with self._lock:
             design = self._design
-        e = self._entry(key)
+        e = self._entry(key, fallback)
         q = len(p["re_names"])
         re_cov = np.asarray(p["re_cov"], dtype=float).reshape(q, q)
         if e is None:
@@ -289,14 +299,16 @@ class StateView:
         sigma2 = _num(p["sigma"]) ** 2
         return group_blup(e[0], e[1], design, np.asarray(p["theta"], float), beta, sigma2)
 
-    def ranef(self, key) -> dict[str, float]:
-        """The group's BLUP by random-effect name (zeros for an unseen group)."""
-        b, _ = self._blup(key)
+    def ranef(self, key, *, fallback: str | None = None) -> dict[str, float]:
+        """The group's BLUP by random-effect name; an unseen group is a ``KeyError``
+        unless ``fallback="population"`` (zeros)."""
+        b, _ = self._blup(key, fallback)
         return dict(zip(self.re_names, map(float, b)))
 
-    def ranef_cov(self, key) -> np.ndarray:
-        """The group's conditional covariance (``re_cov`` for an unseen group)."""
-        return self._blup(key)[1]
+    def ranef_cov(self, key, *, fallback: str | None = None) -> np.ndarray:
+        """The group's conditional covariance; an unseen group is a ``KeyError`` unless
+        ``fallback="population"`` (``re_cov``)."""
+        return self._blup(key, fallback)[1]
 
     def changes(self) -> tuple[int, int]:
         """``(params version, rows taken)``: changes when either topic moved."""

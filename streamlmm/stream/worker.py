@@ -50,6 +50,7 @@ from streamlmm.keys import key_to_json
 from streamlmm.model import MixedLM
 from streamlmm.predictor import coefficients, linear_predictor
 from streamlmm.stats import GroupStats
+from streamlmm.stream.broker import wait_for_broker
 from streamlmm.stream.decode import MAX_MESSAGE_BYTES, Decoder, Polled, distinct_partitions
 from streamlmm.stream.engine import parse_levels
 from streamlmm.stream.sinks import (
@@ -122,6 +123,7 @@ def ensure_state_topic(bootstrap: str, topic: str, partitions: int, client_confi
     from kafka.errors import TopicAlreadyExistsError
 
     cfg = dict(client_config or {})
+    wait_for_broker(bootstrap)
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, **cfg)
     try:
         admin.create_topics(
@@ -206,6 +208,7 @@ class Worker:
         if cfg.method not in ("REML", "ML"):
             raise ValueError(f"--method must be REML or ML, got {cfg.method!r}")
         self.bootstrap, self.topic = parse_kafka_spec(cfg.source)
+        wait_for_broker(self.bootstrap)
         self.model = MixedLM(
             cfg.formula, cfg.method, missing=cfg.missing, levels=parse_levels(cfg.levels)
         )

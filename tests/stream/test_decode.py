@@ -36,6 +36,8 @@ BAD = {
     "negative weight": json.dumps({**GOOD, "w": -1}).encode(),
     "huge": json.dumps({**GOOD, "pad": "x" * MAX_MESSAGE_BYTES}).encode(),
     "deep nesting": b"[" * 100_000 + b"]" * 100_000,
+    "lone surrogate group": b'{"g": "\\ud800", "x1": 1, "x2": 1, "y": 2}',
+    "lone surrogate in a group": b'{"g": "a\\udfffb", "x1": 1, "x2": 1, "y": 2}',
 }
 
 
@@ -57,6 +59,24 @@ def test_bad_event_is_a_dead_letter_with_a_reason(name):
     env = json.loads(d.to_json())
     assert env["offset"] == 1 and env["reason"] == d.reason
     assert env["value_len"] == len(BAD[name] or b"")
+
+
+def test_a_key_or_level_that_is_not_valid_unicode_is_a_dead_letter_naming_why():
+    dec = Decoder("y ~ x1 + f + (1 | g)")
+    values = [
+        b'{"g": "a", "x1": 1, "f": "u", "y": 2}',
+        b'{"g": "\\ud800", "x1": 1, "f": "u", "y": 2}',
+        b'{"g": "b", "x1": 1, "f": "\\udfff", "y": 2}',
+        b'{"g": "\\ud83d\\ude00", "x1": 1, "f": "\\u00e9", "y": 2}',  # a pair: one character
+    ]
+    b = dec.decode([rec(v, i) for i, v in enumerate(values)])
+    assert b.keys == ["a", "\U0001f600"]
+    assert [d.record.offset for d in b.dead] == [1, 2]
+    assert (
+        "field 'g': group key '\\\\ud800' is refused: it is not valid Unicode" in b.dead[0].reason
+    )
+    assert "field 'f': factor level '\\\\udfff' is refused" in b.dead[1].reason
+    assert dec.design.to_state()["levels"] == {"f": ["u", "é"]}
 
 
 def test_reason_names_the_field():

@@ -288,3 +288,21 @@ def test_snapshots_of_one_file_do_not_merge_but_of_two_files_do(tmp_path):
     run_to_end(other, tmp_path / "c")
     merged = MixedLM.from_snapshots([b, Snapshot.load(tmp_path / "c")])
     assert merged.n_events == 400 and merged._stats.n_obs == 400.0
+
+
+def test_progress_line_counts_the_groups_before_any_refit(tmp_path, capsys):
+    src = tmp_path / "e.jsonl"
+    evs = list(simulate(500, 20))
+    write_events(src, evs)
+    cfg = EngineConfig(
+        source=f"jsonl:{src}", formula=FORMULA, snapshot_dir=str(tmp_path / "s"), progress_seconds=0
+    )
+    eng = Engine(cfg)
+    try:
+        eng.step(eng.source.poll(500, 0))
+        assert eng.model.n_refits == 0 and eng.last_snapshot is None  # learned, not refit
+        eng._progress(1.0, 500)
+    finally:
+        eng._close()
+    line = capsys.readouterr().err
+    assert f"| groups {len({e['g'] for e in evs})} |" in line, line

@@ -424,6 +424,34 @@ N_OUTAGE = 60_000
 OUTAGE_S = 20.0
 
 
+@pytest.mark.parametrize("client", ["kafka-python", "confluent-kafka"])
+def test_a_restart_from_nothing_sends_no_dead_letter_twice(kit, topic, tmp_path, client):
+    """Every snapshot corrupt: the engine re-reads the topic from offset 0, and the
+    dead-letter topic (transactional, read_committed) still holds each dead letter
+    once, as the file sink does: the consumer group's committed offsets say which
+    dead letters are already committed."""
+    clean = list(simulate(2000, 40, seed=6))
+    for e in clean:
+        del e["ts"]
+    stream = [kit.encode_event(e) for e in clean]
+    for i in range(0, len(stream), 100):  # 20 bad messages among them
+        stream[i] = (stream[i][0], b'{"g": "a", "x1": "bad"}')
+    dlq = f"{topic}-dlq"
+    kit.create_topic(topic, partitions=2)
+    kit.produce(topic, stream)
+    args = ("--dead-letter", dlq, "--kafka-client", client, "--snapshot-every-events", "500")
+    kit.run_engine(topic, tmp_path / "s", *args)
+    assert len(kit.read_topic(dlq)) == 20
+    for f in (tmp_path / "s").glob("snapshot-*.slmm"):
+        f.write_bytes(b"garbage")
+    kit.run_engine(topic, tmp_path / "s", *args)
+    letters = kit.read_topic(dlq)
+    origins = [(json.loads(r.value)["partition"], json.loads(r.value)["offset"]) for r in letters]
+    assert len(origins) == len(set(origins)) == 20
+    snap = kit.latest_snapshot(tmp_path / "s")
+    assert snap.meta["dead_letters"] == 20 and snap.n_obs == 2000 - 20
+
+
 class PacedProducer(threading.Thread):
     """Produces events in chunks at a modest pace; counts only confirmed sends.
 

@@ -14,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +135,200 @@ def test_dead_letter_file_is_cut_back_to_the_restored_snapshot(tmp_path):
         fh.write(b'{"reason": "written after the snapshot"}\n')
     assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
     assert dead.read_bytes() == good
+
+
+def test_a_restart_from_nothing_leaves_exactly_the_stream_s_dead_letters(tmp_path):
+    """Every snapshot corrupt: the engine starts from offset 0 again, and the file must
+    hold the 20 dead letters once, not 40; so too after a crash before any snapshot."""
+    evs = events(1000, 5)
+    body = lines(evs).splitlines(keepends=True)
+    for i in range(0, 1000, 50):
+        body[i] = b'{"g": "a", "x1": "bad"}\n'
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(b"".join(body))
+    assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
+    good = dead.read_bytes()
+    assert len(good.splitlines()) == 20
+    for f in snap.glob("snapshot-*.slmm"):
+        f.write_bytes(b"garbage")
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(dead))
+    assert p.returncode == 0, p.stderr
+    assert dead.read_bytes() == good
+    assert LocalStore(snap).latest().meta["dead_letters"] == 20
+    # as if a run had died before its first snapshot: no snapshot, dead letters written
+    shutil.rmtree(snap)
+    with open(dead, "ab") as fh:
+        fh.write(b'{"reason": "written by a run that died before any snapshot"}\n')
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(dead))
+    assert p.returncode == 0 and dead.read_bytes() == good
+    assert b"emptied" in p.stderr and b"no snapshot in" in p.stderr
+
+
+def test_a_fresh_run_writes_no_empty_snapshot_and_prints_no_source_lines(tmp_path):
+    src, snap = tmp_path / "e.jsonl", tmp_path / "snap"
+    src.write_bytes(lines(events(300, 9)))
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(tmp_path / "dead.jsonl"))
+    assert p.returncode == 0, p.stderr
+    files = sorted(snap.glob("snapshot-*.slmm"))
+    assert len(files) == 1 and LocalStore(snap).latest().n_events == 300  # no empty one first
+    assert b"0 level" not in p.stderr and b"snap = self" not in p.stderr, p.stderr
+    # a warning the CLI prints is one line: no file name, no Python source line
+    few = tmp_path / "few.jsonl"
+    few.write_bytes(lines(events(300, 9)[:3]))
+    p = run(f"jsonl:{few}", tmp_path / "snap2")
+    err = p.stderr.decode()
+    assert p.returncode == 0 and "FitWarning: " in err, err
+    assert ".py:" not in err and "  snap = " not in err and "warnings.warn" not in err, err
+    # an empty source writes nothing at all
+    empty = tmp_path / "empty.jsonl"
+    empty.write_bytes(b"")
+    p = run(f"jsonl:{empty}", tmp_path / "snap3")
+    assert p.returncode == 0 and not list((tmp_path / "snap3").glob("snapshot-*"))
+    assert b"FitWarning" not in p.stderr
+
+
+def test_a_key_that_is_not_valid_unicode_is_a_dead_letter_and_the_rest_is_learned(tmp_path):
+    evs = events(300, 7)
+    body = lines(evs).splitlines(keepends=True)
+    body[100] = b'{"g": "\\ud800", "x1": 1, "x2": 2, "y": 3}\n'  # JSON's escape of a lone surrogate
+    body[200] = b'{"g": "a\\udc00", "x1": 1, "x2": 2, "y": 3}\n'
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(b"".join(body))
+    assert run(f"jsonl:{src}", snap, "--dead-letter", str(dead)).returncode == 0
+    letters = [json.loads(x) for x in dead.read_text().splitlines()]
+    assert [d["offset"] for d in letters] == [100, 200]
+    assert all("not valid Unicode text (a lone surrogate" in d["reason"] for d in letters)
+    s = LocalStore(snap).latest()
+    assert s.n_events == 298 and all(isinstance(k, int) or k.isprintable() for k in s.keys)
+    js = cli("summary", str(snap), "--groups", "--json")
+    assert js.returncode == 0 and len(json.loads(js.stdout)["groups"]) == s.n_groups
+
+
+@pytest.mark.parametrize("how", ["file", "stdin"])
+def test_a_utf8_bom_at_the_start_of_the_stream_is_skipped(tmp_path, how):
+    evs = events(200, 8)
+    data = b"\xef\xbb\xbf" + lines(evs)  # as some editors save a file
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(data)
+    source, stdin = (f"jsonl:{src}", None) if how == "file" else ("jsonl:-", data)
+    p = run(source, snap, "--dead-letter", str(dead), stdin=stdin)
+    assert p.returncode == 0, p.stderr
+    assert dead.read_bytes() == b"" and n_events(snap) == 200
+    mem = MixedLM(FORMULA)
+    for e in evs:
+        mem.learn_one({k: e[k] for k in ("g", "x1", "x2")}, e["y"])
+    want = mem.fit().snapshot()
+    assert LocalStore(snap).latest().criterion == pytest.approx(want.criterion, rel=1e-9)
+
+
+def test_only_dead_letters_is_a_user_error_that_snapshots_nothing(tmp_path):
+    """--half-life without a ts field: every event is a dead letter. The run stops with
+    exit 2 and the reason, and no snapshot says those events were consumed, so the run
+    with the right settings learns them all."""
+    evs = events(200, 10)  # no "ts"
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(lines(evs))
+    p = run(f"jsonl:{src}", snap, "--half-life", "100")
+    err = p.stderr.decode().strip().splitlines()
+    assert p.returncode == 2 and err[-1].startswith("streamlmm: error: all 200 events read"), err
+    assert "200 dead letters: field 'ts': missing" in err[-1]
+    assert sum("dead letter jsonl" in e for e in err) == 20  # then only counted
+    assert not list(snap.glob("snapshot-*"))
+    p = run(f"jsonl:{src}", snap, "--dead-letter", str(dead))
+    assert p.returncode == 0 and n_events(snap) == 200 and dead.read_bytes() == b""
+
+
+def test_a_misspelled_time_key_stops_at_the_first_thousand_events(tmp_path):
+    evs = events(3000, 11)
+    for i, e in enumerate(evs):
+        e["ts"] = float(i)
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(lines(evs))
+    p = run(
+        f"jsonl:{src}", snap, "--time-key", "tss", "--dead-letter", str(dead),
+        "--max-poll-records", "100", "--snapshot-every-events", "100",
+    )  # fmt: skip
+    last = p.stderr.decode().strip().splitlines()[-1]
+    assert p.returncode == 2 and "the first 1,000 events read were all dead letters" in last
+    assert "1,000 dead letters: field 'tss': missing" in last
+    assert not list(snap.glob("snapshot-*"))  # no checkpoint while nothing was learned
+    p = run(f"jsonl:{src}", snap, "--time-key", "ts", "--dead-letter", str(dead))
+    assert p.returncode == 0 and n_events(snap) == 3000 and dead.read_bytes() == b""
+
+
+@pytest.mark.parametrize("limit, code", [("1000", 2), ("2000", 0), ("0", 0)])
+def test_the_dead_letter_stop_is_settable(tmp_path, limit, code):
+    bad = b'{"g": "a", "x1": "bad"}\n' * 1500
+    src, snap, dead = tmp_path / "e.jsonl", tmp_path / "snap", tmp_path / "dead.jsonl"
+    src.write_bytes(bad + lines(events(500, 12)))
+    p = run(
+        f"jsonl:{src}", snap, "--dead-letter", str(dead), "--max-poll-records", "250",
+        "--stop-after-dead-letters", limit,
+    )  # fmt: skip
+    assert p.returncode == code, p.stderr
+    if code == 0:
+        s = LocalStore(snap).latest()
+        assert s.n_events == 500 and s.meta["dead_letters"] == 1500
+        assert len(dead.read_bytes().splitlines()) == 1500
+    env = dict(ENV, STREAMLMM_STOP_AFTER_DEAD_LETTERS="-1")
+    p = subprocess.run(
+        [sys.executable, "-m", "streamlmm", "run", "--source", f"jsonl:{src}", "--formula",
+         FORMULA, "--snapshot-dir", str(tmp_path / "s2")],
+        capture_output=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert p.returncode == 2 and b"--stop-after-dead-letters must be >= 0, got -1" in p.stderr
+
+
+def test_one_engine_per_snapshot_directory_and_a_crash_frees_it(tmp_path):
+    snap = tmp_path / "snap"
+    evs = lines(events(500, 13))
+    assert run("jsonl:-", snap, stdin=evs).returncode == 0
+    cmd = [
+        sys.executable, "-m", "streamlmm", "run", "--source", "jsonl:-", "--formula", FORMULA,
+        "--snapshot-dir", str(snap), "--progress-seconds", "0",
+    ]  # fmt: skip
+    # a running engine: it holds the directory while it waits for its stream
+    first = subprocess.Popen(cmd, stdin=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        lock = snap / ".lock"
+        while not (lock.exists() and f"pid {first.pid} " in lock.read_text()):
+            assert time.monotonic() < deadline and first.poll() is None
+            time.sleep(0.05)
+        second = run(f"jsonl:{tmp_path / 'other.jsonl'}", snap)
+        last = second.stderr.strip().splitlines()[-1].decode()
+        assert second.returncode == 2, second.stderr
+        assert last.startswith(f"streamlmm: error: snapshot directory {snap} is in use by pid ")
+        assert (
+            f"pid {first.pid} (streamlmm run, since " in last and "another --snapshot-dir" in last
+        )
+        # readers need no lock
+        summary = cli("summary", str(snap))
+        assert summary.returncode == 0 and b"Number of obs: 500" in summary.stdout
+    finally:
+        first.kill()  # a crash: the operating system drops the lock
+        first.wait(30)
+        first.stdin.close()
+        first.stderr.close()
+    again = run("jsonl:-", snap, stdin=evs + lines(events(100, 14)))
+    assert again.returncode == 0, again.stderr
+    assert n_events(snap) == 600
+
+
+def test_the_fitter_takes_its_snapshot_directory_too(tmp_path):
+    from streamlmm.store import DirectoryLock
+
+    held = DirectoryLock(tmp_path, "a test")
+    try:
+        p = cli(
+            "fit", "--state-topic", "kafka://127.0.0.1:1/state", "--snapshot-dir", str(tmp_path),
+            "--until-caught-up",
+        )  # fmt: skip
+        assert (
+            p.returncode == 2 and b"is in use by pid" in p.stderr and b"(a test, since" in p.stderr
+        )
+    finally:
+        held.close()
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -206,7 +206,12 @@ def test_workers_killed_and_added_give_the_exact_fit(kit, topic, tmp_path):
             want_b = np.array(list(again.ranef(k).values()))
             np.testing.assert_allclose(list(view.ranef(k).values()), want_b, rtol=1e-6, atol=1e-9)
             np.testing.assert_allclose(view.ranef_cov(k), again.ranef_cov(k), rtol=1e-6, atol=1e-12)
-        assert view.n("nope") == 0 and view.ranef("nope") == {"(Intercept)": 0.0, "x1": 0.0}
+        with pytest.raises(KeyError, match="unknown group 'nope'"):
+            view.ranef("nope")
+        with pytest.raises(KeyError, match="unknown group 'nope'"):
+            view.n("nope")
+        assert view.n("nope", fallback="population") == 0
+        assert view.ranef("nope", fallback="population") == {"(Intercept)": 0.0, "x1": 0.0}
         whole = view.to_snapshot()  # the model the query service swaps in
         assert sorted(whole.keys) == sorted(again.keys)
         for k in again.keys[:50]:
