@@ -94,3 +94,27 @@ def test_load_cached_loads_without_compiling():
     compiling.load_cached(*k)
     assert len(k.evaluate.overloads) >= 1
     assert len(compiling.compiled()) == before
+
+
+def test_the_engine_says_a_compile_in_its_progress_output(tmp_path):
+    """``streamlmm run`` with an empty numba cache: each compile is one line in the
+    progress output (``[streamlmm] compiling ...``) besides the log's."""
+    src = tmp_path / "e.jsonl"
+    src.write_text(
+        "".join(
+            json.dumps({"g": f"g{i % 5}", "x": float(i % 7), "y": float(i % 11)}) + "\n"
+            for i in range(60)
+        )
+    )
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
+    out = subprocess.run(
+        [sys.executable, "-m", "streamlmm", "run", "--source", f"jsonl:{src}"]
+        + ["--formula", "y ~ x + (1 | g)", "--snapshot-dir", str(tmp_path / "s"), "--until-end"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    said = [ln for ln in out.stderr.splitlines() if ln.startswith("[streamlmm] compiling")]
+    assert said and all("streamlmm's numba kernel" in ln for ln in said)

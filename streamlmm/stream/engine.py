@@ -51,6 +51,7 @@ from typing import Any
 
 import numpy as np
 
+from streamlmm import compiling
 from streamlmm.checks import FitWarning
 from streamlmm.model import MixedLM
 from streamlmm.serve.reader import version_of
@@ -230,6 +231,8 @@ class Engine:
 
     def __init__(self, config: EngineConfig, source: Source | None = None):
         self.cfg = config
+        # a numba compile (a cache that lacks a kernel) is said in the progress output too
+        self._unhook = compiling.on_compile(_say_compile)
         self.store = LocalStore(config.snapshot_dir, keep=config.keep_snapshots, create=True)
         # one engine per directory, until this process ends (readers need no lock)
         self.lock = self.store.lock("streamlmm run")
@@ -627,6 +630,7 @@ class Engine:
             self.checkpoint(final=True)
 
     def _close(self) -> None:
+        self._unhook()
         close_all(
             *(
                 w.close
@@ -640,6 +644,7 @@ class Engine:
         return self.model.n_groups
 
     def _progress(self, dt: float, dn: int) -> None:
+        """One progress line on stderr."""
         lag = self.source.lag(self.offsets)
         refit = self.model.last_refit
         sys.stderr.write(
@@ -649,3 +654,8 @@ class Engine:
             f"last refit @{refit.get('n_events', '-')} ({refit.get('seconds', 0):.2f}s) | "
             f"dead letters {self.dead.count:,}\n"
         )
+
+
+def _say_compile(line: str) -> None:
+    """A compile, in the progress output's format (:mod:`streamlmm.compiling`)."""
+    sys.stderr.write(f"[streamlmm] {line}\n")
