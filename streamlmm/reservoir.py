@@ -50,7 +50,6 @@ Examples
 from __future__ import annotations
 
 import hashlib
-import heapq
 import math
 from typing import Any
 
@@ -168,6 +167,119 @@ def priorities(rows, A, y, khash, plan, out):  # pragma: no cover - numba
         out[e] = priority(khash[rows[e]], A[e], y[e], plan)
 
 
+# -- the kept events' index: a max-heap of slots by priority, and a hash table from
+# priority to slot (linear probing; -1 is an empty cell), both in arrays, so that one
+# insertion is one compiled call
+@njit(inline="always", **_OPTS)
+def _sift_down(heap, n, i, P):  # pragma: no cover - numba
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            return
+        if c + 1 < n and P[heap[c + 1]] > P[heap[c]]:
+            c += 1
+        if P[heap[c]] <= P[heap[i]]:
+            return
+        heap[i], heap[c] = heap[c], heap[i]
+        i = c
+
+
+@njit(inline="always", **_OPTS)
+def _sift_up(heap, i, P):  # pragma: no cover - numba
+    while i > 0:
+        up = (i - 1) // 2
+        if P[heap[up]] >= P[heap[i]]:
+            return
+        heap[i], heap[up] = heap[up], heap[i]
+        i = up
+
+
+@njit(inline="always", **_OPTS)
+def _find(tkeys, tvals, key):  # pragma: no cover - numba
+    """The slot of ``key`` and its cell, or ``(-1, the empty cell where it would go)``."""
+    mask = tkeys.shape[0] - 1
+    h = np.int64(_fmix(np.uint64(key)) & np.uint64(mask))
+    while tkeys[h] != -1:
+        if tkeys[h] == key:
+            return tvals[h], h
+        h = (h + 1) & mask
+    return -1, h
+
+
+@njit(inline="always", **_OPTS)
+def _forget(tkeys, tvals, h):  # pragma: no cover - numba
+    """Empty cell ``h`` by backward shifting (linear probing keeps no tombstones)."""
+    mask = tkeys.shape[0] - 1
+    i = h
+    j = h
+    while True:
+        j = (j + 1) & mask
+        if tkeys[j] == -1:
+            break
+        home = np.int64(_fmix(np.uint64(tkeys[j])) & np.uint64(mask))
+        # move j back to i unless its home lies cyclically in (i, j]
+        if (i < j and (home <= i or home > j)) or (i > j and home <= i and home > j):
+            tkeys[i] = tkeys[j]
+            tvals[i] = tvals[j]
+            i = j
+    tkeys[i] = -1
+
+
+@njit(**_OPTS)
+def _insert(P, R, Y, C, A, heap, tkeys, tvals, meta, prio, r, a, y, w):  # pragma: no cover
+    """Keep one event (priority ``prio``, group row ``r``, union values ``a``, response
+    ``y``, weight ``w``): the same event again adds its weight; a new one takes a free
+    slot, or the slot of the largest priority when all ``capacity`` are taken. Returns
+    the new threshold (the largest kept priority when full, else inf), or -1 when the
+    arrays must grow first (nothing was changed)."""
+    key = np.int64(prio)
+    s, h = _find(tkeys, tvals, key)
+    if s >= 0:
+        C[s] += w
+        return P[heap[0]] if meta[0] == meta[1] else np.inf
+    n, cap = meta[0], meta[1]
+    if n < cap:
+        if n >= P.shape[0] or 2 * (n + 1) > tkeys.shape[0]:
+            return -1.0
+        s = n
+        meta[0] = n + 1
+        heap[n] = s
+    else:
+        s = heap[0]
+        _, old = _find(tkeys, tvals, np.int64(P[s]))
+        _forget(tkeys, tvals, old)
+        _, h = _find(tkeys, tvals, key)  # the cell may have moved back
+    P[s] = prio
+    R[s] = r
+    Y[s] = y
+    C[s] = w
+    k = min(A.shape[1], a.shape[0])
+    for j in range(k):
+        A[s, j] = a[j]
+    for j in range(k, A.shape[1]):
+        A[s, j] = 0.0
+    tkeys[h] = key
+    tvals[h] = s
+    if n < cap:
+        _sift_up(heap, n, P)
+    else:
+        _sift_down(heap, cap, 0, P)
+    return P[heap[0]] if meta[0] == cap else np.inf
+
+
+@njit(**_OPTS)
+def _index(P, n, heap, tkeys, tvals):  # pragma: no cover - numba
+    """Rebuild the heap and the table of the first ``n`` slots."""
+    tkeys[:] = -1
+    for s in range(n):
+        heap[s] = s
+        _, h = _find(tkeys, tvals, np.int64(P[s]))
+        tkeys[h] = np.int64(P[s])
+        tvals[h] = s
+    for i in range(n // 2 - 1, -1, -1):
+        _sift_down(heap, n, i, P)
+
+
 # -- quantiles -------------------------------------------------------------------------------
 def weighted_quantiles(x: np.ndarray, w: np.ndarray, probs) -> np.ndarray:
     """R's type-7 quantiles (``quantile()``'s default) of ``x`` with each value repeated
@@ -214,7 +326,6 @@ class Reservoir:
             raise ValueError(f"reservoir capacity must be a positive int, got {capacity!r}")
         self.capacity = capacity
         self.k = 0
-        self.size = 0
         self.n_seen = 0.0
         self.A = np.zeros((0, 0))
         self.y = np.zeros(0)
@@ -222,8 +333,10 @@ class Reservoir:
         self.prio = np.zeros(0)
         self.row = np.zeros(0, dtype=np.int64)
         self.threshold = _NONE
-        self._slot: dict[float, int] = {}
-        self._heap: list[tuple[float, int]] = []
+        self._meta = np.array([0, capacity], dtype=np.int64)  # [size, capacity]
+        self._heap = np.zeros(0, dtype=np.int64)
+        self._tkeys = np.full(4, -1, dtype=np.int64)
+        self._tvals = np.zeros(4, dtype=np.int64)
         self.khash = np.zeros(64, dtype=np.int64)
         self.n_keys = 0
         self.plan = np.zeros(2, dtype=np.int64)
@@ -267,7 +380,7 @@ class Reservoir:
         statistics."""
         if k > self.k:
             A = np.zeros((self.A.shape[0], k))
-            A[:, : self.k] = self.A
+            A[:, : self.A.shape[1]] = self.A
             self.A, self.k = A, k
 
     def offer(self, rows, A, y, w, design, prio: np.ndarray | None = None) -> None:
@@ -295,44 +408,64 @@ class Reservoir:
         if prio <= self.threshold:
             self._add(prio, r, a, y, w)
 
+    @property
+    def size(self) -> int:
+        """How many distinct events are kept."""
+        return int(self._meta[0])
+
     def _add(self, prio: float, r: int, a: np.ndarray, y: float, w: float) -> None:
-        s = self._slot.get(prio)
-        if s is not None:  # the same event again
-            self.count[s] += w
-            return
-        heap = self._heap  # (−priority, slot): the largest priority on top
-        if self.size < self.capacity:
-            s = self.size
-            self._grow(s + 1)
-            self.size += 1
-            heapq.heappush(heap, (-prio, s))
-        else:
-            s = heap[0][1]
-            del self._slot[self.prio[s]]
-            heapq.heapreplace(heap, (-prio, s))
-        self.prio[s], self.row[s], self.y[s], self.count[s] = prio, r, y, w
-        k = min(self.k, a.shape[0])
-        self.A[s, :k] = a[:k]
-        self.A[s, k:] = 0.0
-        self._slot[prio] = s
-        if self.size == self.capacity:
-            self.threshold = -heap[0][0]
+        """Keep one event (:func:`_insert`, one compiled call), growing the arrays first
+        when they are full."""
+        while True:
+            t = _insert(
+                self.prio,
+                self.row,
+                self.y,
+                self.count,
+                self.A,
+                self._heap,
+                self._tkeys,
+                self._tvals,
+                self._meta,
+                prio,
+                r,
+                a,
+                y,
+                w,
+            )
+            if t >= 0.0:
+                self.threshold = t
+                return
+            self._grow(self.size + 1)
 
     def _grow(self, n: int) -> None:
-        if n <= self.prio.shape[0]:
-            return
-        cap = min(self.capacity, max(n, 2 * self.prio.shape[0], 64))
-        for name in ("y", "count", "prio"):
-            old = getattr(self, name)
-            new = np.zeros(cap)
-            new[: old.shape[0]] = old
-            setattr(self, name, new)
-        row = np.zeros(cap, dtype=np.int64)
-        row[: self.row.shape[0]] = self.row
-        self.row = row
-        A = np.zeros((cap, self.k))
-        A[: self.A.shape[0], : self.A.shape[1]] = self.A
-        self.A = A
+        """Room for ``n`` kept events (arrays double, up to the capacity), and a table
+        at most half full."""
+        rows = self.prio.shape[0]
+        if n > rows:
+            rows = min(self.capacity, max(n, 2 * rows, 64))
+            size = self.size
+            for name in ("y", "count", "prio"):
+                old = getattr(self, name)
+                new = np.zeros(rows)
+                new[:size] = old[:size]
+                setattr(self, name, new)
+            row = np.zeros(rows, dtype=np.int64)
+            row[:size] = self.row[:size]
+            self.row = row
+            A = np.zeros((rows, self.k))
+            A[:size, : self.A.shape[1]] = self.A[:size]
+            self.A = A
+            heap = np.zeros(rows, dtype=np.int64)
+            heap[:size] = self._heap[:size]
+            self._heap = heap
+        cells = 4
+        while cells < 2 * rows:
+            cells *= 2
+        if cells != self._tkeys.shape[0]:
+            self._tkeys = np.full(cells, -1, dtype=np.int64)
+            self._tvals = np.zeros(cells, dtype=np.int64)
+            _index(self.prio, self.size, self._heap, self._tkeys, self._tvals)
 
     def _merge_arrays(self, prio, rows, A, y, w) -> None:
         """Merge a batch into the kept events: equal priorities pool their counts (the
@@ -351,15 +484,14 @@ class Reservoir:
         self._set(P[first][: self.capacity], R[keep], AA[keep], Y[keep], C[: self.capacity])
 
     def _set(self, prio, row, A, y, count) -> None:
+        """Keep exactly these events (sorted by priority), and index them."""
         m = prio.shape[0]
-        self.size = 0
+        self._meta[0] = 0
         self._grow(m)
         self.prio[:m], self.row[:m], self.y[:m], self.count[:m] = prio, row, y, count
         self.A[:m] = A
-        self.size = m
-        self._slot = {float(p): s for s, p in enumerate(prio.tolist())}
-        self._heap = [(-p, s) for s, p in enumerate(prio.tolist())]
-        heapq.heapify(self._heap)
+        self._meta[0] = m
+        _index(self.prio, m, self._heap, self._tkeys, self._tvals)
         self.threshold = float(prio[-1]) if m == self.capacity else _NONE
 
     @classmethod

@@ -157,3 +157,22 @@ def test_capacity_is_validated():
     with pytest.raises(ValueError, match="capacity"):
         Reservoir(0)
     assert MixedLM("y ~ x + (1 | g)", reservoir=0).fit().snapshot().resid_quantiles == {}
+
+
+def test_insertions_keep_the_bottom_k_of_distinct_priorities():
+    """One event at a time (the compiled heap and hash table), against the definition:
+    the ``capacity`` smallest distinct priorities, each with its summed weight."""
+    rng = np.random.default_rng(7)
+    for cap in (1, 3, 64, 200):
+        r = Reservoir(cap)
+        r.widen(2)
+        seen: dict[float, float] = {}
+        pool = rng.integers(0, 2**53, 300).astype(float)  # repeats: the same events again
+        for prio in rng.choice(pool, 3_000):
+            w = float(rng.integers(1, 4))
+            seen[prio] = seen.get(prio, 0.0) + w
+            r.offer_one(prio, 0, np.array([1.0, prio]), prio, w)
+        want = sorted(seen.items())[:cap]
+        got = sorted(zip(r.prio[: r.size].tolist(), r.count[: r.size].tolist()))
+        assert got == want and r.n_seen == sum(seen.values())
+        assert all(r.A[s, 1] == r.prio[s] for s in range(r.size))  # content moved with it
